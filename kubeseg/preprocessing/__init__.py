@@ -1,0 +1,1 @@
+"""Preprocessing: crop to the nonzero region, normalize, resample; store memory-mappable arrays."""
