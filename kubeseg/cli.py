@@ -1,0 +1,204 @@
+"""The ``kubeseg`` command: one verb per engine step, each a few lines around one engine function.
+
+Settings come from flags, then ``KUBESEG_*`` environment variables, then defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from kubeseg.errors import DatasetError, KubesegError
+
+log = logging.getLogger("kubeseg")
+
+
+def _env(name: str, default=None, cast=str):
+    value = os.environ.get(f"KUBESEG_{name}")
+    return default if value in (None, "") else cast(value)
+
+
+def _workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-j", "--num-workers", type=int, default=_env("NUM_WORKERS", None, int),
+                   help="worker processes (default: one per core; env KUBESEG_NUM_WORKERS)")
+
+
+def _planner_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default=_env("PLANNER_PRESET", "default"),
+                   help="planner preset: 'default' (nnU-Net's) or 'small' (CPU-sized); env KUBESEG_PLANNER_PRESET")
+    p.add_argument("--gpu-memory-gb", type=float, default=_env("GPU_MEMORY_GB", None, float),
+                   help="GPU memory budget the plans are sized for (nnU-Net default 8)")
+    p.add_argument("--base-features", type=int, default=None, help="features of the first U-Net stage (default 32)")
+    p.add_argument("--plans-name", default=None, help="plans identifier (default nnUNetPlans)")
+
+
+# ---- verbs -----------------------------------------------------------------------------------
+
+def cmd_dataset_check(a) -> int:
+    from kubeseg.dataset_check import check_dataset
+
+    problems = check_dataset(a.raw_dir, a.num_workers)
+    if problems:
+        print(f"{a.raw_dir}: {len(problems)} problem(s)", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 1
+    print(f"{a.raw_dir}: OK")
+    return 0
+
+
+def cmd_dataset_synth(a) -> int:
+    from kubeseg.synth import SynthSettings, synthesize
+
+    settings = SynthSettings(kind=a.kind, num_cases=a.cases, shape=tuple(a.shape), num_test_cases=a.test_cases,
+                             seed=a.seed, **({"dataset_name": a.name} if a.name else {}))
+    out = synthesize(a.out_dir, settings)
+    print(f"wrote {a.cases} {a.kind} case(s) to {out}")
+    return 0
+
+
+def cmd_fingerprint(a) -> int:
+    from kubeseg.fingerprint import extract_fingerprint, write_fingerprint
+
+    fp = extract_fingerprint(a.raw_dir, a.num_workers)
+    write_fingerprint(fp, a.output)
+    print(f"fingerprint of {len(fp.spacings)} case(s) written to {a.output}")
+    return 0
+
+
+def cmd_plan(a) -> int:
+    from kubeseg.dataset import load_dataset_json
+    from kubeseg.fingerprint import extract_fingerprint, read_fingerprint
+    from kubeseg.jsonio import write_json
+    from kubeseg.planning.planner import plan_experiment, planner_settings
+    from kubeseg.planning.summary import print_plans
+
+    spec = load_dataset_json(a.raw_dir)
+    fp = read_fingerprint(a.fingerprint) if a.fingerprint else extract_fingerprint(a.raw_dir, a.num_workers)
+    settings = planner_settings(a.preset, gpu_memory_gb=a.gpu_memory_gb, base_features=a.base_features,
+                                plans_name=a.plans_name)
+    plans = plan_experiment(spec, fp, settings, dataset_name=Path(a.raw_dir).resolve().name)
+    write_json(plans, a.output)
+    print_plans(plans)
+    print(f"plans written to {a.output}")
+    return 0
+
+
+def cmd_preprocess(a) -> int:
+    from kubeseg.planning.plans import load_plans
+    from kubeseg.preprocessing.preprocess import preprocess_dataset
+
+    plans = load_plans(a.plans)
+    for c in a.configuration:
+        folder = preprocess_dataset(a.raw_dir, plans, c, a.output, a.fingerprint, a.num_workers)
+        print(f"{c}: preprocessed arrays in {folder}")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    """Synthetic dataset → fingerprint → plans → preprocessing, on the embedded defaults."""
+    from kubeseg.fingerprint import extract_fingerprint, write_fingerprint
+    from kubeseg.jsonio import write_json
+    from kubeseg.planning.planner import plan_experiment, planner_settings
+    from kubeseg.planning.summary import print_plans
+    from kubeseg.dataset import load_dataset_json
+    from kubeseg.preprocessing.preprocess import preprocess_dataset
+    from kubeseg.synth import SynthSettings, synthesize
+
+    out = Path(a.out_dir)
+    started = time.perf_counter()
+    raw = out / "raw" / "Dataset001_SynthCT"
+    if not (raw / "dataset.json").is_file():
+        synthesize(raw, SynthSettings(kind="ct", num_cases=a.cases, seed=a.seed, dataset_name=raw.name))
+    print(f"[1/4] synthetic CT-like dataset: {raw}")
+    fp = extract_fingerprint(raw, a.num_workers)
+    fp_path = write_fingerprint(fp, out / "fingerprint.json")
+    print(f"[2/4] fingerprint: {fp_path}")
+    plans = plan_experiment(load_dataset_json(raw), fp, planner_settings(a.preset), dataset_name=raw.name)
+    plans_path = write_json(plans, out / "plans.json")
+    print(f"[3/4] plans: {plans_path}")
+    print_plans(plans)
+    pre = out / "preprocessed"
+    for c in [c for c in ("3d_fullres", "2d", "3d_lowres") if c in plans["configurations"]]:
+        folder = preprocess_dataset(raw, plans, c, pre, fp_path, a.num_workers)
+        print(f"[4/4] {c}: {len(list(folder.glob('*_seg.npy')))} preprocessed case(s) in {folder}")
+    print(f"demo finished in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+# ---- parser ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kubeseg", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    ds = sub.add_parser("dataset", help="check or synthesize raw datasets").add_subparsers(dest="action", required=True)
+    p = ds.add_parser("check", help="validate a raw nnU-Net v2 dataset; exit 1 on problems")
+    p.add_argument("raw_dir")
+    _workers(p)
+    p.set_defaults(fn=cmd_dataset_check)
+    p = ds.add_parser("synth", help="write a synthetic dataset (CT-like or two-channel MRI-like)")
+    p.add_argument("out_dir")
+    p.add_argument("--kind", choices=("ct", "mri"), default="ct")
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--shape", type=int, nargs=3, default=(40, 96, 96), metavar=("Z", "Y", "X"),
+                   help="median shape in voxels")
+    p.add_argument("--test-cases", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default=None, help="dataset name in dataset.json")
+    p.set_defaults(fn=cmd_dataset_synth)
+
+    p = sub.add_parser("fingerprint", help="extract the dataset fingerprint")
+    p.add_argument("raw_dir")
+    p.add_argument("-o", "--output", required=True)
+    _workers(p)
+    p.set_defaults(fn=cmd_fingerprint)
+
+    p = sub.add_parser("plan", help="plan configurations (nnU-Net v2 plans.json)")
+    p.add_argument("raw_dir")
+    p.add_argument("--fingerprint", help="fingerprint.json (extracted if not given)")
+    p.add_argument("-o", "--output", required=True)
+    _planner_flags(p)
+    _workers(p)
+    p.set_defaults(fn=cmd_plan)
+
+    p = sub.add_parser("preprocess", help="preprocess a dataset for one or more configurations")
+    p.add_argument("raw_dir")
+    p.add_argument("--plans", required=True)
+    p.add_argument("-c", "--configuration", nargs="+", required=True)
+    p.add_argument("-o", "--output", required=True, help="preprocessed dataset folder")
+    p.add_argument("--fingerprint", help="copied beside the arrays as dataset_fingerprint.json")
+    _workers(p)
+    p.set_defaults(fn=cmd_preprocess)
+
+    p = sub.add_parser("demo", help="the main job end to end on a synthetic dataset")
+    p.add_argument("--out-dir", default=_env("DEMO_DIR", "demo_out"))
+    p.add_argument("--cases", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default=_env("PLANNER_PRESET", "small"))
+    _workers(p)
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.fn(args)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KubesegError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
