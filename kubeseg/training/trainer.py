@@ -219,6 +219,8 @@ class FoldTrainer:
     # -- setup ------------------------------------------------------------------------
     def prepare_output(self) -> None:
         self.fold_dir.mkdir(parents=True, exist_ok=True)
+        for stale in list(self.fold_dir.glob(".*.tmp*")) + list(self.fold_dir.glob("*.tmp")):
+            stale.unlink(missing_ok=True)  # half-written files of a killed run
         self.run_log = _RunLog(self.fold_dir, self.settings.log_to_console)
         _copy_json(self.plans, self.out_dir / "plans.json")
         _copy_json(self.dataset_json, self.out_dir / "dataset.json")

@@ -84,7 +84,7 @@ def test_inheritance_and_he_init():
     assert all(float(c.bias.detach().abs().max()) == 0 for c in convs if c.bias is not None)
     w = convs[1].weight  # kaiming normal, a=1e-2: std = sqrt(2 / (1 + a^2) / fan_in)
     fan_in = w.shape[1] * w[0, 0].numel()
-    assert abs(float(w.std()) / (2 / (1 + 1e-4) / fan_in) ** 0.5 - 1) < 0.25
+    assert abs(float(w.detach().std()) / (2 / (1 + 1e-4) / fan_in) ** 0.5 - 1) < 0.25
 
 
 def test_locate_is_allow_listed():
