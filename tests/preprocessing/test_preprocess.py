@@ -1,0 +1,71 @@
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from kubeseg.dataset import load_dataset_json
+from kubeseg.errors import DatasetError
+from kubeseg.fingerprint import extract_fingerprint, write_fingerprint
+from kubeseg.planning.planner import plan_experiment, planner_settings
+from kubeseg.preprocessing.preprocess import preprocess_dataset
+from kubeseg.synth import SynthSettings, synthesize
+
+
+@pytest.fixture(scope="module")
+def mri(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mri")
+    raw = synthesize(root / "raw", SynthSettings(kind="mri", num_cases=3, shape=(20, 40, 36), seed=5))
+    fp = extract_fingerprint(raw, num_workers=1, progress=False)
+    fp_path = write_fingerprint(fp, root / "fingerprint.json")
+    plans = plan_experiment(load_dataset_json(raw), fp, planner_settings("small"))
+    return raw, plans, fp_path
+
+
+def digest(folder):
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+
+def test_layout_contents_and_properties(mri, tmp_path):
+    raw, plans, fp_path = mri
+    folder = preprocess_dataset(raw, plans, "3d_fullres", tmp_path, fp_path, num_workers=1, progress=False)
+    assert folder == tmp_path / plans["configurations"]["3d_fullres"]["data_identifier"]
+    for name in ("dataset.json", "plans.json", "dataset_fingerprint.json"):
+        assert (tmp_path / name).is_file()
+    assert sorted(p.name for p in (tmp_path / "gt_segmentations").iterdir()) == [
+        f"synth_00{i}.nii.gz" for i in range(3)]
+    data = np.load(folder / "synth_000.npy", mmap_mode="r")
+    seg = np.load(folder / "synth_000_seg.npy", mmap_mode="r")
+    props = json.loads((folder / "synth_000.json").read_text())
+    assert data.dtype == np.float32 and data.shape[0] == 2 and seg.shape == (1, *data.shape[1:])
+    assert seg.dtype == np.int8 and set(np.unique(seg)) <= {-1, 0, 1, 2}
+    assert (seg == -1).any()  # MRI background was cropped/masked
+    # masked z-score leaves the outside at zero (up to spline ringing at the mask's edge)
+    assert np.mean(np.abs(data[:, seg[0] == -1]) < 1e-3) > 0.95
+    assert props["shape_before_cropping"] != props["shape_after_cropping_and_before_resampling"]
+    for label, locations in props["class_locations"].items():
+        assert locations, f"label {label} has no sampled locations"
+        for loc in locations[:50]:
+            assert seg[tuple(loc)] == int(label)
+    assert len(props["sitk_stuff"]["direction"]) == 9
+
+
+def test_rerun_gives_identical_files(mri, tmp_path):
+    raw, plans, fp_path = mri
+    first = digest(preprocess_dataset(raw, plans, "2d", tmp_path / "a", fp_path, num_workers=2, progress=False))
+    second = digest(preprocess_dataset(raw, plans, "2d", tmp_path / "b", fp_path, num_workers=1, progress=False))
+    assert first == second and len(first) == 9
+
+
+def test_a_failing_case_leaves_nothing_behind(mri, tmp_path):
+    raw, plans, fp_path = mri
+    broken = tmp_path / "raw"
+    import shutil
+
+    shutil.copytree(raw, broken)
+    (broken / "imagesTr" / "synth_001_0001.nii.gz").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    with pytest.raises(DatasetError, match="synth_001"):
+        preprocess_dataset(broken, plans, "3d_fullres", out, fp_path, num_workers=1, progress=False)
+    assert not (out / plans["configurations"]["3d_fullres"]["data_identifier"]).exists()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
