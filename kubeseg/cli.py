@@ -99,6 +99,18 @@ def cmd_preprocess(a) -> int:
     return 0
 
 
+def cmd_train(a) -> int:
+    from kubeseg.training.trainer import TrainSettings, train_fold
+
+    fold = a.fold if a.fold == "all" else int(a.fold)
+    settings = TrainSettings(device=a.device, schedule=a.schedule, seed=a.seed, num_workers=a.num_workers,
+                             splits_file=a.splits, previous_stage_dir=a.previous_stage,
+                             run_validation=not a.no_validation, log_to_console=False)
+    folder = train_fold(a.preprocessed_dir, a.plans, a.configuration, fold, a.output, settings)
+    print(f"fold {a.fold} of {a.configuration}: {folder}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     """Synthetic dataset → fingerprint → plans → preprocessing, on the embedded defaults."""
     from kubeseg.fingerprint import extract_fingerprint, write_fingerprint
@@ -176,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     _workers(p)
     p.set_defaults(fn=cmd_preprocess)
 
+    p = sub.add_parser("train", help="train one configuration x fold (resumes from checkpoint_latest)")
+    p.add_argument("preprocessed_dir", help="preprocessed dataset folder (from kubeseg preprocess)")
+    p.add_argument("--plans", required=True)
+    p.add_argument("-c", "--configuration", required=True)
+    p.add_argument("-f", "--fold", required=True, help="0-4 or 'all'")
+    p.add_argument("-o", "--output", required=True, help="model folder; the fold goes to OUTPUT/fold_<F>")
+    p.add_argument("--device", default=_env("DEVICE", "auto"), choices=("auto", "cpu", "cuda"))
+    p.add_argument("--schedule", default=_env("SCHEDULE", "default"),
+                   help="'default' (1000 x 250), 'tiny', 'short' or '<N>epochs'; env KUBESEG_SCHEDULE")
+    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--splits", help="user-supplied splits_final.json")
+    p.add_argument("--previous-stage", help="cascade: folder of the low-res stage's predicted segmentations")
+    p.add_argument("--no-validation", action="store_true", help="skip the held-out fold's full-case validation")
+    _workers(p)
+    p.set_defaults(fn=cmd_train)
+
     p = sub.add_parser("demo", help="the main job end to end on a synthetic dataset")
     p.add_argument("--out-dir", default=_env("DEMO_DIR", "demo_out"))
     p.add_argument("--cases", type=int, default=10)
@@ -192,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
