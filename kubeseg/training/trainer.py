@@ -74,6 +74,9 @@ class TrainSettings:
         segmentations ``<case>.npz`` (key ``seg``) / ``<case>.npy`` in this stage's geometry.
     splits_file: user-supplied ``splits_final.json``; default ``PRE/splits_final.json``
         (created with nnU-Net's seeded 5-fold split if missing).
+    log_to_console: also print the human-readable log lines (via ``tqdm.write``); they
+        always go to ``training_log_*.txt`` and to the ``kubeseg.training`` logger at INFO,
+        so set this to False if the caller already shows that logger on the console.
     """
 
     device: str = "auto"
@@ -487,6 +490,18 @@ class FoldTrainer:
         return metrics
 
     # -- final validation -------------------------------------------------------------
+    def _voxel_spacing(self, properties: dict, ndim: int) -> list[float]:
+        """Voxel spacing of the preprocessed arrays: the configuration's spacing; 2D
+        configurations keep the original (transposed) spacing along the first axis, as
+        nnU-Net's preprocessing does."""
+        spacing = list(self.cfg.spacing)
+        if len(spacing) < ndim:
+            orig = properties.get("spacing")
+            tf = self.plans.get("transpose_forward", list(range(ndim)))
+            first = float(orig[tf[0]]) if orig is not None and len(orig) == ndim else 1.0
+            spacing = [first] + spacing
+        return spacing
+
     def validate(self) -> dict:
         """Predict every held-out case whole (sliding window), save probabilities, and
         write Dice/HD95 per label to ``validation/summary.json`` (preprocessed geometry)."""
@@ -522,14 +537,15 @@ class FoldTrainer:
             self.callbacks.on_artifact(out)
             ref = np.asarray(case.seg[0]).astype(np.int16)
             ref[ref < 0] = 0
-            metrics = {str(lab): label_metrics(seg, ref, lab, self.cfg.spacing)
+            spacing = self._voxel_spacing(case.properties, seg.ndim)
+            metrics = {str(lab): label_metrics(seg, ref, lab, spacing)
                        for lab in self.labels.foreground_labels}
             per_case.append({"case": key, "prediction_file": str(out), "metrics": metrics})
             rl(f"validation {key}: " + ", ".join(f"label {k} Dice {v['Dice']:.4f} HD95 {v['HD95']:.2f}"
                                                  for k, v in metrics.items()))
         summary = summarize(per_case, self.labels.foreground_labels)
         path = write_summary(summary, self.validation_dir / "summary.json",
-                             extra={"geometry": "preprocessed", "spacing": list(self.cfg.spacing),
+                             extra={"geometry": "preprocessed", "configuration_spacing": list(self.cfg.spacing),
                                     "configuration": self.configuration, "fold": self.fold})
         self.callbacks.on_artifact(path)
         rl(f"validation done: mean foreground Dice {summary['foreground_mean']['Dice']:.4f}")

@@ -8,8 +8,15 @@ import torch
 
 from tiny_dataset import make_tiny_preprocessed
 
-# 2 cores here: one torch thread so augmentation workers and the main process do not fight
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """2 cores here: one torch thread so augmentation workers and the main process do not
+    fight; restored afterwards so other test folders are unaffected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -104,6 +104,20 @@ def test_finished_fold_is_not_retrained(trained):
     assert rec.epochs == [] and rec.events[-1][1]["already_finished"] is True
 
 
+def test_missing_validation_is_redone_without_training(trained):
+    fold_dir, pre = trained["fold_dir"], trained["pre"]
+    (fold_dir / "validation" / "summary.json").unlink()
+    mtime = (fold_dir / "checkpoint_final.pth").stat().st_mtime_ns
+    rec = Recorder()
+    train_fold(pre, pre / "plans.json", "3d_fullres", 0, trained["root"] / "OUT",
+               TrainSettings(device="cpu", schedule="tiny", num_workers=0, callbacks=[rec],
+                             progress_bar=False, log_to_console=False))
+    assert rec.epochs == [] and (fold_dir / "checkpoint_final.pth").stat().st_mtime_ns == mtime
+    summary = json.loads((fold_dir / "validation" / "summary.json").read_text())
+    assert summary["mean"]["1"]["Dice"] > 0.6
+    assert rec.events[-1][1]["validation"]["mean"]["1"]["Dice"] == pytest.approx(summary["mean"]["1"]["Dice"])
+
+
 @pytest.mark.integration
 def test_nnunetv2_predictor_loads_kubeseg_model(trained):
     predict = pytest.importorskip("nnunetv2.inference.predict_from_raw_data")
