@@ -48,4 +48,7 @@ def print_plans(plans: dict) -> None:
         table.add_column(col)
     for row in plans_rows(plans):
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
+        console = Console(width=140)
+    console.print(table)
