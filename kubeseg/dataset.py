@@ -58,6 +58,8 @@ def load_dataset_json(raw_dir: str | Path) -> DatasetSpec:
         d = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise DatasetError([Problem(None, str(path), f"cannot be parsed as JSON: {e}")], str(raw_dir)) from e
+    if not isinstance(d, dict):
+        raise DatasetError([Problem(None, str(path), f"must be a JSON object, got {type(d).__name__}")], str(raw_dir))
     problems: list[Problem] = []
 
     def bad(msg: str) -> None:
@@ -88,7 +90,8 @@ def load_dataset_json(raw_dir: str | Path) -> DatasetSpec:
             else:
                 label_map[name] = value
         values = sorted(label_map.values())
-        if label_map and values != list(range(len(values))):
+        has_regions = any(isinstance(v, (list, tuple)) for v in labels.values())  # already reported above
+        if label_map and not has_regions and values != list(range(len(values))):
             bad(f"label values must be consecutive integers starting at 0 (background), got {values}")
         if "ignore" in label_map:
             bad("an 'ignore' label is not supported yet")

@@ -7,6 +7,9 @@ prints.
 
 from __future__ import annotations
 
+import gzip
+import struct
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,13 +38,85 @@ class LoadedCase:
     geometry: Geometry
 
 
-def _read(path: Path, case: str, what: str, problems: list[Problem]) -> sitk.Image | None:
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of real floating-point voxels
+_SCAN_CHUNK = 1 << 24
+
+
+def _scan_nifti(path: Path) -> tuple[str | None, int, int]:
+    """Check a NIfTI file's voxel data as stored: ``(why it is broken or None, n_nan, n_inf)``.
+
+    ITK's NIfTI reader (nifticlib) hides both problems this looks for: it pads a truncated file
+    with zeros without raising, and it silently replaces every NaN/inf float voxel with 0.
+    """
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")) or not path.is_file():
+        return None, 0, 0
+    try:
+        with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as f:
+            head = f.read(540)
+            if len(head) < 348:
+                return f"file is truncated: {len(head)} bytes, shorter than a NIfTI header", 0, 0
+            for endian in "<>":
+                size = struct.unpack(endian + "i", head[:4])[0]
+                if size in (348, 540):
+                    break
+            else:
+                return None, 0, 0  # not a NIfTI header; ITK has read it as something else
+            if size == 348:
+                if head[344:347] not in (b"n+1", b"n+2"):
+                    return None, 0, 0  # header of a .hdr/.img pair
+                dims = struct.unpack(endian + "8h", head[40:56])
+                datatype, bitpix = struct.unpack(endian + "2h", head[70:74])
+                offset = int(struct.unpack(endian + "f", head[108:112])[0])
+            else:
+                if head[4:7] != b"n+2":
+                    return None, 0, 0
+                datatype, bitpix = struct.unpack(endian + "2h", head[12:16])
+                dims = struct.unpack(endian + "8q", head[16:80])
+                offset = struct.unpack(endian + "q", head[168:176])[0]
+            ndim = min(max(int(dims[0]), 0), 7)
+            expected = int(np.prod([max(int(d), 1) for d in dims[1:ndim + 1]], dtype=np.int64)) * max(bitpix, 0) // 8
+            dtype = np.dtype(endian + _NIFTI_FLOATS[datatype]) if datatype in _NIFTI_FLOATS else None
+            buffered = head[offset:] if offset < len(head) else b""
+            if offset > len(head):
+                f.read(offset - len(head))
+            got, n_nan, n_inf, carry = 0, 0, 0, b""
+            while True:
+                chunk = buffered or f.read(_SCAN_CHUNK)
+                buffered = b""
+                if not chunk:
+                    break
+                got += len(chunk)
+                if dtype is not None and got - len(chunk) < expected:
+                    data = carry + chunk[: max(0, expected - (got - len(chunk)))]
+                    usable = len(data) - len(data) % dtype.itemsize
+                    values = np.frombuffer(data[:usable], dtype)
+                    n_nan += int(np.isnan(values).sum())
+                    n_inf += int(np.isinf(values).sum())
+                    carry = data[usable:]
+    except (OSError, EOFError, zlib.error) as e:
+        return f"file is truncated or corrupt: {e}", 0, 0
+    if got < expected:
+        return f"file is truncated: {got} of the {expected} bytes of voxel data are present", 0, 0
+    return None, n_nan, n_inf
+
+
+def _read(path: Path, case: str, what: str, problems: list[Problem],
+          non_finite: dict[Path, tuple[int, int]] | None = None) -> sitk.Image | None:
     try:
         image = read_sitk(path)
     except Exception as e:  # noqa: BLE001 - SimpleITK raises RuntimeError with ITK's text
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        problems.append(Problem(case, str(path), f"{what} cannot be read: {first}"))
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        # ITK's first line is only "Exception thrown in ... <source file>:<line>:"; the reason follows.
+        why = next((ln.split("ERROR:", 1)[1].strip() for ln in lines if "ERROR:" in ln), lines[0] if lines else "")
+        problems.append(Problem(case, str(path), f"{what} cannot be read: {why or type(e).__name__}"))
         return None
+    broken, n_nan, n_inf = _scan_nifti(Path(path))
+    if broken:
+        problems.append(Problem(case, str(path), f"{what} cannot be read: {broken}"))
+        return None
+    if non_finite is not None:
+        non_finite[Path(path)] = (n_nan, n_inf)
     if image.GetDimension() != 3:
         problems.append(Problem(case, str(path), f"{what} is {image.GetDimension()}D; kubeseg expects 3D volumes"))
         return None
@@ -76,8 +151,9 @@ def load_case(case: RawCase, spec: DatasetSpec, with_label: bool = True) -> Load
         if with_label and case.label is None:
             missing.append(Problem(cid, None, "label file is missing"))
         raise DatasetError(missing)
-    images = [_read(f, cid, f"channel {c} image", problems) for c, f in enumerate(case.images)]
-    label = _read(case.label, cid, "label", problems) if with_label and case.label else None
+    stored_non_finite: dict[Path, tuple[int, int]] = {}
+    images = [_read(f, cid, f"channel {c} image", problems, stored_non_finite) for c, f in enumerate(case.images)]
+    label = _read(case.label, cid, "label", problems, stored_non_finite) if with_label and case.label else None
     ref = images[0]
     if ref is not None:
         for c, (f, im) in enumerate(zip(case.images[1:], images[1:]), start=1):
@@ -91,15 +167,18 @@ def load_case(case: RawCase, spec: DatasetSpec, with_label: bool = True) -> Load
     arrays = []
     for c, (f, im) in enumerate(zip(case.images, images)):
         a = sitk.GetArrayFromImage(im).astype(np.float32, copy=False)
-        if not np.all(np.isfinite(a)):
-            n_nan, n_inf = int(np.isnan(a).sum()), int(np.isinf(a).sum())
+        stored_nan, stored_inf = stored_non_finite.get(Path(f), (0, 0))
+        if not np.all(np.isfinite(a)) or stored_nan or stored_inf:
+            n_nan = max(int(np.isnan(a).sum()), stored_nan)
+            n_inf = max(int(np.isinf(a).sum()), stored_inf)
             problems.append(Problem(cid, str(f), f"channel {c} image has {n_nan} NaN and {n_inf} infinite voxel(s)"))
         arrays.append(a)
     seg = None
     if label is not None:
         seg = sitk.GetArrayFromImage(label)
         if not np.issubdtype(seg.dtype, np.integer):
-            if not np.all(np.isfinite(seg)) or not np.array_equal(np.rint(seg), seg):
+            if (not np.all(np.isfinite(seg)) or not np.array_equal(np.rint(seg), seg)
+                    or any(stored_non_finite.get(Path(case.label), (0, 0)))):
                 problems.append(Problem(cid, str(case.label), "label has non-integer values"))
             seg = np.rint(np.nan_to_num(seg)).astype(np.int16)
         values = np.unique(seg)
