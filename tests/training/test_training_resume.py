@@ -111,3 +111,46 @@ def test_sigkill_then_resume(tmp_path):
     final = torch.load(out / "fold_0" / "checkpoint_final.pth", weights_only=True)
     assert final["current_epoch"] == 8 and len(final["logging"]["train_losses"]) == 8
     assert not list((out / "fold_0").glob(".*.tmp*"))
+
+
+SCRIPT_WORKERS = SCRIPT.replace("num_workers=0", "num_workers=2")
+
+
+def _processes_mentioning(marker: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if marker in (p / "cmdline").read_bytes().decode(errors="ignore"):
+                    pids.append(int(p.name))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find worker processes")
+def test_sigterm_stops_workers_and_keeps_resume_point(tmp_path):
+    """Kubernetes deletes pods with SIGTERM: augmentation workers must go away with the trainer."""
+    pre = make_tiny_preprocessed(tmp_path, n_cases=5)
+    out = tmp_path / "OUT_term"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT_WORKERS, str(pre), str(out)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = out / "fold_0" / "checkpoint_latest.pth"
+    try:
+        deadline = time.time() + 120
+        while not latest.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert latest.exists(), proc.stderr.read().decode() if proc.poll() is not None else "timeout"
+        assert len(_processes_mentioning(str(out))) >= 3  # trainer + 2 train workers (+ val worker)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode not in (0, None)
+    deadline = time.time() + 15
+    while _processes_mentioning(str(out)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _processes_mentioning(str(out)) == []
+    assert torch.load(latest, weights_only=True)["current_epoch"] >= 1
