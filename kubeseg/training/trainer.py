@@ -475,14 +475,13 @@ class FoldTrainer:
         rl(f"train_loss {metrics['train_loss']:.4f}  val_loss {val_loss:.4f}  "
            f"pseudo dice {[round(d, 4) for d in dice]}  epoch time {metrics['epoch_time_s']:.1f} s")
 
-        # checkpoints: latest every epoch (resume point), best on EMA improvement
-        self.save_checkpoint(self.latest_path, epoch + 1)
+        # checkpoints: best on EMA improvement, latest every epoch (the resume point; written
+        # last so that it already knows the updated best EMA)
         if not np.isnan(ema) and (self.best_ema is None or ema > self.best_ema):
             self.best_ema = float(ema)
             rl(f"new best EMA pseudo Dice: {self.best_ema:.4f}")
             self.save_checkpoint(self.best_path, epoch + 1)
-            # the best checkpoint carries its own _best_ema; refresh latest so a resume sees it too
-            self.save_checkpoint(self.latest_path, epoch + 1)
+        self.save_checkpoint(self.latest_path, epoch + 1)
         self.callbacks.on_artifact(self.progress.plot(self.fold_dir / "progress.png"))
         self.callbacks.on_artifact(self.progress.write_json(self.fold_dir / "metrics.json"))
         self.callbacks.on_epoch_end(epoch, metrics)
