@@ -7,9 +7,6 @@ prints.
 
 from __future__ import annotations
 
-import gzip
-import struct
-import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,6 +17,7 @@ import SimpleITK as sitk
 from kubeseg.dataset import DatasetSpec, RawCase, list_training_cases, load_dataset_json
 from kubeseg.errors import DatasetError, Problem
 from kubeseg.imageio import Geometry, read_sitk
+from kubeseg.nifti_integrity import check_nifti
 from kubeseg.parallel import map_cases
 
 # Tolerances for "same geometry": spacing relative, origin in mm, direction cosines absolute.
@@ -38,69 +36,6 @@ class LoadedCase:
     geometry: Geometry
 
 
-_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI datatype codes of real floating-point voxels
-_SCAN_CHUNK = 1 << 24
-
-
-def _scan_nifti(path: Path) -> tuple[str | None, int, int]:
-    """Check a NIfTI file's voxel data as stored: ``(why it is broken or None, n_nan, n_inf)``.
-
-    ITK's NIfTI reader (nifticlib) hides both problems this looks for: it pads a truncated file
-    with zeros without raising, and it silently replaces every NaN/inf float voxel with 0.
-    """
-    name = path.name.lower()
-    if not (name.endswith(".nii") or name.endswith(".nii.gz")) or not path.is_file():
-        return None, 0, 0
-    try:
-        with (gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")) as f:
-            head = f.read(540)
-            if len(head) < 348:
-                return f"file is truncated: {len(head)} bytes, shorter than a NIfTI header", 0, 0
-            for endian in "<>":
-                size = struct.unpack(endian + "i", head[:4])[0]
-                if size in (348, 540):
-                    break
-            else:
-                return None, 0, 0  # not a NIfTI header; ITK has read it as something else
-            if size == 348:
-                if head[344:347] not in (b"n+1", b"n+2"):
-                    return None, 0, 0  # header of a .hdr/.img pair
-                dims = struct.unpack(endian + "8h", head[40:56])
-                datatype, bitpix = struct.unpack(endian + "2h", head[70:74])
-                offset = int(struct.unpack(endian + "f", head[108:112])[0])
-            else:
-                if head[4:7] != b"n+2":
-                    return None, 0, 0
-                datatype, bitpix = struct.unpack(endian + "2h", head[12:16])
-                dims = struct.unpack(endian + "8q", head[16:80])
-                offset = struct.unpack(endian + "q", head[168:176])[0]
-            ndim = min(max(int(dims[0]), 0), 7)
-            expected = int(np.prod([max(int(d), 1) for d in dims[1:ndim + 1]], dtype=np.int64)) * max(bitpix, 0) // 8
-            dtype = np.dtype(endian + _NIFTI_FLOATS[datatype]) if datatype in _NIFTI_FLOATS else None
-            buffered = head[offset:] if offset < len(head) else b""
-            if offset > len(head):
-                f.read(offset - len(head))
-            got, n_nan, n_inf, carry = 0, 0, 0, b""
-            while True:
-                chunk = buffered or f.read(_SCAN_CHUNK)
-                buffered = b""
-                if not chunk:
-                    break
-                got += len(chunk)
-                if dtype is not None and got - len(chunk) < expected:
-                    data = carry + chunk[: max(0, expected - (got - len(chunk)))]
-                    usable = len(data) - len(data) % dtype.itemsize
-                    values = np.frombuffer(data[:usable], dtype)
-                    n_nan += int(np.isnan(values).sum())
-                    n_inf += int(np.isinf(values).sum())
-                    carry = data[usable:]
-    except (OSError, EOFError, zlib.error) as e:
-        return f"file is truncated or corrupt: {e}", 0, 0
-    if got < expected:
-        return f"file is truncated: {got} of the {expected} bytes of voxel data are present", 0, 0
-    return None, n_nan, n_inf
-
-
 def _read(path: Path, case: str, what: str, problems: list[Problem],
           non_finite: dict[Path, tuple[int, int]] | None = None) -> sitk.Image | None:
     try:
@@ -111,7 +46,7 @@ def _read(path: Path, case: str, what: str, problems: list[Problem],
         why = next((ln.split("ERROR:", 1)[1].strip() for ln in lines if "ERROR:" in ln), lines[0] if lines else "")
         problems.append(Problem(case, str(path), f"{what} cannot be read: {why or type(e).__name__}"))
         return None
-    broken, n_nan, n_inf = _scan_nifti(Path(path))
+    broken, n_nan, n_inf = check_nifti(path)
     if broken:
         problems.append(Problem(case, str(path), f"{what} cannot be read: {broken}"))
         return None

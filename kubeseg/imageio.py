@@ -8,14 +8,14 @@ that ``spacing[i]`` belongs to array axis ``i``.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+
+from kubeseg.atomic import atomic_path
 
 
 @dataclass(frozen=True)
@@ -86,15 +86,6 @@ def write_image(array: np.ndarray, geometry: Geometry, path: str | Path) -> None
     """Write a ``(z, y, x)`` array with the given geometry, atomically (temp file, then rename)."""
     image = sitk.GetImageFromArray(array)
     geometry.apply_to(image)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, useCompression=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=True)
 

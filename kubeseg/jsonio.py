@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kubeseg.atomic import atomic_path
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -31,16 +31,10 @@ def to_jsonable(obj: Any) -> Any:
 def write_json(obj: Any, path: str | Path, indent: int | None = 2) -> Path:
     """Write JSON to a temp file in the same folder, then rename: readers never see half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
             json.dump(to_jsonable(obj), f, indent=indent, sort_keys=False)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -15,6 +15,7 @@ Output layout (nnU-Net v2's preprocessed folder, with .npy + .json instead of bl
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kubeseg.atomic import default_mode
 from kubeseg.dataset import DatasetSpec, RawCase
 from kubeseg.dataset_check import LoadedCase, load_case, require_valid_layout
 from kubeseg.errors import DatasetError, KubesegError
@@ -102,6 +104,7 @@ def preprocess_arrays(data: np.ndarray, seg: np.ndarray | None, geometry: Geomet
 
 
 def _save(case_id: str, result: PreprocessedCase, folder: Path) -> None:
+    """Into the staging folder, which is private to this run: no per-file atomicity needed."""
     np.save(folder / f"{case_id}.npy", result.data)
     np.save(folder / f"{case_id}_seg.npy", result.seg)
     write_json(result.properties, folder / f"{case_id}.json", indent=None)
@@ -140,6 +143,7 @@ def preprocess_dataset(raw_dir: str | Path, plans: dict, configuration: str, out
         _write_dataset_files(raw_dir, spec, cases, plans, fingerprint_path, out_dir)
         if final.exists():
             shutil.rmtree(final)
+        os.chmod(staging, default_mode(directory=True))  # mkdtemp's 0700 would lock out other users
         staging.rename(final)
     finally:
         if staging.exists():

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import binary_erosion
 
+from kubeseg.atomic import default_mode
 from kubeseg.dataset import load_dataset_json
 from kubeseg.errors import DatasetError
 from kubeseg.fingerprint import extract_fingerprint, write_fingerprint
@@ -50,6 +51,9 @@ def test_layout_contents_and_properties(mri, tmp_path):
         for loc in locations[:50]:
             assert seg[tuple(loc)] == int(label)
     assert len(props["sitk_stuff"]["direction"]) == 9
+    # shared storage: not the private modes of mkstemp/mkdtemp
+    assert folder.stat().st_mode & 0o777 == default_mode(directory=True)
+    assert (folder / "synth_000.json").stat().st_mode & 0o777 == default_mode()
 
 
 def test_rerun_gives_identical_files(mri, tmp_path):
