@@ -165,16 +165,14 @@ def list_training_cases(raw_dir: str | Path, spec: DatasetSpec, problems: list[P
     return cases
 
 
-def list_test_cases(raw_dir: str | Path, spec: DatasetSpec) -> list[RawCase]:
-    """Cases in imagesTs (no labels). Incomplete cases are reported, not skipped silently."""
-    problems: list[Problem] = []
-    by_case = _cases_in(Path(raw_dir) / "imagesTs", spec.file_ending, spec.num_channels, problems)
+def list_test_cases(raw_dir: str | Path, spec: DatasetSpec, problems: list[Problem]) -> list[RawCase]:
+    """Cases in imagesTs (no labels); missing channels are appended to ``problems``."""
+    folder = Path(raw_dir) / "imagesTs"
+    by_case = _cases_in(folder, spec.file_ending, spec.num_channels, problems)
     cases = [RawCase(c, tuple(files), None) for c, files in sorted(by_case.items())]
     for case in cases:
         for c, f in enumerate(case.images):
             if f is None:
-                problems.append(Problem(case.case_id, None, f"imagesTs: channel {c} is missing"))
-    if problems:
-        raise DatasetError(problems, str(raw_dir))
+                expected = folder / f"{case.case_id}_{c:04d}{spec.file_ending}"
+                problems.append(Problem(case.case_id, str(expected), f"channel {c} ({spec.channel_names[c]}) is missing"))
     return cases
-

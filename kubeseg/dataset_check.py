@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from kubeseg.dataset import DatasetSpec, RawCase, list_training_cases, load_dataset_json
+from kubeseg.dataset import DatasetSpec, RawCase, list_test_cases, list_training_cases, load_dataset_json
 from kubeseg.errors import DatasetError, Problem
 from kubeseg.imageio import Geometry, read_sitk
 from kubeseg.nifti_integrity import check_nifti
@@ -128,11 +128,14 @@ def load_case(case: RawCase, spec: DatasetSpec, with_label: bool = True) -> Load
 
 
 def _check_one(case: RawCase, spec: DatasetSpec) -> None:
-    load_case(case, spec)
+    load_case(case, spec, with_label=case.label is not None)
 
 
 def check_dataset(raw_dir: str | Path, num_workers: int | None = None, progress: bool = True) -> list[Problem]:
-    """Every problem in a raw dataset: layout, dataset.json, and each case's files and contents."""
+    """Every problem in a raw dataset: layout, dataset.json, each case's files and contents.
+
+    Test cases (imagesTs) are checked too, as images without labels.
+    """
     try:
         spec = load_dataset_json(raw_dir)
     except DatasetError as e:
@@ -140,6 +143,7 @@ def check_dataset(raw_dir: str | Path, num_workers: int | None = None, progress:
     problems: list[Problem] = []
     cases = list_training_cases(raw_dir, spec, problems)
     complete = [c for c in cases if c.label is not None and all(f is not None for f in c.images)]
+    complete += [c for c in list_test_cases(raw_dir, spec, problems) if all(f is not None for f in c.images)]
     _, case_problems = map_cases(partial(_check_one, spec=spec), complete, [c.case_id for c in complete],
                                  num_workers, desc="Checking cases" if progress else "")
     return problems + case_problems

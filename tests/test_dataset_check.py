@@ -386,3 +386,15 @@ def test_load_case_refuses_a_broken_case(ct):
     with pytest.raises(DatasetError) as err:
         load_case(cases[CASE], spec)
     assert err.value.problems == problems_of(ct)
+
+
+def test_test_cases_are_checked_as_images_without_labels(tmp_path):
+    raw = synthesize(tmp_path / "raw", SynthSettings(kind="mri", num_cases=2, num_test_cases=2,
+                                                      shape=(10, 24, 24), seed=3))
+    assert check_dataset(raw, num_workers=1, progress=False) == []
+    test_case = sorted((raw / "imagesTs").glob("*_0001.nii.gz"))[0]
+    test_case.unlink()
+    problems = check_dataset(raw, num_workers=1, progress=False)
+    assert len(problems) == 1
+    assert problems[0].case == test_case.name[: -len("_0001.nii.gz")]
+    assert problems[0].file == str(test_case) and "channel 1" in problems[0].message
