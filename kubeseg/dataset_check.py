@@ -66,12 +66,12 @@ def _read(path: Path, case: str, what: str, problems: list[Problem],
 def _geometry_problems(ref: sitk.Image, other: sitk.Image, case: str, file: Path, what: str) -> list[Problem]:
     out = []
     if ref.GetSize() != other.GetSize():
-        out.append(f"shape {other.GetSize()[::-1]} differs from the first channel's {ref.GetSize()[::-1]}")
+        out.append(f"shape (x, y, z) {other.GetSize()} differs from the first channel's {ref.GetSize()}")
     else:
         if not np.allclose(other.GetSpacing(), ref.GetSpacing(), rtol=SPACING_RTOL, atol=0):
-            out.append(f"spacing {other.GetSpacing()} differs from the first channel's {ref.GetSpacing()}")
+            out.append(f"spacing (x, y, z) {other.GetSpacing()} differs from the first channel's {ref.GetSpacing()}")
         if not np.allclose(other.GetOrigin(), ref.GetOrigin(), rtol=0, atol=ORIGIN_ATOL):
-            out.append(f"origin {other.GetOrigin()} differs from the first channel's {ref.GetOrigin()}")
+            out.append(f"origin (x, y, z) {other.GetOrigin()} differs from the first channel's {ref.GetOrigin()}")
         if not np.allclose(other.GetDirection(), ref.GetDirection(), rtol=0, atol=DIRECTION_ATOL):
             out.append(f"direction {other.GetDirection()} differs from the first channel's {ref.GetDirection()}")
     return [Problem(case, str(file), f"{what}: {m}") for m in out]

@@ -181,9 +181,9 @@ def test_label_geometry_mismatch(ct, what):
     rewrite(label_file(ct), GEOMETRY_BREAKS[what])
     problem = the_problem(ct)
     assert_names(problem, CASE, label_file(ct), "label", what, "differs")
-    if what == "shape":  # both shapes, in numpy (z, y, x) order
-        z, y, x = image_size[::-1]
-        assert f"({z}, {y - 2}, {x})" in problem.message and f"({z}, {y}, {x})" in problem.message
+    if what == "shape":  # both shapes, in SimpleITK's (x, y, z) order, as spacing and origin
+        x, y, z = image_size
+        assert f"({x}, {y - 2}, {z})" in problem.message and f"({x}, {y}, {z})" in problem.message
 
 
 @pytest.mark.parametrize("what", sorted(GEOMETRY_BREAKS))
