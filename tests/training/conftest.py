@@ -9,7 +9,7 @@ import torch
 from tiny_dataset import make_tiny_preprocessed
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _one_torch_thread():
     """2 cores here: one torch thread so augmentation workers and the main process do not
     fight; restored afterwards so other test folders are unaffected."""
