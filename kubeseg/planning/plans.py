@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from copy import deepcopy
 from pathlib import Path
 
 from kubeseg.errors import KubesegError
@@ -31,7 +32,7 @@ def configuration(plans: dict, name: str) -> dict:
     while "inherits_from" in merged:
         parent = merged.pop("inherits_from")
         if parent in seen or parent not in configs:
-            raise KubesegError(f"configuration {name!r} inherits from {parent!r}, which is missing or circular")
+            raise KubesegError(f"configuration {name!r} inherits from {parent!r}, which is missing or circular ({' -> '.join(seen)})")
         seen.append(parent)
         merged = {**configs[parent], **merged}
-    return merged
+    return deepcopy(merged)  # callers may change it without touching the plans

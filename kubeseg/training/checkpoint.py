@@ -22,19 +22,20 @@ from typing import Any, Mapping, Optional, Union
 
 import torch
 
+from kubeseg.atomic import atomic_path
+
 CHECKPOINT_KEYS = ("network_weights", "optimizer_state", "grad_scaler_state", "logging", "_best_ema",
                    "current_epoch", "init_args", "trainer_name", "inference_allowed_mirroring_axes")
 TRAINER_NAME = "nnUNetTrainer"
 
 
 def atomic_torch_save(obj: Any, path: Union[str, Path]) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb+") as f:  # make sure bytes are on disk before the rename
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    """``torch.save`` through a temporary file, fsynced before the rename (a killed pod leaves the old file)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    return Path(path)
 
 
 def make_checkpoint(network_state: Mapping[str, torch.Tensor], optimizer_state: Mapping[str, Any],

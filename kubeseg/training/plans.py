@@ -7,38 +7,15 @@ and exposes a small typed view, so the rest of the engine does not poke at raw d
 """
 from __future__ import annotations
 
-import json
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from kubeseg.jsonio import read_json as load_json  # noqa: F401 - re-exported for the trainer
+from kubeseg.planning.plans import configuration as resolve_configuration
+
 PathLike = Union[str, Path]
-
-
-def load_json(path: PathLike) -> Any:
-    with open(path, "r", encoding="utf-8") as f:
-        return json.load(f)
-
-
-def resolve_configuration(plans: dict, name: str, _visited: tuple = ()) -> dict:
-    """Return the configuration dict ``name`` with its ``inherits_from`` chain applied.
-
-    Parent keys come first and the child's keys overwrite them (shallow update), which is
-    how nnU-Net v2 resolves inheritance.  Circular chains raise ``RuntimeError``.
-    """
-    configs = plans["configurations"]
-    if name not in configs:
-        raise ValueError(f"configuration {name!r} not in plans; have {sorted(configs)}")
-    cfg = deepcopy(configs[name])
-    parent = cfg.get("inherits_from")
-    if parent is not None:
-        if parent in _visited or parent == name:
-            raise RuntimeError(f"circular inherits_from chain: {(*_visited, name, parent)}")
-        base = resolve_configuration(plans, parent, (*_visited, name))
-        base.update(cfg)
-        cfg = base
-    return cfg
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
+from kubeseg.jsonio import write_json
+
 log = logging.getLogger(__name__)
 
 DEFAULT_SEED = 12345
@@ -53,13 +55,6 @@ def generate_crossval_split(identifiers: Sequence[str], seed: int = DEFAULT_SEED
     return splits
 
 
-def _atomic_write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=4)
-    os.replace(tmp, path)
-
-
 def load_or_create_splits(identifiers: Sequence[str], splits_file: Path,
                           fallback_dir: Optional[Path] = None) -> tuple[list[dict], Path]:
     """Read ``splits_file`` if it exists (user-supplied splits are honoured as they are),
@@ -78,14 +73,14 @@ def load_or_create_splits(identifiers: Sequence[str], splits_file: Path,
             return json.load(f), p
     splits = generate_crossval_split(sorted(identifiers))
     try:
-        _atomic_write_json(splits, splits_file)
+        write_json(splits, splits_file)
         return splits, splits_file
     except OSError:
         if fallback_dir is None:
             raise
         p = Path(fallback_dir) / SPLITS_FILENAME
         p.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_json(splits, p)
+        write_json(splits, p)
         return splits, p
 
 
