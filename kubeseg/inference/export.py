@@ -1,0 +1,51 @@
+"""From the network's grid back to the input image: resample, un-crop, un-transpose.
+
+The predictor hands over *log*-probabilities on the preprocessed grid. They are resampled to
+the cropped original shape with the plans' ``resampling_fn_probabilities_kwargs`` (linear
+in-plane, nearest along a separately treated coarse axis), turned into probabilities with a
+softmax, and put back into the uncropped, untransposed array; outside the crop box the
+probability of background is 1.
+
+Why log-probabilities: a softmax ignores a per-voxel constant, and ``log_softmax(z)`` is ``z``
+minus such a constant, so for a single model this is exactly nnU-Net v2's "resample the logits,
+then softmax"; for several folds it resamples their averaged probabilities (in log space).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kubeseg.preprocessing.resampling import resample_image
+
+
+def preprocessed_spacing(properties: dict, plans: dict, config: dict) -> tuple[list[float], list[float]]:
+    """(spacing of the network's grid, original spacing), both in the transposed axis order."""
+    forward = plans["transpose_forward"]
+    original = [float(properties["spacing"][a]) for a in forward]
+    spacing = [float(s) for s in config["spacing"]]
+    grid = spacing if len(spacing) == len(original) else [original[0], *spacing]
+    return grid, original
+
+
+def log_probabilities_to_original(log_probs: torch.Tensor | np.ndarray, properties: dict, plans: dict,
+                                  config: dict) -> np.ndarray:
+    """Probabilities ``(C, z, y, x)`` (float32) on the input image's grid."""
+    log_probs = log_probs.numpy() if isinstance(log_probs, torch.Tensor) else np.asarray(log_probs)
+    grid, original = preprocessed_spacing(properties, plans, config)
+    kw = config.get("resampling_fn_probabilities_kwargs") or {}
+    target = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
+    resampled = resample_image(log_probs, target, grid, original, kw.get("order", 1), kw.get("order_z", 0))
+    probs = torch.softmax(torch.from_numpy(np.ascontiguousarray(resampled, dtype=np.float32)), 0).numpy()
+    full = np.zeros((probs.shape[0], *properties["shape_before_cropping"]), dtype=np.float32)
+    full[0] = 1
+    box = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
+    full[(slice(None), *box)] = probs
+    backward = plans["transpose_backward"]
+    return np.ascontiguousarray(full.transpose([0, *[b + 1 for b in backward]]))
+
+
+def probabilities_to_segmentation(probabilities: np.ndarray, all_labels) -> np.ndarray:
+    """The most probable label per voxel (uint8, or uint16 for more than 255 labels)."""
+    labels = np.asarray(all_labels, dtype=np.uint8 if max(all_labels) < 255 else np.uint16)
+    return labels[np.argmax(probabilities, axis=0)]

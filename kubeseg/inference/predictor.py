@@ -1,0 +1,151 @@
+"""Predict one image with one trained configuration (all its folds, and its cascade stage).
+
+Per case: the training preprocessing (:func:`~kubeseg.preprocessing.preprocess.preprocess_arrays`,
+the one code path) → for a cascade stage, the previous stage's segmentation as one-hot input
+channels → sliding window per fold → folds combined → back to the input's grid
+(:mod:`kubeseg.inference.export`).
+
+Folds are averaged as probabilities by default (``fold_average="probabilities"``); nnU-Net v2
+averages their logits (``"logits"``). With one fold the two are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kubeseg.imageio import Geometry
+from kubeseg.inference.export import log_probabilities_to_original, probabilities_to_segmentation
+from kubeseg.inference.model import TrainedModel
+from kubeseg.inference.sliding_window import SlidingWindowSettings, predict_logits, tile_slicers, padding_for
+from kubeseg.preprocessing.preprocess import preprocess_arrays
+
+log = logging.getLogger(__name__)
+
+FOLD_AVERAGES = ("probabilities", "logits")
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """How to predict. ``device``: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    ``batch_size`` counts network inputs per forward call, mirrored copies included.
+    ``results_on_device`` keeps the accumulators on the GPU (falls back to CPU memory on OOM).
+    ``accumulator``: ``float16`` as nnU-Net v2 (same output), ``float32`` exact at image borders
+    (see :mod:`kubeseg.inference.sliding_window`).
+    """
+
+    use_mirroring: bool = True
+    step: float = 0.5
+    device: str = "auto"
+    batch_size: int = 8
+    fold_average: str = "probabilities"
+    results_on_device: bool = True
+    accumulator: str = "float16"
+    progress: bool = True
+    num_threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.fold_average not in FOLD_AVERAGES:
+            raise ValueError(f"fold_average must be one of {FOLD_AVERAGES}, got {self.fold_average!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            from kubeseg.errors import KubesegError
+            raise KubesegError("device 'cuda' requested but CUDA is not available")
+        return torch.device("cuda", 0) if dev.type == "cuda" and dev.index is None else dev
+
+
+def one_hot(seg: np.ndarray, labels) -> np.ndarray:
+    """``(len(labels), *seg.shape)`` float32 indicator of each label (the cascade's extra channels)."""
+    return np.stack([seg == lab for lab in labels]).astype(np.float32)
+
+
+class Predictor:
+    """One configuration's folds, ready to predict cases. ``previous`` is the cascade's first stage."""
+
+    def __init__(self, model: TrainedModel, settings: PredictSettings = PredictSettings(),
+                 previous: Optional["Predictor"] = None):
+        if model.previous_stage is not None and previous is None:
+            from kubeseg.errors import KubesegError
+            raise KubesegError(f"{model.configuration} is a cascade stage: it needs the model of "
+                               f"{model.previous_stage!r} as previous stage")
+        self.model = model
+        self.settings = settings
+        self.previous = previous
+        self.device = settings.torch_device()
+        self.config = model.config
+        self.patch_size = tuple(int(p) for p in self.config["patch_size"])
+        self.labels = model.labels
+        self.network = model.build_network(self.device)
+        self._loaded_fold = 0
+        mirror = model.mirror_axes if settings.use_mirroring else None
+        self.window = SlidingWindowSettings(step=settings.step, mirror_axes=mirror, batch_size=settings.batch_size,
+                                            results_on_device=settings.results_on_device,
+                                            accumulator=settings.accumulator)
+
+    # -- on the preprocessed grid -----------------------------------------------------------------
+    def _use_fold(self, i: int) -> None:
+        if i != self._loaded_fold:
+            self.network.load_state_dict(self.model.fold_weights[i])
+            self._loaded_fold = i
+
+    def _num_tiles(self, spatial) -> int:
+        padded = [s + lo + hi for s, (lo, hi) in zip(spatial, padding_for(spatial, self.patch_size))]
+        return len(tile_slicers(padded, self.patch_size, self.settings.step))
+
+    @torch.inference_mode()
+    def log_probabilities(self, data: np.ndarray, desc: str = "") -> torch.Tensor:
+        """Log-probabilities ``(classes, *spatial)`` of a preprocessed case, all folds combined."""
+        n_folds = len(self.model.fold_weights)
+        n_classes = self.labels.num_segmentation_heads
+        bar = tqdm(total=self._num_tiles(data.shape[1:]) * n_folds, desc=desc or self.model.configuration,
+                   unit="tile", disable=not self.settings.progress, leave=False, dynamic_ncols=True)
+        combined = None
+        try:
+            for i in range(n_folds):
+                self._use_fold(i)
+                logits = predict_logits(self.network, data, self.patch_size, n_classes, self.device, self.window,
+                                        on_tiles=bar.update)
+                if self.settings.fold_average == "logits":  # nnU-Net: summed in the accumulator's dtype
+                    combined = logits if combined is None else combined.add_(logits)
+                else:
+                    lp = torch.log_softmax(logits.float(), 0)
+                    combined = lp if combined is None else torch.logaddexp(combined, lp, out=combined)
+        finally:
+            bar.close()
+        if self.settings.fold_average == "logits":
+            return torch.log_softmax((combined / n_folds if n_folds > 1 else combined).float(), 0)
+        return combined - math.log(n_folds) if n_folds > 1 else combined
+
+    # -- on the input's grid ----------------------------------------------------------------------
+    def probabilities(self, data: np.ndarray, geometry: Geometry, previous_segmentation: Optional[np.ndarray] = None,
+                      case_id: str = "") -> np.ndarray:
+        """Probabilities ``(classes, z, y, x)`` on the grid of ``data`` (``(C, z, y, x)``, raw intensities)."""
+        started = time.perf_counter()
+        seg = None
+        if self.previous is not None:
+            if previous_segmentation is None:
+                prev_probs = self.previous.probabilities(data, geometry, case_id=case_id)
+                previous_segmentation = probabilities_to_segmentation(prev_probs, self.labels.all_labels)
+            seg = previous_segmentation[None]
+        pre = preprocess_arrays(data, seg, geometry, self.model.plans, self.config, [])
+        net_input = pre.data
+        if self.previous is not None:
+            net_input = np.concatenate([net_input, one_hot(pre.seg[0], self.labels.foreground_labels)])
+        log_probs = self.log_probabilities(net_input, desc=f"{case_id} {self.model.configuration}".strip())
+        probs = log_probabilities_to_original(log_probs, pre.properties, self.model.plans, self.config)
+        log.info("%s: %s predicted in %.1f s (grid %s, folds %s, mirroring %s)", case_id or "case",
+                 self.model.configuration, time.perf_counter() - started, "x".join(map(str, net_input.shape[1:])),
+                 ",".join(self.model.folds), self.window.mirror_axes)
+        return probs
