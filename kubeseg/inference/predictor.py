@@ -138,7 +138,7 @@ class Predictor:
             if previous_segmentation is None:
                 prev_probs = self.previous.probabilities(data, geometry, case_id=case_id)
                 previous_segmentation = probabilities_to_segmentation(prev_probs, self.labels.all_labels)
-            seg = previous_segmentation[None]
+            seg = previous_segmentation.astype(np.int16)[None]  # -1 marks the outside of the nonzero mask
         pre = preprocess_arrays(data, seg, geometry, self.model.plans, self.config, [])
         net_input = pre.data
         if self.previous is not None:

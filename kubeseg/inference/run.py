@@ -147,7 +147,8 @@ def list_input_cases(input_path: str | Path, dataset_json: dict) -> list[RawCase
     ending = dataset_json["file_ending"]
     n_channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {})))
     if path.is_file():
-        name = path.name[:-len(ending)] if path.name.endswith(ending) else path.stem
+        ending = _ending_of(path)
+        name = path.name[:-len(ending)]
         m = _CHANNEL.match(name)
         if m and n_channels > 1:
             files = tuple(path.parent / f"{m['case']}_{c:04d}{ending}" for c in range(n_channels))
@@ -173,6 +174,11 @@ def list_input_cases(input_path: str | Path, dataset_json: dict) -> list[RawCase
     return [RawCase(c, tuple(files), None) for c, files in sorted(groups.items())]
 
 
+def _ending_of(path: Path) -> str:
+    """``.nii.gz`` (two suffixes) or the file's last suffix: any SimpleITK format is accepted."""
+    return ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+
+
 def _spec(dataset_json: dict) -> DatasetSpec:
     channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
     return DatasetSpec({int(k): v for k, v in channels.items()}, dict(dataset_json["labels"]),
@@ -195,7 +201,7 @@ def predict(input_path: str | Path, output: str | Path, model_dir: str | Path,
             postprocess: bool = True) -> list[Path]:
     """Predict every case of ``input_path`` into ``output``; returns the segmentation files written.
 
-    ``output`` is a folder, or a file path (ending in the dataset's file ending) for one input file.
+    ``output`` is a folder, or, for one input file, a file name with an image suffix (its format).
     """
     choice = resolve_model(model_dir, configurations, folds)
     predictors = build_predictors(choice, settings)
@@ -204,10 +210,11 @@ def predict(input_path: str | Path, output: str | Path, model_dir: str | Path,
     for p in predictors[1:]:
         if p.labels.all_labels != first.labels.all_labels:
             raise KubesegError(f"ensemble members disagree on labels: {first.folder.name} vs {p.model.folder.name}")
-    ending = dataset_json["file_ending"]
     cases = list_input_cases(input_path, dataset_json)
     output = Path(output)
-    single_file = Path(input_path).is_file() and output.name.endswith(ending)
+    # outputs are written in the input's format, so that a lossless format stays lossless
+    ending = _ending_of(cases[0].images[0]) if Path(input_path).is_file() else dataset_json["file_ending"]
+    single_file = Path(input_path).is_file() and bool(output.suffix) and not output.is_dir()
     rule = choice.postprocessing if postprocess else PostprocessingRule()
     log.info("predicting %d case(s) with %s%s", len(cases), " + ".join(m.name for m in choice.members),
              f", postprocessing {list(rule.steps)}" if rule.steps else "")
