@@ -111,6 +111,43 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_predict(a) -> int:
+    from kubeseg.inference import PredictSettings, predict
+
+    settings = PredictSettings(use_mirroring=not a.disable_tta, step=a.step, device=a.device,
+                               batch_size=a.batch_size, fold_average=a.fold_average)
+    written = predict(a.input, a.output, a.model, settings, a.configuration, a.folds, a.save_probabilities,
+                      postprocess=not a.no_postprocessing)
+    print(f"{len(written)} segmentation(s) written to {a.output}")
+    return 0
+
+
+def cmd_select(a) -> int:
+    from kubeseg.selection import SelectSettings, select_model
+
+    sel = select_model(a.model_dirs, a.preprocessed_dir, a.output, SelectSettings(allow_ensembles=not a.no_ensembles))
+    names = " + ".join(m["configuration"] for m in sel["members"])
+    print(f"selected {names}: mean foreground Dice {sel['expected_foreground_dice']:.4f} "
+          f"({sel['expected_foreground_dice_after_postprocessing']:.4f} after postprocessing); {a.output}")
+    return 0
+
+
+def cmd_bundle(a) -> int:
+    from kubeseg.bundle import make_bundle
+
+    out = make_bundle(a.selection, a.output, a.fingerprint, overwrite=a.overwrite)
+    print(f"bundle written to {out}")
+    return 0
+
+
+def cmd_import_nnunet(a) -> int:
+    from kubeseg.import_nnunet import import_nnunet
+
+    out = import_nnunet(a.source, a.output, a.configuration, a.folds, overwrite=a.overwrite)
+    print(f"nnU-Net model imported as bundle {out}")
+    return 0
+
+
 def cmd_demo(a) -> int:
     """Synthetic dataset → fingerprint → plans → preprocessing, on the embedded defaults."""
     from kubeseg.fingerprint import extract_fingerprint, write_fingerprint
@@ -203,6 +240,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validation", action="store_true", help="skip the held-out fold's full-case validation")
     _workers(p)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("predict", help="segment an image file or a folder of cases with a bundle or model folder")
+    p.add_argument("-i", "--input", required=True, help="image file, or folder of <case>_<channel:04d><ending> files")
+    p.add_argument("-o", "--output", required=True, help="output folder (or file, for one input file)")
+    p.add_argument("-m", "--model", required=True,
+                   help="bundle, trained-model folder (kubeseg or nnU-Net v2), or a folder of those (with -c)")
+    p.add_argument("-c", "--configuration", nargs="+", help="configuration(s); several = ensemble")
+    p.add_argument("-f", "--folds", nargs="+", help="folds to use (default: all finished)")
+    p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("--save-probabilities", action="store_true", help="also write <case>.npz (probabilities)")
+    p.add_argument("--no-postprocessing", action="store_true", help="skip the bundle's postprocessing")
+    p.add_argument("--device", default=_env("DEVICE", "auto"), help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--step", type=float, default=0.5, help="sliding-window step, fraction of the patch")
+    p.add_argument("--batch-size", type=int, default=_env("PREDICT_BATCH", 8, int),
+                   help="network inputs per forward call, mirrored copies included")
+    p.add_argument("--fold-average", choices=("probabilities", "logits"), default="probabilities",
+                   help="how folds are combined ('logits' is nnU-Net v2's)")
+    p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("select", help="pick the best configuration or pairwise ensemble by CV Dice")
+    p.add_argument("model_dirs", nargs="+", help="training output folders, one per configuration")
+    p.add_argument("--preprocessed-dir", required=True, help="preprocessed dataset folder (gt_segmentations)")
+    p.add_argument("-o", "--output", required=True, help="folder for selection.json and postprocessing.json")
+    p.add_argument("--no-ensembles", action="store_true", help="single configurations only")
+    p.set_defaults(fn=cmd_select)
+
+    p = sub.add_parser("bundle", help="assemble the selected model(s) into one self-contained folder")
+    p.add_argument("selection", help="selection.json (or its folder) from kubeseg select")
+    p.add_argument("-o", "--output", required=True, help="bundle folder")
+    p.add_argument("--fingerprint", help="dataset_fingerprint.json, if the model folders lack it")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_bundle)
+
+    p = sub.add_parser("import-nnunet", help="import an nnU-Net v2 model (zip or results folder) as a bundle")
+    p.add_argument("source", help="zip from nnU-Net's export / AIMI, or an nnU-Net results folder")
+    p.add_argument("-o", "--output", required=True, help="bundle folder")
+    p.add_argument("-c", "--configuration", nargs="+", help="configuration(s) to import (default: the best guess)")
+    p.add_argument("-f", "--folds", nargs="+", help="folds to import (default: all)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_import_nnunet)
 
     p = sub.add_parser("demo", help="the main job end to end on a synthetic dataset")
     p.add_argument("--out-dir", default=_env("DEMO_DIR", "demo_out"))

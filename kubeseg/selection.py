@@ -1,0 +1,186 @@
+"""``kubeseg select``: which configuration (or pair of them) to ship, by cross-validation.
+
+Every trained configuration and every pairwise ensemble of them (probabilities averaged) is
+scored on the out-of-fold predictions by mean foreground Dice (per label the mean over cases,
+then the mean over labels) in the *original* image geometry, against the reference labels of
+the preprocessed dataset (``PRE/gt_segmentations``). The best candidate wins (ties: the simpler
+one, listed first); its postprocessing is decided on the same predictions
+(:mod:`kubeseg.postprocessing`). Writes ``selection.json`` and ``postprocessing.json``.
+
+Out-of-fold predictions are read from ``MODEL/fold_*/validation/<case>.npz`` (``probabilities``).
+kubeseg's trainer stores them on the network's grid; they are brought back to the image grid
+with the case's preprocessing properties (``PRE/<data_identifier>/<case>.json``), as at
+prediction time. Predictions already on the image grid (nnU-Net's) are used as they are.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from kubeseg.errors import KubesegError
+from kubeseg.imageio import read_label
+from kubeseg.inference.export import log_probabilities_to_original, probabilities_to_segmentation
+from kubeseg.inference.model import available_folds
+from kubeseg.inference.run import SELECTION_FILENAME
+from kubeseg.inference.safe_load import load_checkpoint_safe
+from kubeseg.jsonio import read_json, write_json
+from kubeseg.planning.plans import configuration as resolve_configuration
+from kubeseg.postprocessing import FILENAME as PP_FILENAME, decide_postprocessing, dice, foreground_mean, \
+    save_postprocessing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedConfiguration:
+    """One configuration's training output folder and what selection needs from it."""
+
+    folder: Path
+    configuration: str
+    plans: dict
+    dataset_json: dict
+    folds: list[str]
+    validation: dict[str, Path]  # case -> npz
+
+    @property
+    def config(self) -> dict:
+        return resolve_configuration(self.plans, self.configuration)
+
+    @classmethod
+    def read(cls, folder: str | Path) -> "TrainedConfiguration":
+        folder = Path(folder)
+        for name in ("plans.json", "dataset.json"):
+            if not (folder / name).is_file():
+                raise KubesegError(f"{folder} has no {name}; is it a training output folder?")
+        folds = available_folds(folder)
+        if not folds:
+            raise KubesegError(f"{folder} has no finished fold (fold_*/checkpoint_final.pth)")
+        ckpt = load_checkpoint_safe(folder / f"fold_{folds[0]}" / "checkpoint_final.pth")
+        configuration = (ckpt.get("init_args") or {}).get("configuration")
+        if configuration is None:
+            parts = folder.name.split("__")
+            configuration = parts[2] if len(parts) == 3 else None
+        if configuration is None:
+            raise KubesegError(f"cannot tell the configuration of {folder}")
+        validation = {}
+        for fold in folds:
+            for f in sorted((folder / f"fold_{fold}" / "validation").glob("*.npz")):
+                validation[f.stem] = f
+        if not validation:
+            raise KubesegError(f"{folder} has no out-of-fold predictions (fold_*/validation/*.npz); "
+                               "train with validation and probabilities saved")
+        return cls(folder, configuration, read_json(folder / "plans.json"), read_json(folder / "dataset.json"),
+                   folds, validation)
+
+    def probabilities(self, case: str, reference_shape: tuple[int, ...], preprocessed_dir: Path) -> np.ndarray:
+        """This configuration's out-of-fold probabilities of ``case`` on the image grid."""
+        with np.load(self.validation[case]) as z:
+            if "probabilities" not in z:
+                raise KubesegError(f"{self.validation[case]} has no 'probabilities'")
+            probs = z["probabilities"].astype(np.float32)
+        if tuple(probs.shape[1:]) == tuple(reference_shape):
+            return probs
+        props_file = preprocessed_dir / self.config["data_identifier"] / f"{case}.json"
+        if not props_file.is_file():
+            raise KubesegError(f"{self.validation[case]} is on the network's grid, and {props_file} (the case's "
+                               "preprocessing properties) is missing to bring it back")
+        log_probs = np.log(np.maximum(probs, np.finfo(np.float32).tiny))
+        return log_probabilities_to_original(log_probs, read_json(props_file), self.plans, self.config)
+
+
+@dataclass(frozen=True)
+class SelectSettings:
+    allow_ensembles: bool = True
+    progress: bool = True
+
+
+def _candidates(models: Sequence[TrainedConfiguration], allow_ensembles: bool) -> list[tuple[int, ...]]:
+    singles = [(i,) for i in range(len(models))]
+    pairs = list(itertools.combinations(range(len(models)), 2)) if allow_ensembles else []
+    return singles + pairs
+
+
+def select_model(model_dirs: Sequence[str | Path], preprocessed_dir: str | Path, out_dir: str | Path,
+                 settings: SelectSettings = SelectSettings()) -> dict:
+    """Score every configuration and pair, pick the best, decide its postprocessing; returns the selection."""
+    models = [TrainedConfiguration.read(d) for d in model_dirs]
+    pre = Path(preprocessed_dir)
+    labels_json = models[0].dataset_json["labels"]
+    for m in models[1:]:
+        if m.dataset_json["labels"] != labels_json:
+            raise KubesegError(f"{m.folder} and {models[0].folder} were trained on different labels")
+    all_labels = sorted(int(v) for v in labels_json.values())
+    foreground = [v for v in all_labels if v != 0]
+    ending = models[0].dataset_json["file_ending"]
+    cases = sorted(set.intersection(*[set(m.validation) for m in models]))
+    if not cases:
+        raise KubesegError("the configurations have no out-of-fold case in common")
+    for m in models:
+        if len(m.validation) != len(cases):
+            log.warning("%s has %d out-of-fold cases; selecting on the %d all configurations share",
+                        m.folder.name, len(m.validation), len(cases))
+    candidates = _candidates(models, settings.allow_ensembles)
+    names = [" + ".join(models[i].configuration for i in c) for c in candidates]
+    per_case: dict[tuple[int, ...], list[dict[int, float]]] = {c: [] for c in candidates}
+
+    def reference(case: str) -> np.ndarray:
+        path = pre / "gt_segmentations" / f"{case}{ending}"
+        if not path.is_file():
+            raise KubesegError(f"reference segmentation {path} is missing")
+        return read_label(path)[0][0]
+
+    for case in tqdm(cases, desc="Scoring configurations", disable=not settings.progress, leave=False):
+        ref = reference(case)
+        probs = [m.probabilities(case, ref.shape, pre) for m in models]
+        for c in candidates:
+            avg = probs[c[0]] if len(c) == 1 else sum(probs[i] for i in c) / len(c)
+            seg = probabilities_to_segmentation(avg, all_labels)
+            per_case[c].append({lab: dice(seg, ref, lab) for lab in foreground})
+
+    scores = []
+    for c, name in zip(candidates, names):
+        per_label = {lab: _nanmean([d[lab] for d in per_case[c]]) for lab in foreground}
+        scores.append({"name": name, "configurations": [models[i].configuration for i in c],
+                       "foreground_dice": foreground_mean(per_label), "dice": {str(k): v for k, v in per_label.items()}})
+        log.info("%-30s mean foreground Dice %.4f", name, scores[-1]["foreground_dice"])
+    best = max(range(len(candidates)), key=lambda i: (np.nan_to_num(scores[i]["foreground_dice"], nan=-1.0), -i))
+    winner = candidates[best]
+    log.info("selected %s (mean foreground Dice %.4f)", names[best], scores[best]["foreground_dice"])
+
+    segs, refs = [], []
+    for case in cases:
+        ref = reference(case)
+        probs = [models[i].probabilities(case, ref.shape, pre) for i in winner]
+        segs.append(probabilities_to_segmentation(sum(probs) / len(probs), all_labels))
+        refs.append(ref)
+    rule, report = decide_postprocessing(segs, refs, foreground)
+    out_dir = Path(out_dir)
+    save_postprocessing(rule, out_dir / PP_FILENAME, report)
+    selection = {
+        "members": [{"configuration": models[i].configuration, "folder": str(models[i].folder.resolve()),
+                     "folds": models[i].folds} for i in winner],
+        "ensemble": len(winner) > 1,
+        "postprocessing": PP_FILENAME,
+        "expected_dice": scores[best]["dice"],
+        "expected_foreground_dice": scores[best]["foreground_dice"],
+        "expected_dice_after_postprocessing": report["dice_after"],
+        "expected_foreground_dice_after_postprocessing": report["foreground_dice_after"],
+        "num_cases": len(cases),
+        "candidates": scores,
+    }
+    write_json(selection, out_dir / SELECTION_FILENAME)
+    log.info("selection written to %s", out_dir / SELECTION_FILENAME)
+    return selection
+
+
+def _nanmean(values: list[float]) -> float:
+    v = [x for x in values if not np.isnan(x)]
+    return float(np.mean(v)) if v else float("nan")
+
