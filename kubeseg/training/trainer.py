@@ -47,7 +47,7 @@ from kubeseg.training.evaluation import label_metrics, summarize, write_summary
 from kubeseg.training.loss import build_loss
 from kubeseg.training.plans import (ConfigurationView, LabelInfo, deep_supervision_scales, load_json,
                                     num_input_channels)
-from kubeseg.training.predict import predict_sliding_window
+from kubeseg.inference.sliding_window import SlidingWindowSettings, predict_logits
 from kubeseg.training.progress import ProgressLog
 from kubeseg.training.schedule import (OptimizerSettings, Schedule, get_schedule, make_optimizer, poly_lr,
                                        set_lr)
@@ -521,9 +521,10 @@ class FoldTrainer:
                 onehot = np.stack([prev == lab for lab in self.labels.foreground_labels]).astype(np.float32)
                 data = np.concatenate((data, onehot), 0)
             with self._autocast():
-                logits = predict_sliding_window(self.network, data, self.cfg.patch_size,
-                                                self.labels.num_segmentation_heads, self.device,
-                                                self.settings.validation_step_size, mirror)
+                window = SlidingWindowSettings(step=self.settings.validation_step_size,
+                                               mirror_axes=tuple(mirror) if mirror else None, accumulator="float32")
+                logits = predict_logits(self.network, data, self.cfg.patch_size,
+                                        self.labels.num_segmentation_heads, self.device, window)
             probs = torch.softmax(logits.float(), 0).numpy()
             seg = np.asarray(self.labels.all_labels, dtype=np.uint8)[probs.argmax(0)]
             arrays = {"segmentation": seg}

@@ -122,7 +122,7 @@ def test_missing_validation_is_redone_without_training(trained):
 def test_nnunetv2_predictor_loads_kubeseg_model(trained):
     predict = pytest.importorskip("nnunetv2.inference.predict_from_raw_data")
     from kubeseg.network import build_network_from_plans, load_network_weights
-    from kubeseg.training.predict import predict_sliding_window
+    from kubeseg.inference.sliding_window import SlidingWindowSettings, predict_logits
 
     out = trained["root"] / "OUT"
     p = predict.nnUNetPredictor(tile_step_size=0.5, use_gaussian=False, use_mirroring=False,
@@ -134,6 +134,7 @@ def test_nnunetv2_predictor_loads_kubeseg_model(trained):
                                    json.loads((out / "dataset.json").read_text()), deep_supervision=False)
     load_network_weights(net, out / "fold_0" / "checkpoint_final.pth")
     net.eval()
-    mine = predict_sliding_window(net, data, (16, 32, 32), 2, use_gaussian=False)
+    mine = predict_logits(net, data, (16, 32, 32), 2, settings=SlidingWindowSettings(use_gaussian=False,
+                                                                          accumulator="float32")).float()
     torch.testing.assert_close(mine, ref, atol=0.05, rtol=0.01)  # nnU-Net accumulates in float16 on CPU
     assert (mine.argmax(0) == ref.argmax(0)).float().mean() > 0.999
