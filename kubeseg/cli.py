@@ -9,7 +9,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
 from kubeseg.errors import DatasetError, KubesegError
@@ -149,33 +148,10 @@ def cmd_import_nnunet(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    """Synthetic dataset → fingerprint → plans → preprocessing, on the embedded defaults."""
-    from kubeseg.fingerprint import extract_fingerprint, write_fingerprint
-    from kubeseg.jsonio import write_json
-    from kubeseg.planning.planner import plan_experiment, planner_settings
-    from kubeseg.planning.summary import print_plans
-    from kubeseg.dataset import load_dataset_json
-    from kubeseg.preprocessing.preprocess import preprocess_dataset
-    from kubeseg.synth import SynthSettings, synthesize
+    from kubeseg.demo import DemoSettings, run_demo
 
-    out = Path(a.out_dir)
-    started = time.perf_counter()
-    raw = out / "raw" / "Dataset001_SynthCT"
-    if not (raw / "dataset.json").is_file():
-        synthesize(raw, SynthSettings(kind="ct", num_cases=a.cases, seed=a.seed, dataset_name=raw.name))
-    print(f"[1/4] synthetic CT-like dataset: {raw}")
-    fp = extract_fingerprint(raw, a.num_workers)
-    fp_path = write_fingerprint(fp, out / "fingerprint.json")
-    print(f"[2/4] fingerprint: {fp_path}")
-    plans = plan_experiment(load_dataset_json(raw), fp, planner_settings(a.preset), dataset_name=raw.name)
-    plans_path = write_json(plans, out / "plans.json")
-    print(f"[3/4] plans: {plans_path}")
-    print_plans(plans)
-    pre = out / "preprocessed"
-    for c in [c for c in ("3d_fullres", "2d", "3d_lowres") if c in plans["configurations"]]:
-        folder = preprocess_dataset(raw, plans, c, pre, fp_path, a.num_workers)
-        print(f"[4/4] {c}: {len(list(folder.glob('*_seg.npy')))} preprocessed case(s) in {folder}")
-    print(f"demo finished in {time.perf_counter() - started:.1f} s")
+    run_demo(a.out_dir, DemoSettings(cases=a.cases, seed=a.seed, preset=a.preset, schedule=a.schedule,
+                                     device=a.device, num_workers=a.num_workers))
     return 0
 
 
@@ -286,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default=_env("PLANNER_PRESET", "small"))
+    p.add_argument("--schedule", default=_env("SCHEDULE", "tiny"))
+    p.add_argument("--device", default=_env("DEVICE", "auto"), choices=("auto", "cpu", "cuda"))
     _workers(p)
     p.set_defaults(fn=cmd_demo)
     return parser

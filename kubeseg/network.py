@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import nn

@@ -10,9 +10,8 @@ from __future__ import annotations
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
-from kubeseg.jsonio import read_json as load_json  # noqa: F401 - re-exported for the trainer
 from kubeseg.planning.plans import configuration as resolve_configuration
 
 PathLike = Union[str, Path]

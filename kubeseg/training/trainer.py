@@ -20,14 +20,13 @@ loses at most the running epoch); a fold with ``checkpoint_final.pth`` is not re
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -45,8 +44,9 @@ from kubeseg.training.checkpoint import atomic_torch_save, load_checkpoint, make
 from kubeseg.training.data import PatchLoader, PreprocessedDataset, list_case_identifiers
 from kubeseg.training.evaluation import label_metrics, summarize, write_summary
 from kubeseg.training.loss import build_loss
-from kubeseg.training.plans import (ConfigurationView, LabelInfo, deep_supervision_scales, load_json,
+from kubeseg.training.plans import (ConfigurationView, LabelInfo, deep_supervision_scales,
                                     num_input_channels)
+from kubeseg.jsonio import read_json, write_json
 from kubeseg.inference.sliding_window import SlidingWindowSettings, predict_logits
 from kubeseg.training.progress import ProgressLog
 from kubeseg.training.schedule import (OptimizerSettings, Schedule, get_schedule, make_optimizer, poly_lr,
@@ -154,13 +154,6 @@ class _RunLog:
             tqdm.write(line)
 
 
-def _copy_json(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=4, sort_keys=False)
-    os.replace(tmp, path)
-
-
 class FoldTrainer:
     """State and steps of one fold's training; use :func:`train_fold` unless you need the parts."""
 
@@ -168,11 +161,11 @@ class FoldTrainer:
                  out_dir: PathLike, settings: TrainSettings):
         self.pre = Path(preprocessed_dir)
         self.plans_path = Path(plans_path)
-        self.plans = load_json(self.plans_path)
+        self.plans = read_json(self.plans_path)
         ds_json = self.pre / "dataset.json"
         if not ds_json.is_file():
             ds_json = self.plans_path.parent / "dataset.json"
-        self.dataset_json = load_json(ds_json)
+        self.dataset_json = read_json(ds_json)
         self.configuration = configuration
         self.fold: Fold = fold if fold == "all" else int(fold)
         self.out_dir = Path(out_dir)
@@ -225,8 +218,8 @@ class FoldTrainer:
         for stale in list(self.fold_dir.glob(".*.tmp*")) + list(self.fold_dir.glob("*.tmp")):
             stale.unlink(missing_ok=True)  # half-written files of a killed run
         self.run_log = _RunLog(self.fold_dir, self.settings.log_to_console)
-        _copy_json(self.plans, self.out_dir / "plans.json")
-        _copy_json(self.dataset_json, self.out_dir / "dataset.json")
+        write_json(self.plans, self.out_dir / "plans.json")
+        write_json(self.dataset_json, self.out_dir / "dataset.json")
         fp = self.pre / "dataset_fingerprint.json"
         if fp.is_file():
             shutil.copyfile(fp, self.out_dir / "dataset_fingerprint.json")
@@ -238,7 +231,7 @@ class FoldTrainer:
         if self.fold == "all":
             return select_fold(ids, "all")
         if self.settings.splits_file is not None:
-            splits = load_json(self.settings.splits_file)
+            splits = read_json(self.settings.splits_file)
             used = Path(self.settings.splits_file)
         else:
             splits, used = load_or_create_splits(ids, self.pre / SPLITS_FILENAME, fallback_dir=self.out_dir)
