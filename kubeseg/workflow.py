@@ -1,0 +1,194 @@
+"""Small engine helpers that a distributed run of the steps needs (the pipeline components and
+the CLI share them): schedule strings, the (configuration, fold) fan-out, gathering per-fold
+training outputs into one model folder per configuration, and human-readable reports.
+
+Nothing here knows about Kubeflow or MLflow: inputs and outputs are paths and plain values.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from kubeseg.errors import KubesegError
+from kubeseg.jsonio import read_json
+from kubeseg.training.schedule import Schedule, get_schedule
+
+TRAINER_NAME = "nnUNetTrainer"
+_SCHEDULE_RE = re.compile(r"(\d+)x(\d+)(?:x(\d+))?")
+
+
+def parse_schedule(text: str) -> Schedule:
+    """A schedule from a name (``default``, ``short``, ``tiny``), ``<N>epochs``, or
+    ``EPOCHSxITERS[xVAL]`` (e.g. ``2x3x1``: 2 epochs of 3 training and 1 validation iteration)."""
+    text = str(text).strip()
+    m = _SCHEDULE_RE.fullmatch(text)
+    if m:
+        epochs, iters, val = int(m.group(1)), int(m.group(2)), int(m.group(3) or max(1, int(m.group(2)) // 5))
+        try:
+            return Schedule(epochs, iters, val, text)
+        except ValueError as e:
+            raise KubesegError(f"invalid schedule {text!r}: {e}") from None
+    try:
+        return get_schedule(text)
+    except ValueError as e:
+        raise KubesegError(f"{e}, or 'EPOCHSxITERS[xVAL]'") from None
+
+
+def model_folder_name(plans: dict, configuration: str) -> str:
+    """nnU-Net's training output folder name: ``<Trainer>__<Plans>__<configuration>``."""
+    return f"{TRAINER_NAME}__{plans.get('plans_name', 'nnUNetPlans')}__{configuration}"
+
+
+def training_items(plans: dict, configurations: Sequence[str], folds: Sequence[int | str]) -> tuple[list, list]:
+    """The training fan-out: ``(first_wave, cascade_wave)``, each a list of
+    ``{"configuration": c, "fold": f}``. Cascade stages (``previous_stage`` in the plans) need the
+    first wave's predictions, so they form the second wave. Unknown configurations are refused."""
+    known = plans.get("configurations", {})
+    unknown = [c for c in configurations if c not in known]
+    if unknown:
+        raise KubesegError(f"configuration(s) {unknown} are not in the plans; planned: {sorted(known)}")
+    if not configurations:
+        raise KubesegError("no configuration to train")
+    folds = [f if str(f) == "all" else int(f) for f in folds]
+    if not folds:
+        raise KubesegError("no fold to train")
+    bad = [f for f in folds if f != "all" and not 0 <= f < 5]
+    if bad:
+        raise KubesegError(f"fold(s) {bad} out of range: folds are 0-4 (nnU-Net's 5-fold split) or 'all'")
+    first, cascade = [], []
+    for c in dict.fromkeys(configurations):
+        wave = cascade if known[c].get("previous_stage") else first
+        wave.extend({"configuration": c, "fold": f} for f in dict.fromkeys(folds))
+    return first, cascade
+
+
+def gather_folds(fold_outputs: Iterable[str | Path], out_dir: str | Path) -> list[Path]:
+    """Merge per-fold training outputs (each a folder holding ``<Trainer>__<Plans>__<conf>/fold_N``)
+    into one model folder per configuration under ``out_dir``; returns those folders, sorted."""
+    out_dir = Path(out_dir)
+    merged: dict[str, Path] = {}
+    for src in fold_outputs:
+        src = Path(src)
+        models = [p for p in sorted(src.iterdir()) if p.is_dir() and p.name.count("__") == 2] if src.is_dir() else []
+        if not models:
+            raise KubesegError(f"{src} holds no training output folder (<Trainer>__<Plans>__<configuration>)")
+        for model in models:
+            target = out_dir / model.name
+            target.mkdir(parents=True, exist_ok=True)
+            for item in sorted(model.iterdir()):
+                dst = target / item.name
+                if item.is_dir():
+                    if dst.exists():
+                        raise KubesegError(f"{item.name} of {model.name} comes from two training outputs")
+                    shutil.copytree(item, dst)
+                elif not dst.exists():
+                    shutil.copy2(item, dst)
+            merged[model.name] = target
+    if not merged:
+        raise KubesegError("no training outputs to gather")
+    return [merged[k] for k in sorted(merged)]
+
+
+def fold_dice(fold_dir: str | Path) -> dict[str, float]:
+    """Validation Dice per foreground label (and ``mean``) of one trained fold."""
+    s = read_json(Path(fold_dir) / "validation" / "summary.json")
+    out = {str(k): _num(v.get("Dice")) for k, v in s.get("mean", {}).items()}
+    out["mean"] = _num(s.get("foreground_mean", {}).get("Dice"))
+    return out
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+
+def cv_table_rows(selection: dict) -> tuple[list[str], list[list[str]]]:
+    """Cross-validation Dice per candidate and label (header, rows); the selected one is marked."""
+    labels = sorted({k for c in selection["candidates"] for k in c["dice"]}, key=int)
+    chosen = " + ".join(m["configuration"] for m in selection["members"])
+    header = ["candidate"] + [f"Dice {lab}" for lab in labels] + ["foreground mean"]
+    rows = [[c["name"] + (" (selected)" if c["name"] == chosen else "")]
+            + [_fmt(c["dice"].get(lab)) for lab in labels] + [_fmt(c["foreground_dice"])]
+            for c in selection["candidates"]]
+    return header, rows
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def summary_html(plans: dict, selection: dict, model_dirs: Sequence[str | Path]) -> str:
+    """One self-contained HTML page: plans at a glance, the CV table, per-fold Dice and training
+    curves (``progress.png`` embedded)."""
+    from kubeseg.planning.summary import COLUMNS, plans_rows
+
+    def table(header, rows) -> str:
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>" for r in rows)
+        return f"<table><tr>{head}</tr>{body}</table>"
+
+    parts = ["<html><head><meta charset='utf-8'><style>body{font-family:sans-serif}"
+             "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:3px 8px}"
+             "img{max-width:900px}</style></head><body>",
+             f"<h2>{html.escape(str(plans.get('dataset_name', '')))} — {html.escape(str(plans.get('plans_name', '')))}</h2>",
+             "<h3>Plans</h3>", table(COLUMNS, plans_rows(plans)),
+             "<h3>Cross-validation (mean Dice over out-of-fold cases, image geometry)</h3>",
+             table(*cv_table_rows(selection)),
+             f"<p>selected: <b>{html.escape(' + '.join(m['configuration'] for m in selection['members']))}</b>, "
+             f"foreground Dice {_fmt(selection['expected_foreground_dice'])} "
+             f"({_fmt(selection.get('expected_foreground_dice_after_postprocessing'))} after postprocessing), "
+             f"{selection.get('num_cases')} cases</p>"]
+    fold_rows, curves = [], []
+    for model in map(Path, model_dirs):
+        for fold in sorted(model.glob("fold_*")):
+            if (fold / "validation" / "summary.json").is_file():
+                d = fold_dice(fold)
+                fold_rows.append([model.name.split("__")[-1], fold.name.removeprefix("fold_")]
+                                 + [f"{k}: {_fmt(v)}" for k, v in d.items() if k != "mean"] + [_fmt(d["mean"])])
+            png = fold / "progress.png"
+            if png.is_file():
+                data = base64.b64encode(png.read_bytes()).decode()
+                curves.append(f"<h4>{html.escape(model.name.split('__')[-1])} {fold.name}</h4>"
+                              f"<img src='data:image/png;base64,{data}'/>")
+    if fold_rows:
+        width = max(len(r) for r in fold_rows)
+        fold_rows = [r[:-1] + [""] * (width - len(r)) + r[-1:] for r in fold_rows]
+        parts += ["<h3>Validation Dice per fold (preprocessed geometry)</h3>",
+                  table(["configuration", "fold"] + ["label"] * (width - 3) + ["foreground mean"], fold_rows)]
+    parts += ["<h3>Training curves</h3>"] + curves + ["</body></html>"]
+    return "\n".join(parts)
+
+
+def select_from_folds(fold_outputs: Sequence[str | Path], preprocessed_dir: str | Path, out_dir: str | Path,
+                      allow_ensembles: bool = True) -> dict:
+    """Gather per-fold training outputs into ``out_dir/models/`` and run the selection into ``out_dir``
+    (:func:`kubeseg.selection.select_model`). ``selection.json`` names its member folders relative to
+    ``out_dir``, so the folder can be moved (KFP artifacts are mounted at different paths per pod)."""
+    from kubeseg.jsonio import write_json
+    from kubeseg.inference.run import SELECTION_FILENAME
+    from kubeseg.selection import SelectSettings, select_model
+
+    out_dir = Path(out_dir)
+    models = gather_folds(fold_outputs, out_dir / "models")
+    selection = select_model(models, preprocessed_dir, out_dir,
+                             SelectSettings(allow_ensembles=allow_ensembles, progress=False))
+    for m in selection["members"]:
+        m["folder"] = str(Path(m["folder"]).resolve().relative_to(out_dir.resolve()))
+    write_json(selection, out_dir / SELECTION_FILENAME)
+    return selection

@@ -1,0 +1,1 @@
+"""Kubeflow pipelines built from kubeseg's components."""

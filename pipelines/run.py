@@ -1,0 +1,47 @@
+"""Run the training pipeline: locally through ``kfp.local`` (the embedded default) or on a
+cluster through ``kfp.Client``."""
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+
+def run_local(arguments: dict[str, Any], pipeline_root: str | Path, parallelism: int = 2,
+              enable_caching: bool = False) -> dict:
+    """Run the pipeline on this machine with ``kfp.local.SubprocessRunner`` (components run in
+    subprocesses of this Python; accelerator requests are ignored; at most 2 training tasks run at
+    once, kfp.local's limit). Returns ``{"version", "run_dir"}``; outputs live under ``pipeline_root``."""
+    from kfp import local
+
+    from pipelines.training import PIPELINE_NAME, build_pipeline
+
+    root = Path(pipeline_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    before = {p.name for p in root.iterdir()}
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
+               workspace_root=str(root / "workspace"), raise_on_error=True, enable_caching=enable_caching)
+    pipeline = build_pipeline(parallelism=parallelism, retries=0, resources=False)
+    started = time.perf_counter()
+    task = pipeline(**arguments)
+    new = sorted((p for p in root.iterdir() if p.name not in before and p.name.startswith(PIPELINE_NAME)),
+                 key=lambda p: p.stat().st_mtime)
+    return {"version": task.output, "run_dir": str(new[-1]) if new else None,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def submit(host: str, arguments: dict[str, Any], run_name: Optional[str] = None, experiment: Optional[str] = None,
+           parallelism: int = 0, retries: int = 2, namespace: Optional[str] = None) -> str:
+    """Start a run on a Kubeflow Pipelines cluster; returns the run id. Authentication follows
+    ``kfp.Client`` (``KF_PIPELINES_SA_TOKEN_PATH`` or an existing token, if the cluster needs one)."""
+    import kfp
+
+    from pipelines.training import build_pipeline
+
+    c = kfp.Client(host=host, namespace=namespace, existing_token=os.environ.get("KUBESEG_KFP_TOKEN"))
+    res = c.create_run_from_pipeline_func(build_pipeline(parallelism, retries), arguments=arguments,
+                                          run_name=run_name, experiment_name=experiment)
+    return res.run_id
