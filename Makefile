@@ -18,13 +18,18 @@ $(VENV)/.base: $(PY) pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e .
 	touch $@
 
+# the demo runs the Kubeflow pipeline locally (kfp) and tracks/registers in MLflow
+$(VENV)/.demo: $(VENV)/.base pyproject.toml constraints.txt
+	$(PIP) install -q -c constraints.txt -e '.[pipelines,registry]'
+	touch $@
+
 $(VENV)/.test: $(VENV)/.base pyproject.toml constraints.txt
-	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(PIP) install -q -c constraints.txt -e '.[test,pipelines,registry]'
 	touch $@
 
 install: $(VENV)/.base
 
-demo: $(VENV)/.base
+demo: $(VENV)/.demo
 	$(VENV)/bin/kubeseg demo --out-dir $(DEMO_DIR)
 
 test: $(VENV)/.test

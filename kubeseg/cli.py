@@ -148,10 +148,113 @@ def cmd_import_nnunet(a) -> int:
 
 
 def cmd_demo(a) -> int:
-    from kubeseg.demo import DemoSettings, run_demo
+    if a.engine_only:  # the engine chain in one process, no Kubeflow/MLflow needed
+        from kubeseg.demo import DemoSettings, run_demo
 
-    run_demo(a.out_dir, DemoSettings(cases=a.cases, seed=a.seed, preset=a.preset, schedule=a.schedule,
-                                     device=a.device, num_workers=a.num_workers))
+        run_demo(a.out_dir, DemoSettings(cases=a.cases, seed=a.seed, preset=a.preset,
+                                         schedule=a.schedule or "tiny", device=a.device, num_workers=a.num_workers))
+        return 0
+    from pipelines.demo import DemoSettings as PipelineDemo, run_demo as run_pipeline_demo
+
+    s = PipelineDemo(cases=a.cases, seed=a.seed, preset=a.preset, device=a.device,
+                     configurations=tuple(a.configurations), folds=tuple(int(f) for f in a.folds),
+                     **({"schedule": a.schedule} if a.schedule else {}),
+                     **({"num_workers": a.num_workers} if a.num_workers is not None else {}))
+    run_pipeline_demo(a.out_dir, s)
+    return 0
+
+
+# ---- pipelines and registry (need the `pipelines` / `registry` extras) -----------------------
+
+def _pipeline_arguments(a, dataset_uri: str) -> dict:
+    return {"dataset_uri": dataset_uri, "configurations": a.configurations, "folds": [int(f) for f in a.folds],
+            "schedule": a.schedule, "planner_preset": a.preset, "device": a.device, "gpu_type": a.gpu_type,
+            "gpu_count": a.gpu_count, "train_cpu": a.cpu, "train_memory": a.memory, "num_workers": a.num_workers,
+            "torch_threads": a.torch_threads, "allow_ensembles": not a.no_ensembles, "mlflow_uri": a.mlflow_uri,
+            "experiment": a.experiment, "model_name": a.model_name}
+
+
+def cmd_pipeline_compile(a) -> int:
+    if a.image:
+        os.environ["KUBESEG_IMAGE"] = a.image
+    from pipelines.training import compile_pipeline
+
+    compile_pipeline(a.output, a.parallelism, a.retries)
+    print(f"pipeline spec written to {a.output} (upload it in the Kubeflow Pipelines UI)")
+    return 0
+
+
+def cmd_pipeline_submit(a) -> int:
+    if a.image:
+        os.environ["KUBESEG_IMAGE"] = a.image
+    from pipelines.run import submit
+
+    run_id = submit(a.host, _pipeline_arguments(a, a.dataset_uri), a.run_name, a.kfp_experiment, a.parallelism,
+                    a.retries, a.namespace)
+    print(f"started run {run_id} on {a.host}")
+    return 0
+
+
+def cmd_pipeline_run(a) -> int:
+    from pipelines.run import run_local
+
+    if not a.local:
+        raise KubesegError("only --local runs are started here; use 'kubeseg pipeline submit --host URL' for a cluster")
+    a.mlflow_uri = a.mlflow_uri or _default_tracking_uri()
+    result = run_local(_pipeline_arguments(a, str(Path(a.dataset_uri).resolve())), a.pipeline_root,
+                       parallelism=a.parallelism or 2, enable_caching=a.cache)
+    print(f"pipeline finished in {result['seconds']} s: {a.model_name} version {result['version']} (challenger); "
+          f"outputs in {result['run_dir']}")
+    return 0
+
+
+def _default_tracking_uri() -> str:
+    from kubeseg.tracking import tracking_uri
+
+    return tracking_uri(os.environ.get("KUBESEG_MLFLOW_URI"))
+
+
+def cmd_register(a) -> int:
+    from kubeseg.registry import register_bundle
+
+    v = register_bundle(a.bundle, a.name, a.tracking_uri, a.parent_run, source_run=a.source_run or "")
+    print(f"registered {a.name} version {v.version} (alias challenger), CV foreground Dice {v.cv_foreground_dice:.4f}")
+    return 0
+
+
+def cmd_models_list(a) -> int:
+    from kubeseg.registry import champion_history, list_versions, versions_table
+    from kubeseg.workflow import text_table
+
+    versions = list_versions(a.name, a.tracking_uri)
+    print(text_table(*versions_table(versions)))
+    print(f"champion history: {champion_history(a.name, a.tracking_uri)}")
+    return 0
+
+
+def cmd_models_promote(a) -> int:
+    from kubeseg.registry import GateSettings, promote
+
+    gate = GateSettings(tolerance=a.tolerance, holdout=a.holdout, holdout_labels=a.holdout_labels,
+                        min_dice=a.min_dice, device=a.device)
+    p = promote(a.name, a.version, gate, a.tracking_uri)
+    print(f"{a.name} version {p.version} is the champion (previous: {p.previous or 'none'}): " + "; ".join(p.reasons))
+    return 0
+
+
+def cmd_models_rollback(a) -> int:
+    from kubeseg.registry import rollback
+
+    p = rollback(a.name, a.tracking_uri)
+    print(f"{a.name} champion rolled back from version {p.previous} to version {p.version}")
+    return 0
+
+
+def cmd_models_download(a) -> int:
+    from kubeseg.registry import load_version
+
+    out = load_version(a.name, a.ref, a.output, a.tracking_uri)
+    print(f"{a.name}@{a.ref} downloaded and verified: {out}")
     return 0
 
 
@@ -257,16 +360,120 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_import_nnunet)
 
-    p = sub.add_parser("demo", help="the main job end to end on a synthetic dataset")
+    p = sub.add_parser("demo", help="the whole loop on a synthetic dataset: local pipeline, MLflow, champion")
     p.add_argument("--out-dir", default=_env("DEMO_DIR", "demo_out"))
     p.add_argument("--cases", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default=_env("PLANNER_PRESET", "small"))
-    p.add_argument("--schedule", default=_env("SCHEDULE", "tiny"))
+    p.add_argument("--schedule", default=_env("SCHEDULE", None),
+                   help="training schedule (pipeline demo default 8x12x2: 8 epochs x 12 iterations; "
+                        "--engine-only default tiny)")
+    p.add_argument("--configurations", nargs="+", default=["2d", "3d_fullres"])
+    p.add_argument("--folds", nargs="+", default=["0", "1"])
+    p.add_argument("--engine-only", action="store_true",
+                   help="the engine chain in one process (train 3d_fullres fold 0, select, bundle, predict), "
+                        "without Kubeflow or MLflow")
     p.add_argument("--device", default=_env("DEVICE", "auto"), choices=("auto", "cpu", "cuda"))
     _workers(p)
     p.set_defaults(fn=cmd_demo)
+
+    _pipeline_parsers(sub)
     return parser
+
+
+def _tracking_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tracking-uri", default=_env("MLFLOW_URI", None),
+                   help="MLflow tracking/registry URI (env KUBESEG_MLFLOW_URI, then MLFLOW_TRACKING_URI, "
+                        "then sqlite:///mlflow.db)")
+
+
+def _pipeline_parsers(sub) -> None:
+    pl = sub.add_parser("pipeline", help="compile, submit or run the Kubeflow training pipeline") \
+        .add_subparsers(dest="action", required=True)
+
+    def compile_flags(p):
+        p.add_argument("--parallelism", type=int, default=0, help="concurrent training tasks (0: no limit)")
+        p.add_argument("--retries", type=int, default=2, help="retries per training task")
+        p.add_argument("--image", default=None, help="kubeseg image for every task (env KUBESEG_IMAGE)")
+
+    def run_flags(p):
+        p.add_argument("--configurations", nargs="+", default=["2d", "3d_fullres"])
+        p.add_argument("--folds", nargs="+", default=["0", "1", "2", "3", "4"])
+        p.add_argument("--schedule", default=_env("SCHEDULE", "default"),
+                       help="'default', 'short', 'tiny', '<N>epochs' or 'EPOCHSxITERS[xVAL]'")
+        p.add_argument("--preset", default=_env("PLANNER_PRESET", "default"), help="planner preset")
+        p.add_argument("--device", default=_env("DEVICE", "auto"), choices=("auto", "cpu", "cuda"))
+        p.add_argument("--gpu-type", default="nvidia.com/gpu", help="accelerator type of training tasks")
+        p.add_argument("--gpu-count", type=int, default=1)
+        p.add_argument("--cpu", default="8", help="CPU limit of training tasks (augmentation workers)")
+        p.add_argument("--memory", default="32G", help="memory limit of training tasks")
+        p.add_argument("-j", "--num-workers", type=int, default=_env("NUM_WORKERS", -1, int),
+                       help="augmentation workers per training task (-1: one per core)")
+        p.add_argument("--torch-threads", type=int, default=0, help="torch threads per task (0: torch's default)")
+        p.add_argument("--no-ensembles", action="store_true")
+        p.add_argument("--mlflow-uri", default=_env("MLFLOW_URI", ""), help="MLflow tracking URI (env KUBESEG_MLFLOW_URI)")
+        p.add_argument("--experiment", default="kubeseg", help="MLflow experiment")
+        p.add_argument("--model-name", default="kubeseg-segmentation", help="registered model name")
+
+    p = pl.add_parser("compile", help="write the pipeline spec to upload in the Kubeflow UI")
+    p.add_argument("-o", "--output", default="training.yaml")
+    compile_flags(p)
+    p.set_defaults(fn=cmd_pipeline_compile)
+
+    p = pl.add_parser("submit", help="start a run on a Kubeflow Pipelines cluster (kfp.Client)")
+    p.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://ml-pipeline-ui.kubeflow:80")
+    p.add_argument("--dataset-uri", required=True, help="raw dataset as the cluster sees it (s3://, gs://, minio://)")
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--kfp-experiment", default=None, help="KFP experiment name")
+    p.add_argument("--namespace", default=None)
+    compile_flags(p)
+    run_flags(p)
+    p.set_defaults(fn=cmd_pipeline_submit)
+
+    p = pl.add_parser("run", help="run the pipeline on this machine through kfp.local")
+    p.add_argument("--local", action="store_true", help="run through kfp.local (the only mode here)")
+    p.add_argument("--dataset-uri", "--dataset", required=True, help="raw dataset folder")
+    p.add_argument("--pipeline-root", default="kfp_outputs", help="where task outputs go")
+    p.add_argument("--parallelism", type=int, default=2, help="concurrent training tasks (kfp.local: at most 2)")
+    p.add_argument("--cache", action="store_true", help="reuse outputs of identical earlier tasks")
+    run_flags(p)
+    p.set_defaults(fn=cmd_pipeline_run)
+
+    p = sub.add_parser("register", help="register a bundle as a new MLflow model version (alias challenger)")
+    p.add_argument("bundle")
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--parent-run", default=None, help="MLflow run to nest the registration run under")
+    p.add_argument("--source-run", default=None, help="source pipeline run, recorded as a tag")
+    _tracking_flag(p)
+    p.set_defaults(fn=cmd_register)
+
+    mo = sub.add_parser("models", help="list, promote, roll back or download registered model versions") \
+        .add_subparsers(dest="action", required=True)
+    p = mo.add_parser("list", help="versions, aliases, CV Dice, champion history")
+    p.add_argument("--name", required=True)
+    _tracking_flag(p)
+    p.set_defaults(fn=cmd_models_list)
+    p = mo.add_parser("promote", help="gated promotion of the challenger (or --version) to champion")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", default=None, help="version to promote (default: the challenger)")
+    p.add_argument("--holdout", required=True, help="held-out images (folder of raw cases) for the sanity prediction")
+    p.add_argument("--holdout-labels", default=None, help="their reference labels (checks --min-dice)")
+    p.add_argument("--min-dice", type=float, default=0.0)
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="how far below the champion's CV foreground Dice the challenger may be")
+    p.add_argument("--device", default=_env("DEVICE", "auto"))
+    _tracking_flag(p)
+    p.set_defaults(fn=cmd_models_promote)
+    p = mo.add_parser("rollback", help="return champion to the previous champion")
+    p.add_argument("--name", required=True)
+    _tracking_flag(p)
+    p.set_defaults(fn=cmd_models_rollback)
+    p = mo.add_parser("download", help="download a version (number or alias) and verify its checksums")
+    p.add_argument("--name", required=True)
+    p.add_argument("--ref", default="champion", help="version number or alias")
+    p.add_argument("-o", "--output", required=True)
+    _tracking_flag(p)
+    p.set_defaults(fn=cmd_models_download)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,9 +132,8 @@ def _registered(c, name: str):
         raise KubesegError(f"no registered model {name!r} in this registry") from None
 
 
-def _alias_version(c, name: str, alias: str) -> Optional[str]:
-    rm = _registered(c, name)
-    return (rm.aliases or {}).get(alias)
+def _aliases(rm) -> dict[str, str]:
+    return {k: str(v) for k, v in (rm.aliases or {}).items()}
 
 
 def _history(rm) -> list[str]:
@@ -332,8 +331,8 @@ def promote(name: str, version: Optional[str] = None, gate: GateSettings = GateS
     rm = _registered(c, name)
     ref = version or CHALLENGER
     cand = get_version(name, ref, uri)
-    champ_v = (rm.aliases or {}).get(CHAMPION)
-    if champ_v is not None and str(champ_v) == cand.version:
+    champ_v = _aliases(rm).get(CHAMPION)
+    if champ_v is not None and champ_v == cand.version:
         raise KubesegError(f"{name} version {cand.version} is already the champion")
     reasons = []
     if champ_v is not None:
@@ -360,10 +359,10 @@ def promote(name: str, version: Optional[str] = None, gate: GateSettings = GateS
 
     history = _history(rm)
     c.set_registered_model_alias(name, CHAMPION, cand.version)
-    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history + [cand.version]))
+    c.set_registered_model_tag(name, HISTORY_TAG, json.dumps([str(h) for h in history] + [cand.version]))
     _append_log(c, rm, {"event": "promote", "version": cand.version, "previous": champ_v, "at": _now()})
     c.set_model_version_tag(name, cand.version, "kubeseg.promoted_at", _now())
-    if (rm.aliases or {}).get(CHALLENGER) == cand.version:
+    if _aliases(rm).get(CHALLENGER) == cand.version:
         c.delete_registered_model_alias(name, CHALLENGER)
     log.info("%s version %s is the champion (was %s)", name, cand.version, champ_v)
     return Promotion(name, cand.version, None if champ_v is None else str(champ_v), tuple(reasons))
@@ -375,7 +374,7 @@ def rollback(name: str, uri: Optional[str] = None) -> Promotion:
     c = client(uri)
     rm = _registered(c, name)
     history = _history(rm)
-    current = (rm.aliases or {}).get(CHAMPION)
+    current = _aliases(rm).get(CHAMPION)
     if current is None:
         raise KubesegError(f"{name} has no champion to roll back")
     if len(history) < 2:

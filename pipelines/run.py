@@ -3,6 +3,7 @@ cluster through ``kfp.Client``."""
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -26,7 +27,11 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path, parallelism:
                workspace_root=str(root / "workspace"), raise_on_error=True, enable_caching=enable_caching)
     pipeline = build_pipeline(parallelism=parallelism, retries=0, resources=False)
     started = time.perf_counter()
-    task = pipeline(**arguments)
+    out, err = sys.stdout, sys.stderr
+    try:
+        task = pipeline(**arguments)
+    finally:  # kfp.local indents what is printed while tasks run; print plainly again afterwards
+        sys.stdout, sys.stderr = out, err
     new = sorted((p for p in root.iterdir() if p.name not in before and p.name.startswith(PIPELINE_NAME)),
                  key=lambda p: p.stat().st_mtime)
     return {"version": task.output, "run_dir": str(new[-1]) if new else None,

@@ -1,0 +1,100 @@
+"""Tiny synthetic data and a tiny trained bundle for the pipeline, tracking and registry tests."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+TINY_SHAPE = (16, 40, 40)
+
+
+def tiny_raw(root: Path, cases: int = 6, test_cases: int = 1) -> Path:
+    from kubeseg.synth import SynthSettings, synthesize
+
+    name = "Dataset001_SynthCT"
+    raw = root / "raw" / name
+    if not (raw / "dataset.json").is_file():
+        synthesize(raw, SynthSettings(kind="ct", num_cases=cases, num_test_cases=test_cases, shape=TINY_SHAPE,
+                                      seed=0, dataset_name=name))
+    return raw
+
+
+def tiny_bundle(root: Path) -> dict:
+    """Raw dataset → plans (small preset) → 3d_fullres fold 0 trained for 2 x 4 iterations →
+    selection → bundle. About 20 s on 2 cores."""
+    from kubeseg.bundle import make_bundle
+    from kubeseg.dataset import load_dataset_json
+    from kubeseg.fingerprint import extract_fingerprint, write_fingerprint
+    from kubeseg.jsonio import write_json
+    from kubeseg.planning.planner import plan_experiment, planner_settings
+    from kubeseg.preprocessing.preprocess import preprocess_dataset
+    from kubeseg.training.schedule import Schedule
+    from kubeseg.training.trainer import TrainSettings, train_fold
+    from kubeseg.workflow import model_folder_name, select_from_folds
+
+    raw = tiny_raw(root)
+    fp = extract_fingerprint(raw, 1, progress=False)
+    fp_path = write_fingerprint(fp, root / "fingerprint.json")
+    plans = plan_experiment(load_dataset_json(raw), fp, planner_settings("small"), dataset_name=raw.name)
+    write_json(plans, root / "plans.json")
+    pre = root / "pre"
+    preprocess_dataset(raw, plans, "3d_fullres", pre, fp_path, 1, progress=False)
+    fold_out = root / "train_out"
+    train_fold(pre, pre / "plans.json", "3d_fullres", 0, fold_out / model_folder_name(plans, "3d_fullres"),
+               TrainSettings(device="cpu", schedule=Schedule(2, 4, 1, "test"), num_workers=0,
+                             validation_mirroring=False, progress_bar=False, log_to_console=False))
+    select_from_folds([fold_out], pre, root / "selection")
+    bundle = make_bundle(root / "selection", root / "bundle", fp_path)
+    return {"raw": raw, "pre": pre, "bundle": bundle, "fingerprint": fp_path, "plans": plans}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` on SQLite and a local artifact folder, on a free port of 127.0.0.1."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def __enter__(self) -> "MlflowServer":
+        self.root.mkdir(parents=True, exist_ok=True)
+        mlflow = Path(sys.executable).with_name("mlflow")
+        cmd = [str(mlflow) if mlflow.exists() else "mlflow", "server",
+               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+               "--artifacts-destination", str(self.root / "artifacts"),
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        self.log = open(self.root / "server.log", "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("mlflow server exited:\n" + (self.root / "server.log").read_text()[-3000:])
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError("mlflow server did not become healthy in 120 s")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()

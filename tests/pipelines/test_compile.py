@@ -1,0 +1,103 @@
+"""The compiled training pipeline spec: fan-out, GPU requests, fan-in, image, caching, retries."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+pytest.importorskip("kfp")
+
+from components import IMAGE  # noqa: E402
+from kubeseg.cli import main  # noqa: E402
+from pipelines.training import compile_pipeline  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def spec(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec") / "training.yaml"
+    compile_pipeline(str(path), parallelism=0, retries=2)
+    docs = list(yaml.safe_load_all(path.read_text()))
+    return docs[0]
+
+
+def _loop(spec):
+    loops = {n: t for n, t in spec["root"]["dag"]["tasks"].items() if n.startswith("for-loop")}
+    assert len(loops) == 1, f"expected one ParallelFor, got {list(loops)}"
+    return next(iter(loops.items()))
+
+
+def test_one_train_task_per_item_under_parallel_for(spec):
+    name, loop = _loop(spec)
+    it = loop["parameterIterator"]
+    # items: the (configuration, fold) list the plan step returns
+    assert it["items"]["inputParameter"].endswith("plan-Output")
+    assert loop["inputs"]["parameters"][it["items"]["inputParameter"]]["taskOutputParameter"]["producerTask"] == "plan"
+    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(body) == ["train"]
+    params = body["train"]["inputs"]["parameters"]
+    assert params["configuration"]["parameterExpressionSelector"] == "parseJson(string_value)[\"configuration\"]"
+    assert params["fold"]["parameterExpressionSelector"] == "parseJson(string_value)[\"fold\"]"
+    assert body["train"]["retryPolicy"]["maxRetryCount"] == 2
+
+
+def test_gpu_cpu_memory_requests_on_training(spec):
+    res = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert "gpu_type" in res["accelerator"]["resourceType"]
+    assert "gpu_count" in res["accelerator"]["resourceCount"]
+    assert "train_cpu" in res["resourceCpuLimit"] and "train_memory" in res["resourceMemoryLimit"]
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    for p in ("dataset_uri", "configurations", "folds", "schedule", "gpu_type", "gpu_count", "mlflow_uri",
+              "model_name"):
+        assert p in params
+    assert params["gpu_count"]["defaultValue"] == 1
+
+
+def test_fan_in_collects_every_model(spec):
+    name, _ = _loop(spec)
+    sel = spec["root"]["dag"]["tasks"]["select"]
+    src = sel["inputs"]["artifacts"]["models"]["taskOutputArtifact"]
+    assert src["producerTask"] == name
+    assert spec["components"]["comp-select"]["inputDefinitions"]["artifacts"]["models"]["isArtifactList"]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["bundle"]["inputs"]["artifacts"]["selection"]["taskOutputArtifact"]["producerTask"] == "select"
+    assert tasks["register"]["inputs"]["artifacts"]["bundle"]["taskOutputArtifact"]["producerTask"] == "bundle"
+
+
+def test_image_on_every_task_and_nothing_installed(spec):
+    executors = spec["deploymentSpec"]["executors"]
+    containers = {k: v["container"] for k, v in executors.items() if "container" in v}
+    assert {"exec-fingerprint", "exec-plan", "exec-preprocess", "exec-train", "exec-select", "exec-bundle",
+            "exec-register", "exec-open-run"} <= set(containers)
+    for name, c in containers.items():
+        assert c["image"] == IMAGE, name
+        assert "pip install" not in " ".join(c["command"]), f"{name} installs packages at start"
+
+
+def test_caching_off_only_where_runs_are_recorded(spec):
+    tasks = spec["root"]["dag"]["tasks"]
+    assert tasks["register"]["cachingOptions"] == {}
+    assert tasks["open-run"]["cachingOptions"] == {}
+    assert tasks["fingerprint"]["cachingOptions"]["enableCache"] is True
+
+
+def test_component_docstrings_are_their_descriptions(tmp_path):
+    """KFP's IR keeps no per-task description inside a pipeline; a component compiled on its own
+    (or loaded in the UI as a pipeline) carries its docstring as the description."""
+    from kfp import compiler
+
+    import components
+
+    for name in ("fingerprint", "plan", "preprocess", "train", "select", "bundle", "register", "open_run"):
+        comp = getattr(components, name)
+        assert len(comp.component_spec.description or "") > 40, name
+    compiler.Compiler().compile(components.train, str(tmp_path / "train.yaml"))
+    header = (tmp_path / "train.yaml").read_text().split("\n")[:6]
+    assert any(line.startswith("# Description: Train one configuration x one fold") for line in header)
+
+
+def test_cli_compile(tmp_path, capsys):
+    out = tmp_path / "training.yaml"
+    assert main(["pipeline", "compile", "-o", str(out), "--image", "registry.example/kubeseg:test"]) == 0
+    text = out.read_text()
+    assert "registry.example/kubeseg:test" not in text or "image: registry.example/kubeseg:test" in text
+    assert "training.yaml" in capsys.readouterr().out
