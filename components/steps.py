@@ -95,31 +95,33 @@ def preprocess(raw: Input[Dataset], plans: Input[Artifact], fingerprint: Input[D
 
 @component
 def train(preprocessed: Input[Dataset], configuration: str, fold: int, schedule: str, device: str,
-          num_workers: int, torch_threads: int, tracking: Input[Artifact],
+          num_workers: int, torch_threads: int, mlflow_uri: str, experiment: str,
           model: Output[Model], metrics: Output[Metrics]):
     """Train one configuration x one fold the nnU-Net v2 way (resumes from its last checkpoint).
 
-    Per-epoch losses and pseudo-Dice go to a nested MLflow run; the fold's validation Dice per
-    class to the metrics output. The model output is nnU-Net's fold layout."""
+    Per-epoch losses and pseudo-Dice go to an MLflow run (nested under the pipeline run by the
+    select step, so that this step depends only on its inputs and can be cached); the fold's
+    validation Dice per class to the metrics output. The model output is nnU-Net's fold layout."""
     from pathlib import Path
 
     from kubeseg.jsonio import read_json
-    from kubeseg.tracking import read_run_ref
+    from kubeseg.tracking import write_run_ref
     from kubeseg.training.trainer import TrainSettings, train_fold
     from kubeseg.workflow import fold_dice, model_folder_name, parse_schedule
 
     pre = Path(preprocessed.path)
     p = read_json(pre / "plans.json")
-    mlflow_uri, parent_run_id = read_run_ref(tracking.path)
     callbacks = []
     if mlflow_uri:
         from kubeseg.tracking import MlflowTrainingCallback
-        callbacks.append(MlflowTrainingCallback(mlflow_uri, parent_run_id or None, plans=p))
+        callbacks.append(MlflowTrainingCallback(mlflow_uri, experiment=experiment, plans=p))
     settings = TrainSettings(device=device, schedule=parse_schedule(schedule), callbacks=callbacks,
-                             num_workers=None if num_workers < 0 else num_workers,
+                             num_workers=None if num_workers < 0 else num_workers, deterministic_workers=True,
                              torch_threads=torch_threads or None, progress_bar=False, log_to_console=False)
     fold_dir = train_fold(pre, pre / "plans.json", configuration, fold,
                           Path(model.path) / model_folder_name(p, configuration), settings)
+    write_run_ref(Path(model.path) / "mlflow_run.json", mlflow_uri, callbacks[0].run_id if callbacks else "",
+                  experiment)
     for label, dice in fold_dice(fold_dir).items():
         metrics.log_metric(f"{configuration}.fold{fold}.dice_{label}", dice)
     model.metadata.update({"configuration": configuration, "fold": fold})
@@ -130,7 +132,7 @@ def select(models: Input[List[Model]], preprocessed: Input[Dataset], allow_ensem
            tracking: Input[Artifact], selection: Output[Artifact], summary: Output[HTML], metrics: Output[Metrics]):
     """Pick the best configuration or pairwise ensemble by cross-validation foreground Dice and
     decide the postprocessing; the HTML output shows the plans, the CV table and the training
-    curves of every fold."""
+    curves of every fold. Logs the CV table on the pipeline's MLflow run and nests the fold runs."""
     from pathlib import Path
 
     from kubeseg.jsonio import read_json
@@ -145,11 +147,13 @@ def select(models: Input[List[Model]], preprocessed: Input[Dataset], allow_ensem
     metrics.log_metric("cv.foreground_dice", sel["expected_foreground_dice"])
     for cand in sel["candidates"]:
         metrics.log_metric(f"cv.{cand['name'].replace(' + ', '-')}.foreground_dice", cand["foreground_dice"])
-    from kubeseg.tracking import log_selection, read_run_ref
+    from kubeseg.tracking import link_runs, log_selection, read_run_ref
 
     mlflow_uri, parent_run_id = read_run_ref(tracking.path)
     if mlflow_uri and parent_run_id:
         log_selection(mlflow_uri, parent_run_id, sel, page)
+        refs = [Path(m.path) / "mlflow_run.json" for m in models]
+        link_runs(mlflow_uri, parent_run_id, [read_run_ref(r)[1] for r in refs if r.is_file()])
 
 
 @component

@@ -253,3 +253,13 @@ def read_run_ref(path: str | Path) -> tuple[str, str]:
     """``(tracking_uri, run_id)`` from :func:`write_run_ref`'s file (empty strings: tracking off)."""
     ref = json.loads(Path(path).read_text())
     return ref.get("tracking_uri") or "", ref.get("run_id") or ""
+
+
+def link_runs(uri: Optional[str], parent_run_id: str, run_ids: list[str]) -> None:
+    """Nest finished runs under ``parent_run_id``. Training steps start their runs on their own so
+    that they depend only on their inputs (KFP can cache them); the fan-in step then links them to
+    the pipeline run's parent. A cached fold's run moves under the latest pipeline run."""
+    c = client(uri)
+    for run_id in run_ids:
+        if run_id and run_id != parent_run_id:
+            c.set_tag(run_id, "mlflow.parentRunId", parent_run_id)

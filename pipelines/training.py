@@ -64,7 +64,7 @@ def build_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = Tru
         with dsl.ParallelFor(planned.outputs["Output"], parallelism=parallelism) as item:
             tr = steps.train(preprocessed=pre.outputs["preprocessed"], configuration=item.configuration,
                              fold=item.fold, schedule=schedule, device=device, num_workers=num_workers,
-                             torch_threads=torch_threads, tracking=run.outputs["tracking"])
+                             torch_threads=torch_threads, mlflow_uri=mlflow_uri, experiment=experiment)
             tr.set_display_name("train configuration x fold")
             if resources:
                 tr.set_accelerator_type(gpu_type).set_accelerator_limit(gpu_count)
