@@ -95,9 +95,40 @@ def test_component_docstrings_are_their_descriptions(tmp_path):
     assert any(line.startswith("# Description: Train one configuration x one fold") for line in header)
 
 
-def test_cli_compile(tmp_path, capsys):
+def test_cli_compile_with_image(tmp_path):
+    import subprocess
+    import sys
+
     out = tmp_path / "training.yaml"
-    assert main(["pipeline", "compile", "-o", str(out), "--image", "registry.example/kubeseg:test"]) == 0
-    text = out.read_text()
-    assert "registry.example/kubeseg:test" not in text or "image: registry.example/kubeseg:test" in text
-    assert "training.yaml" in capsys.readouterr().out
+    res = subprocess.run([sys.executable, "-m", "kubeseg.cli", "pipeline", "compile", "-o", str(out),
+                          "--image", "registry.example/kubeseg:test"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "upload it in the Kubeflow Pipelines UI" in res.stdout
+    images = {line.strip() for line in out.read_text().splitlines() if line.strip().startswith("image:")}
+    assert images == {"image: registry.example/kubeseg:test"}
+
+
+def test_cli_submit_goes_through_kfp_client(monkeypatch, capsys):
+    """No cluster here: the client is replaced; the arguments it gets are the pipeline's parameters."""
+    import kfp
+
+    seen = {}
+
+    class FakeClient:
+        def __init__(self, host, namespace=None, existing_token=None):
+            seen["host"] = host
+
+        def create_run_from_pipeline_func(self, func, arguments, run_name=None, experiment_name=None):
+            seen.update(func=func, arguments=arguments, run_name=run_name)
+            return type("Run", (), {"run_id": "run-123"})()
+
+    monkeypatch.setattr(kfp, "Client", FakeClient)
+    assert main(["pipeline", "submit", "--host", "http://127.0.0.1:8888", "--dataset-uri", "s3://b/Dataset001_X",
+                 "--folds", "0", "1", "--gpu-type", "nvidia.com/gpu", "--gpu-count", "2",
+                 "--mlflow-uri", "http://mlflow:5000", "--run-name", "r1"]) == 0
+    assert "started run run-123" in capsys.readouterr().out
+    args = seen["arguments"]
+    assert seen["host"] == "http://127.0.0.1:8888" and seen["run_name"] == "r1"
+    assert args["dataset_uri"] == "s3://b/Dataset001_X" and args["folds"] == [0, 1] and args["gpu_count"] == 2
+    assert args["configurations"] == ["2d", "3d_fullres"] and args["mlflow_uri"] == "http://mlflow:5000"
+    assert seen["func"].name == "kubeseg-training"
