@@ -173,9 +173,10 @@ def register(bundle: Input[Model], model_name: str, tracking: Input[Artifact], p
     """Register the bundle as a new MLflow model version (tags: CV Dice, fingerprint and plans
     hashes, source run, checksums) with the alias `challenger`; closes the parent run."""
     from kubeseg.registry import register_bundle
-    from kubeseg.tracking import finish_run, read_run_ref
+    from kubeseg.tracking import finish_run, read_run_ref, require_tracking_uri
 
     mlflow_uri, parent_run_id = read_run_ref(tracking.path)
+    mlflow_uri = require_tracking_uri(mlflow_uri)
     version = register_bundle(bundle.path, model_name, mlflow_uri, parent_run_id or None, source_run=pipeline_run)
     if parent_run_id:
         finish_run(mlflow_uri, parent_run_id)

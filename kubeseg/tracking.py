@@ -31,6 +31,15 @@ def tracking_uri(uri: Optional[str] = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def require_tracking_uri(uri: Optional[str]) -> str:
+    """``uri``, else ``MLFLOW_TRACKING_URI``; refuses where a pod-local default would lose the record."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        from kubeseg.errors import KubesegError
+        raise KubesegError("no MLflow tracking URI: pass mlflow_uri (or set MLFLOW_TRACKING_URI) to register models")
+    return uri
+
+
 def client(uri: Optional[str] = None):
     from mlflow.tracking import MlflowClient
 

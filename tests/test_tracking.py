@@ -81,3 +81,15 @@ def test_run_ref_roundtrip(tmp_path):
     write_run_ref(tmp_path / "off", "", "")
     assert read_run_ref(tmp_path / "off") == ("", "")
     assert json.loads((tmp_path / "off").read_text())["experiment"] == "kubeseg"
+
+
+def test_register_needs_a_tracking_uri(monkeypatch):
+    from kubeseg.errors import KubesegError
+    from kubeseg.tracking import require_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(KubesegError, match="no MLflow tracking URI"):
+        require_tracking_uri("")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert require_tracking_uri("") == "http://127.0.0.1:5000"
+    assert require_tracking_uri("sqlite:///a.db") == "sqlite:///a.db"
