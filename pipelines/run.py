@@ -1,6 +1,7 @@
 """Run the training pipeline: locally through ``kfp.local`` (the embedded default) or on a
 cluster through ``kfp.Client``."""
 
+import builtins
 import logging
 import os
 import sys
@@ -27,11 +28,11 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path, parallelism:
                workspace_root=str(root / "workspace"), raise_on_error=True, enable_caching=enable_caching)
     pipeline = build_pipeline(parallelism=parallelism, retries=0, resources=False)
     started = time.perf_counter()
-    out, err = sys.stdout, sys.stderr
+    out, err, plain_print = sys.stdout, sys.stderr, builtins.print
     try:
         task = pipeline(**arguments)
-    finally:  # kfp.local indents what is printed while tasks run; print plainly again afterwards
-        sys.stdout, sys.stderr = out, err
+    finally:  # kfp.local indents print() while tasks run (patching builtins.print; parallel tasks can
+        sys.stdout, sys.stderr, builtins.print = out, err, plain_print  # leave it patched): undo that
     new = sorted((p for p in root.iterdir() if p.name not in before and p.name.startswith(PIPELINE_NAME)),
                  key=lambda p: p.stat().st_mtime)
     return {"version": task.output, "run_dir": str(new[-1]) if new else None,
