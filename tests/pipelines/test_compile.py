@@ -132,3 +132,27 @@ def test_cli_submit_goes_through_kfp_client(monkeypatch, capsys):
     assert args["dataset_uri"] == "s3://b/Dataset001_X" and args["folds"] == [0, 1] and args["gpu_count"] == 2
     assert args["configurations"] == ["2d", "3d_fullres"] and args["mlflow_uri"] == "http://mlflow:5000"
     assert seen["func"].name == "kubeseg-training"
+
+
+def test_cli_run_local_arguments(monkeypatch, tmp_path, capsys):
+    import pipelines.run
+
+    seen = {}
+
+    def fake_run_local(arguments, pipeline_root, parallelism=2, enable_caching=False):
+        seen.update(arguments=arguments, root=pipeline_root, parallelism=parallelism)
+        return {"version": "7", "run_dir": str(tmp_path / "r"), "seconds": 1.0}
+
+    monkeypatch.setattr(pipelines.run, "run_local", fake_run_local)
+    monkeypatch.delenv("KUBESEG_MLFLOW_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["pipeline", "run", "--dataset", str(tmp_path / "raw"), "--folds", "0"]) == 2
+    assert "only --local runs" in capsys.readouterr().err
+    assert main(["pipeline", "run", "--local", "--dataset", str(tmp_path / "raw"), "--folds", "0", "3",
+                 "--schedule", "2x3x1", "--preset", "small", "--configurations", "2d",
+                 "--pipeline-root", str(tmp_path / "root"), "--model-name", "m"]) == 0
+    args = seen["arguments"]
+    assert args["dataset_uri"] == str((tmp_path / "raw").resolve()) and args["folds"] == [0, 3]
+    assert args["configurations"] == ["2d"] and args["schedule"] == "2x3x1" and args["planner_preset"] == "small"
+    assert args["mlflow_uri"] == "sqlite:///mlflow.db" and seen["parallelism"] == 2
+    assert "m version 7 (challenger)" in capsys.readouterr().out
