@@ -39,6 +39,15 @@ def open_run(mlflow_uri: str, experiment: str, model_name: str, dataset_uri: str
 
 
 @component
+def close_run(mlflow_uri: str, experiment: str, pipeline_run: str, status: dsl.PipelineTaskFinalStatus):
+    """Exit handler: end this pipeline run's MLflow parent run, FAILED if any step failed."""
+    from kubeseg.tracking import close_pipeline_run
+
+    if mlflow_uri:
+        close_pipeline_run(mlflow_uri, experiment, pipeline_run, status.state)
+
+
+@component
 def fingerprint(raw: Input[Dataset], num_workers: int, fingerprint: Output[Dataset]):
     """Dataset fingerprint (nnU-Net v2 `dataset_fingerprint.json`): spacings, shapes and
     foreground intensity statistics of the raw nnU-Net v2 dataset."""

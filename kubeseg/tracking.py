@@ -272,3 +272,21 @@ def link_runs(uri: Optional[str], parent_run_id: str, run_ids: list[str]) -> Non
     for run_id in run_ids:
         if run_id and run_id != parent_run_id:
             c.set_tag(run_id, "mlflow.parentRunId", parent_run_id)
+
+
+def close_pipeline_run(uri: Optional[str], experiment: str, pipeline_run: str, state: str) -> list[str]:
+    """End the parent run(s) of ``pipeline_run`` that are still open: ``FINISHED`` if the pipeline
+    succeeded, else ``FAILED`` (the exit handler calls this whatever happened). Returns their ids."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = c.search_runs([exp.experiment_id], filter_string=f"tags.`kubeseg.pipeline_run` = '{pipeline_run}'")
+    status = "FINISHED" if str(state).upper() in ("SUCCEEDED", "SUCCESS") else "FAILED"
+    closed = []
+    for r in runs:
+        if r.info.status == "RUNNING":
+            c.set_tag(r.info.run_id, "kubeseg.pipeline_state", str(state))
+            c.set_terminated(r.info.run_id, status)
+            closed.append(r.info.run_id)
+    return closed

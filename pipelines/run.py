@@ -2,6 +2,7 @@
 cluster through ``kfp.Client``."""
 
 import builtins
+import json
 import logging
 import os
 import sys
@@ -27,15 +28,25 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path, parallelism:
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root),
                workspace_root=str(root / "workspace"), raise_on_error=True, enable_caching=enable_caching)
     pipeline = build_pipeline(parallelism=parallelism, retries=0, resources=False)
+    if str(arguments.get("mlflow_uri", "")).startswith("sqlite:"):
+        # create the SQLite store's tables once, before parallel tasks open it
+        from kubeseg.tracking import ensure_experiment
+        ensure_experiment(arguments["mlflow_uri"], arguments.get("experiment", "kubeseg"))
     started = time.perf_counter()
     out, err, plain_print = sys.stdout, sys.stderr, builtins.print
     try:
         task = pipeline(**arguments)
     finally:  # kfp.local indents print() while tasks run (patching builtins.print; parallel tasks can
         sys.stdout, sys.stderr, builtins.print = out, err, plain_print  # leave it patched): undo that
+    del task  # a pipeline with an exit handler returns nothing: the version is the register step's output
     new = sorted((p for p in root.iterdir() if p.name not in before and p.name.startswith(PIPELINE_NAME)),
                  key=lambda p: p.stat().st_mtime)
-    return {"version": task.output, "run_dir": str(new[-1]) if new else None,
+    run_dir = new[-1] if new else None
+    version = None
+    if run_dir is not None:
+        for out in run_dir.rglob("register/executor_output.json"):
+            version = json.loads(out.read_text()).get("parameterValues", {}).get("Output")
+    return {"version": version, "run_dir": str(run_dir) if run_dir else None,
             "seconds": round(time.perf_counter() - started, 1)}
 
 

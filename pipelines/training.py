@@ -43,46 +43,50 @@ def build_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = Tru
                  allow_ensembles: bool = True,
                  mlflow_uri: str = "",
                  experiment: str = "kubeseg",
-                 model_name: str = "kubeseg-segmentation") -> str:
-        raw = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset, reimport=False)
-        raw.set_display_name("raw dataset")
+                 model_name: str = "kubeseg-segmentation"):
+        # the exit handler ends the MLflow parent run whatever happens (FAILED if a step failed)
+        closer = steps.close_run(mlflow_uri=mlflow_uri, experiment=experiment,
+                                 pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+        closer.set_caching_options(False).set_display_name("close MLflow run")
+        with dsl.ExitHandler(closer, name="training"):
+            raw = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset, reimport=False)
+            raw.set_display_name("raw dataset")
 
-        run = steps.open_run(mlflow_uri=mlflow_uri, experiment=experiment, model_name=model_name,
-                             dataset_uri=dataset_uri, configurations=configurations, folds=folds,
-                             schedule=schedule, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
-        run.set_caching_options(False).set_display_name("open MLflow run")
+            run = steps.open_run(mlflow_uri=mlflow_uri, experiment=experiment, model_name=model_name,
+                                 dataset_uri=dataset_uri, configurations=configurations, folds=folds,
+                                 schedule=schedule, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+            run.set_caching_options(False).set_display_name("open MLflow run")
 
-        fp = steps.fingerprint(raw=raw.output, num_workers=num_workers).set_display_name("fingerprint")
-        planned = steps.plan(raw=raw.output, fingerprint=fp.outputs["fingerprint"], preset=planner_preset,
-                             configurations=configurations, folds=folds).set_display_name("plan")
-        pre = steps.preprocess(raw=raw.output, plans=planned.outputs["plans"], fingerprint=fp.outputs["fingerprint"],
-                               configurations=configurations, num_workers=num_workers)
-        pre.set_display_name("preprocess")
-        if resources:
-            pre.set_cpu_limit(train_cpu).set_memory_limit(train_memory)
-
-        with dsl.ParallelFor(planned.outputs["Output"], parallelism=parallelism) as item:
-            tr = steps.train(preprocessed=pre.outputs["preprocessed"], configuration=item.configuration,
-                             fold=item.fold, schedule=schedule, device=device, num_workers=num_workers,
-                             torch_threads=torch_threads, mlflow_uri=mlflow_uri, experiment=experiment)
-            tr.set_display_name("train configuration x fold")
+            fp = steps.fingerprint(raw=raw.output, num_workers=num_workers).set_display_name("fingerprint")
+            planned = steps.plan(raw=raw.output, fingerprint=fp.outputs["fingerprint"], preset=planner_preset,
+                                 configurations=configurations, folds=folds).set_display_name("plan")
+            pre = steps.preprocess(raw=raw.output, plans=planned.outputs["plans"], fingerprint=fp.outputs["fingerprint"],
+                                   configurations=configurations, num_workers=num_workers)
+            pre.set_display_name("preprocess")
             if resources:
-                tr.set_accelerator_type(gpu_type).set_accelerator_limit(gpu_count)
-                tr.set_cpu_limit(train_cpu).set_memory_limit(train_memory)
-            if retries:
-                tr.set_retry(retries, backoff_duration="60s", backoff_factor=2.0)
+                pre.set_cpu_limit(train_cpu).set_memory_limit(train_memory)
 
-        sel = steps.select(models=dsl.Collected(tr.outputs["model"]), preprocessed=pre.outputs["preprocessed"],
-                           allow_ensembles=allow_ensembles, tracking=run.outputs["tracking"])
-        sel.set_display_name("select")
-        if resources:
-            sel.set_memory_limit(train_memory)
-        bun = steps.bundle(selection=sel.outputs["selection"], fingerprint=fp.outputs["fingerprint"])
-        bun.set_display_name("bundle")
-        reg = steps.register(bundle=bun.outputs["bundle"], model_name=model_name, tracking=run.outputs["tracking"],
-                             pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
-        reg.set_caching_options(False).set_display_name("register")
-        return reg.output
+            with dsl.ParallelFor(planned.outputs["Output"], parallelism=parallelism) as item:
+                tr = steps.train(preprocessed=pre.outputs["preprocessed"], configuration=item.configuration,
+                                 fold=item.fold, schedule=schedule, device=device, num_workers=num_workers,
+                                 torch_threads=torch_threads, mlflow_uri=mlflow_uri, experiment=experiment)
+                tr.set_display_name("train configuration x fold").after(run)  # order only: still cacheable
+                if resources:
+                    tr.set_accelerator_type(gpu_type).set_accelerator_limit(gpu_count)
+                    tr.set_cpu_limit(train_cpu).set_memory_limit(train_memory)
+                if retries:
+                    tr.set_retry(retries, backoff_duration="60s", backoff_factor=2.0)
+
+            sel = steps.select(models=dsl.Collected(tr.outputs["model"]), preprocessed=pre.outputs["preprocessed"],
+                               allow_ensembles=allow_ensembles, tracking=run.outputs["tracking"])
+            sel.set_display_name("select")
+            if resources:
+                sel.set_memory_limit(train_memory)
+            bun = steps.bundle(selection=sel.outputs["selection"], fingerprint=fp.outputs["fingerprint"])
+            bun.set_display_name("bundle")
+            reg = steps.register(bundle=bun.outputs["bundle"], model_name=model_name, tracking=run.outputs["tracking"],
+                                 pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+            reg.set_caching_options(False).set_display_name("register")
 
     return training
 

@@ -11,7 +11,7 @@ pytest.importorskip("kfp")
 import components  # noqa: E402
 from components import steps  # noqa: E402
 
-STEPS = ("open_run", "fingerprint", "plan", "preprocess", "train", "select", "bundle", "register")
+STEPS = ("open_run", "close_run", "fingerprint", "plan", "preprocess", "train", "select", "bundle", "register")
 
 
 @pytest.mark.parametrize("name", STEPS)

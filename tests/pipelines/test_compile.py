@@ -20,8 +20,16 @@ def spec(tmp_path_factory):
     return docs[0]
 
 
+def _tasks(spec):
+    """The steps: everything runs inside the exit handler that closes the MLflow run."""
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"close-run", "exit-handler-1"}
+    assert root["close-run"]["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    return spec["components"][root["exit-handler-1"]["componentRef"]["name"]]["dag"]["tasks"]
+
+
 def _loop(spec):
-    loops = {n: t for n, t in spec["root"]["dag"]["tasks"].items() if n.startswith("for-loop")}
+    loops = {n: t for n, t in _tasks(spec).items() if n.startswith("for-loop")}
     assert len(loops) == 1, f"expected one ParallelFor, got {list(loops)}"
     return next(iter(loops.items()))
 
@@ -38,6 +46,7 @@ def test_one_train_task_per_item_under_parallel_for(spec):
     assert params["configuration"]["parameterExpressionSelector"] == "parseJson(string_value)[\"configuration\"]"
     assert params["fold"]["parameterExpressionSelector"] == "parseJson(string_value)[\"fold\"]"
     assert body["train"]["retryPolicy"]["maxRetryCount"] == 2
+    assert "open-run" in loop["dependentTasks"]  # the parent run exists before the folds start
 
 
 def test_gpu_cpu_memory_requests_on_training(spec):
@@ -54,11 +63,11 @@ def test_gpu_cpu_memory_requests_on_training(spec):
 
 def test_fan_in_collects_every_model(spec):
     name, _ = _loop(spec)
-    sel = spec["root"]["dag"]["tasks"]["select"]
+    sel = _tasks(spec)["select"]
     src = sel["inputs"]["artifacts"]["models"]["taskOutputArtifact"]
     assert src["producerTask"] == name
     assert spec["components"]["comp-select"]["inputDefinitions"]["artifacts"]["models"]["isArtifactList"]
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = _tasks(spec)
     assert tasks["bundle"]["inputs"]["artifacts"]["selection"]["taskOutputArtifact"]["producerTask"] == "select"
     assert tasks["register"]["inputs"]["artifacts"]["bundle"]["taskOutputArtifact"]["producerTask"] == "bundle"
 
@@ -67,14 +76,15 @@ def test_image_on_every_task_and_nothing_installed(spec):
     executors = spec["deploymentSpec"]["executors"]
     containers = {k: v["container"] for k, v in executors.items() if "container" in v}
     assert {"exec-fingerprint", "exec-plan", "exec-preprocess", "exec-train", "exec-select", "exec-bundle",
-            "exec-register", "exec-open-run"} <= set(containers)
+            "exec-register", "exec-open-run", "exec-close-run"} <= set(containers)
     for name, c in containers.items():
         assert c["image"] == IMAGE, name
         assert "pip install" not in " ".join(c["command"]), f"{name} installs packages at start"
 
 
 def test_caching_off_only_where_runs_are_recorded(spec):
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = _tasks(spec)
+    assert spec["root"]["dag"]["tasks"]["close-run"]["cachingOptions"] == {}
     assert tasks["register"]["cachingOptions"] == {}
     assert tasks["open-run"]["cachingOptions"] == {}
     assert tasks["fingerprint"]["cachingOptions"]["enableCache"] is True

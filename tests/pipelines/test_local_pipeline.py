@@ -118,3 +118,17 @@ def test_model_lifecycle(server, pipeline_run, tmp_path, monkeypatch):
     assert sel == json.loads((bundle / "selection.json").read_text())
     verified = load_version(NAME, "champion", tmp_path / "b", uri)
     assert verified.name == f"{NAME}-v1" and (verified / "selection.json").is_file()
+
+
+def test_failed_pipeline_closes_its_run_as_failed(server, pipeline_run, tmp_path):
+    """The exit handler ends the parent run FAILED when a step fails (here: plan refuses an
+    unknown configuration)."""
+    args = {"dataset_uri": str(pipeline_run["raw"]), "configurations": ["3d_huge"], "folds": [0],
+            "schedule": "2x3x1", "planner_preset": "small", "device": "cpu", "num_workers": 0,
+            "mlflow_uri": server.uri, "experiment": "kubeseg-failing", "model_name": NAME}
+    with pytest.raises(RuntimeError, match="FAILURE"):
+        run_local(args, tmp_path / "root")
+    c = client(server.uri)
+    runs = c.search_runs([c.get_experiment_by_name("kubeseg-failing").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert runs[0].data.tags["kubeseg.pipeline_state"] == "FAILED"
