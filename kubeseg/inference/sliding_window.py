@@ -199,8 +199,9 @@ def predict_logits(network: torch.nn.Module, data: np.ndarray | torch.Tensor, pa
     The network must be in eval mode with deep supervision off and already on ``device``.
     ``on_tiles(n)`` is called after every forward call with the number of tiles done (progress).
     """
-    data = torch.as_tensor(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data,
-                           dtype=torch.float32)
+    if isinstance(data, np.ndarray):  # memory-mapped training arrays are read-only: torch wants its own copy
+        data = np.array(data, dtype=np.float32, copy=not data.flags.writeable or None, order="C")
+    data = torch.as_tensor(data, dtype=torch.float32)
     spatial = tuple(data.shape[1:])
     pads = padding_for(spatial, patch_size)
     if any(p != (0, 0) for p in pads):
