@@ -100,10 +100,11 @@ def cmd_preprocess(a) -> int:
 
 def cmd_train(a) -> int:
     from kubeseg.training.trainer import TrainSettings, train_fold
+    from kubeseg.workflow import parse_schedule
 
     fold = a.fold if a.fold == "all" else int(a.fold)
-    settings = TrainSettings(device=a.device, schedule=a.schedule, seed=a.seed, num_workers=a.num_workers,
-                             splits_file=a.splits, previous_stage_dir=a.previous_stage,
+    settings = TrainSettings(device=a.device, schedule=parse_schedule(a.schedule), seed=a.seed,
+                             num_workers=a.num_workers, splits_file=a.splits, previous_stage_dir=a.previous_stage,
                              run_validation=not a.no_validation, log_to_console=False)
     folder = train_fold(a.preprocessed_dir, a.plans, a.configuration, fold, a.output, settings)
     print(f"fold {a.fold} of {a.configuration}: {folder}")
@@ -312,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="model folder; the fold goes to OUTPUT/fold_<F>")
     p.add_argument("--device", default=_env("DEVICE", "auto"), choices=("auto", "cpu", "cuda"))
     p.add_argument("--schedule", default=_env("SCHEDULE", "default"),
-                   help="'default' (1000 x 250), 'tiny', 'short' or '<N>epochs'; env KUBESEG_SCHEDULE")
+                   help="'default' (1000 x 250), 'tiny', 'short', '<N>epochs' or 'EPOCHSxITERS[xVAL]'; env KUBESEG_SCHEDULE")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--splits", help="user-supplied splits_final.json")
     p.add_argument("--previous-stage", help="cascade: folder of the low-res stage's predicted segmentations")

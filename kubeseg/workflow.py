@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import math
-import re
 import shutil
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -20,24 +19,14 @@ from kubeseg.jsonio import read_json
 from kubeseg.training.schedule import Schedule, get_schedule
 
 TRAINER_NAME = "nnUNetTrainer"
-_SCHEDULE_RE = re.compile(r"(\d+)x(\d+)(?:x(\d+))?")
 
 
 def parse_schedule(text: str) -> Schedule:
-    """A schedule from a name (``default``, ``short``, ``tiny``), ``<N>epochs``, or
-    ``EPOCHSxITERS[xVAL]`` (e.g. ``2x3x1``: 2 epochs of 3 training and 1 validation iteration)."""
-    text = str(text).strip()
-    m = _SCHEDULE_RE.fullmatch(text)
-    if m:
-        epochs, iters, val = int(m.group(1)), int(m.group(2)), int(m.group(3) or max(1, int(m.group(2)) // 5))
-        try:
-            return Schedule(epochs, iters, val, text)
-        except ValueError as e:
-            raise KubesegError(f"invalid schedule {text!r}: {e}") from None
+    """:func:`~kubeseg.training.schedule.get_schedule` with a user-facing error."""
     try:
-        return get_schedule(text)
+        return get_schedule(str(text).strip())
     except ValueError as e:
-        raise KubesegError(f"{e}, or 'EPOCHSxITERS[xVAL]'") from None
+        raise KubesegError(f"invalid schedule: {e}") from None
 
 
 def model_folder_name(plans: dict, configuration: str) -> str:

@@ -7,7 +7,7 @@ exponent 0.9 stepped once per epoch, gradient-norm clipping at 12).
 Named schedules: ``"default"`` is nnU-Net's 1000 epochs x 250 iterations (+50 validation
 iterations); ``"tiny"`` is a few short epochs for demos and tests; ``"<N>epochs"`` (e.g.
 ``"100epochs"``) keeps nnU-Net's iterations per epoch and changes only the epoch count, like
-nnU-Net's ``nnUNetTrainer_<N>epochs`` variants.
+nnU-Net's ``nnUNetTrainer_<N>epochs`` variants; ``"EPOCHSxITERS[xVAL]"`` (e.g. ``"2x3x1"``) sets all three.
 """
 from __future__ import annotations
 
@@ -60,7 +60,12 @@ def get_schedule(schedule: Union[str, Schedule]) -> Schedule:
     m = re.fullmatch(r"(\d+)epochs?", schedule)
     if m:
         return Schedule(int(m.group(1)), 250, 50, schedule)
-    raise ValueError(f"unknown schedule {schedule!r}; known: {sorted(NAMED_SCHEDULES)} or '<N>epochs'")
+    m = re.fullmatch(r"(\d+)x(\d+)(?:x(\d+))?", schedule)
+    if m:  # EPOCHSxITERS[xVAL]; validation iterations default to a fifth of the training ones
+        epochs, iters = int(m.group(1)), int(m.group(2))
+        return Schedule(epochs, iters, int(m.group(3)) if m.group(3) else max(1, iters // 5), schedule)
+    raise ValueError(f"unknown schedule {schedule!r}; known: {sorted(NAMED_SCHEDULES)}, '<N>epochs' "
+                     "or 'EPOCHSxITERS[xVAL]'")
 
 
 def poly_lr(epoch: int, num_epochs: int, initial_lr: float, exponent: float = 0.9) -> float:

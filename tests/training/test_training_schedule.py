@@ -39,3 +39,10 @@ def test_default_workers(monkeypatch):
 
 def test_callback_base_satisfies_protocol():
     assert isinstance(TrainingCallback(), TrainingCallbackProtocol)
+
+
+def test_compact_schedule_syntax():
+    assert get_schedule("2x3x1") == Schedule(2, 3, 1, "2x3x1")
+    assert get_schedule("4x10") == Schedule(4, 10, 2, "4x10")
+    with pytest.raises(ValueError, match="EPOCHSxITERS"):
+        get_schedule("fast")
