@@ -26,7 +26,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -113,7 +113,10 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _settings_summary(s: TrainSettings, schedule: Schedule) -> dict:
-    d = {k: v for k, v in asdict(s).items() if k != "callbacks"}
+    """The settings as plain values. Callbacks are left out before anything is copied: they may
+    hold locks, threads or clients that cannot be deep-copied."""
+    d = {f.name: getattr(s, f.name) for f in fields(s) if f.name != "callbacks"}
+    d = {k: asdict(v) if is_dataclass(v) else v for k, v in d.items()}
     d["schedule"] = asdict(schedule)
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
 

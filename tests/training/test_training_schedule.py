@@ -46,3 +46,17 @@ def test_compact_schedule_syntax():
     assert get_schedule("4x10") == Schedule(4, 10, 2, "4x10")
     with pytest.raises(ValueError, match="EPOCHSxITERS"):
         get_schedule("fast")
+
+
+def test_settings_summary_does_not_copy_callbacks():
+    import threading
+
+    from kubeseg.training.trainer import TrainSettings, _settings_summary
+
+    class HoldsALock(TrainingCallback):
+        def __init__(self):
+            self.lock = threading.Lock()  # cannot be deep-copied
+
+    summary = _settings_summary(TrainSettings(callbacks=[HoldsALock()]), get_schedule("tiny"))
+    assert "callbacks" not in summary and summary["schedule"]["num_epochs"] == 6
+    assert summary["optimizer"]["initial_lr"] == 0.01
