@@ -1,8 +1,9 @@
 """nnU-Net's default data augmentation, built from batchgenerators transforms, and the
 background worker pools that run it.
 
-The pipeline (probabilities per sample unless stated) is nnU-Net v2's batchgenerators
-pipeline:
+The pipeline (probabilities per sample unless stated) is the one nnU-Net v2 ran on
+batchgenerators before v2.5; nnU-Net 2.8 runs the same transforms through the torch-based
+batchgeneratorsv2, which costs about a third of the CPU per batch (benchmarks/train.py):
 
 1. spatial: rotation (p 0.2; +-30 deg per axis in 3D, +-180 deg in-plane for dummy 2D,
    +-15 or +-180 deg in 2D depending on patch aspect), isotropic scaling 0.7-1.4 (p 0.2),
