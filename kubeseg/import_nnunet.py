@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 from kubeseg.bundle import BundleMember, _configuration_of, write_bundle
 from kubeseg.errors import KubesegError
 from kubeseg.inference.model import CHECKPOINT_NAME, available_folds
-from kubeseg.postprocessing import FILENAME as PP_FILENAME, PostprocessingRule, load_postprocessing
+from kubeseg.postprocessing import PostprocessingRule, folder_postprocessing
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +84,6 @@ def _validate(folder: Path) -> list[str]:
     return available_folds(folder)
 
 
-def _postprocessing(folder: Path) -> PostprocessingRule:
-    if (folder / PP_FILENAME).is_file():
-        try:
-            return load_postprocessing(folder / PP_FILENAME)
-        except KubesegError as e:
-            log.warning("%s cannot be used (%s); importing without postprocessing", folder / PP_FILENAME, e)
-    elif (folder / "postprocessing.pkl").is_file():
-        log.warning("%s: postprocessing.pkl is a pickle and is not read (no postprocessing.json beside it); "
-                    "importing without postprocessing", folder)
-    return PostprocessingRule()
-
-
 def import_nnunet(source: str | Path, out_dir: str | Path, configurations: Optional[Sequence[str]] = None,
                   folds: Optional[Sequence[str]] = None, overwrite: bool = False) -> Path:
     """Import an nnU-Net v2 zip or results folder as a kubeseg bundle at ``out_dir``."""
@@ -132,7 +120,7 @@ def import_nnunet(source: str | Path, out_dir: str | Path, configurations: Optio
                 if prev not in by_conf:
                     raise KubesegError(f"{m.folder.name} is a cascade stage but {source} has no {prev!r} model")
                 members.append(BundleMember(by_conf[prev], prev, m.folds, role="previous_stage"))
-        rule = _postprocessing(members[0].folder) if len(wanted) == 1 else PostprocessingRule()
+        rule = folder_postprocessing(members[0].folder) if len(wanted) == 1 else PostprocessingRule()
         selection = {"source": f"imported from nnU-Net v2: {source.name}", "ensemble": len(wanted) > 1,
                      "available_configurations": sorted(by_conf)}
         log.info("importing %s from %s", " + ".join(wanted), source)

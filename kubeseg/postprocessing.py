@@ -142,3 +142,21 @@ def load_postprocessing(path: str | Path) -> PostprocessingRule:
         return PostprocessingRule.from_json(read_json(path), str(path))
     except ValueError as e:
         raise KubesegError(f"{path} is not valid JSON: {e}") from None
+
+
+def folder_postprocessing(folder: str | Path) -> PostprocessingRule:
+    """The rule stored in a model folder, or none.
+
+    An unreadable ``postprocessing.json`` is skipped with a warning, and nnU-Net's
+    ``postprocessing.pkl`` is never read (a pickle from outside is code, not data).
+    """
+    folder = Path(folder)
+    if (folder / FILENAME).is_file():
+        try:
+            return load_postprocessing(folder / FILENAME)
+        except KubesegError as e:
+            log.warning("ignoring %s: %s; going on without postprocessing", folder / FILENAME, e)
+    elif (folder / "postprocessing.pkl").is_file():
+        log.warning("%s: postprocessing.pkl is a pickle and is not read (no postprocessing.json beside it); "
+                    "going on without postprocessing", folder)
+    return PostprocessingRule()

@@ -35,8 +35,8 @@ from kubeseg.inference.export import probabilities_to_segmentation
 from kubeseg.inference.model import load_trained_model
 from kubeseg.inference.predictor import PredictSettings, Predictor
 from kubeseg.jsonio import read_json
-from kubeseg.postprocessing import FILENAME as PP_FILENAME, PostprocessingRule, apply_postprocessing, \
-    load_postprocessing
+from kubeseg.postprocessing import (FILENAME as PP_FILENAME, PostprocessingRule, apply_postprocessing,
+                                    folder_postprocessing, load_postprocessing)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def resolve_model(model_dir: str | Path, configurations: Optional[Sequence[str]]
     if _is_model_folder(root):
         if configurations and _configuration_of(root) not in configurations and len(root.name.split("__")) == 3:
             raise KubesegError(f"{root} holds configuration {_configuration_of(root)!r}, not {list(configurations)}")
-        return ModelChoice([root], list(folds) if folds else None, _folder_postprocessing(root))
+        return ModelChoice([root], list(folds) if folds else None, folder_postprocessing(root))
     candidates = sorted(p for p in root.iterdir() if p.is_dir() and _is_model_folder(p))
     if not candidates:
         raise KubesegError(f"{root} is neither a bundle (selection.json), a trained-model folder "
@@ -100,20 +100,8 @@ def resolve_model(model_dir: str | Path, configurations: Optional[Sequence[str]]
         chosen = candidates
     else:
         raise KubesegError(f"{root} holds several models ({[p.name for p in candidates]}); choose with -c")
-    rule = _folder_postprocessing(chosen[0]) if len(chosen) == 1 else PostprocessingRule()
+    rule = folder_postprocessing(chosen[0]) if len(chosen) == 1 else PostprocessingRule()
     return ModelChoice(chosen, list(folds) if folds else None, rule)
-
-
-def _folder_postprocessing(folder: Path) -> PostprocessingRule:
-    if (folder / PP_FILENAME).is_file():
-        try:
-            return load_postprocessing(folder / PP_FILENAME)
-        except KubesegError as e:
-            log.warning("ignoring %s: %s", folder / PP_FILENAME, e)
-    elif (folder / "postprocessing.pkl").is_file():
-        log.warning("%s: postprocessing.pkl is a pickle and is not read; predicting without postprocessing",
-                    folder)
-    return PostprocessingRule()
 
 
 def _previous_stage_folder(folder: Path, previous: str) -> Path:
