@@ -83,17 +83,23 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def _train_in_subprocess_until_first_checkpoint(script: str, pre: Path, out: Path):
+    """Start ``script`` training in a subprocess; return once checkpoint_latest exists (or it died / 2 min)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-c", script, str(pre), str(out)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = out / "fold_0" / "checkpoint_latest.pth"
+    deadline = time.time() + 120
+    while not latest.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    return proc, latest
+
+
 def test_sigkill_then_resume(tmp_path):
     pre = make_tiny_preprocessed(tmp_path, n_cases=5)
     out = tmp_path / "OUT"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(pre), str(out)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = out / "fold_0" / "checkpoint_latest.pth"
+    proc, latest = _train_in_subprocess_until_first_checkpoint(SCRIPT, pre, out)
     try:
-        deadline = time.time() + 120
-        while not latest.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
         assert latest.exists(), proc.stderr.read().decode() if proc.poll() is not None else "timeout"
         time.sleep(0.3)  # somewhere inside the next epoch (or a checkpoint write)
     finally:
@@ -133,14 +139,8 @@ def test_sigterm_stops_workers_and_keeps_resume_point(tmp_path):
     """Kubernetes deletes pods with SIGTERM: augmentation workers must go away with the trainer."""
     pre = make_tiny_preprocessed(tmp_path, n_cases=5)
     out = tmp_path / "OUT_term"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT_WORKERS, str(pre), str(out)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    latest = out / "fold_0" / "checkpoint_latest.pth"
+    proc, latest = _train_in_subprocess_until_first_checkpoint(SCRIPT_WORKERS, pre, out)
     try:
-        deadline = time.time() + 120
-        while not latest.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
         assert latest.exists(), proc.stderr.read().decode() if proc.poll() is not None else "timeout"
         assert len(_processes_mentioning(str(out))) >= 3  # trainer + 2 train workers (+ val worker)
         proc.send_signal(signal.SIGTERM)
