@@ -24,7 +24,7 @@ $(VENV)/.demo: $(VENV)/.base pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base pyproject.toml constraints.txt
-	$(PIP) install -q -c constraints.txt -e '.[test,pipelines,registry]'
+	$(PIP) install -q -c constraints.txt -e '.[test,pipelines,registry,serving,deploy]'
 	touch $@
 
 install: $(VENV)/.base
