@@ -105,7 +105,8 @@ def cmd_train(a) -> int:
     fold = a.fold if a.fold == "all" else int(a.fold)
     settings = TrainSettings(device=a.device, schedule=parse_schedule(a.schedule), seed=a.seed,
                              num_workers=a.num_workers, splits_file=a.splits, previous_stage_dir=a.previous_stage,
-                             run_validation=not a.no_validation, log_to_console=False)
+                             run_validation=not a.no_validation, pretrained_weights=a.pretrained_weights,
+                             log_to_console=False)
     folder = train_fold(a.preprocessed_dir, a.plans, a.configuration, fold, a.output, settings)
     print(f"fold {a.fold} of {a.configuration}: {folder}")
     return 0
@@ -318,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", help="user-supplied splits_final.json")
     p.add_argument("--previous-stage", help="cascade: folder of the low-res stage's predicted segmentations")
     p.add_argument("--no-validation", action="store_true", help="skip the held-out fold's full-case validation")
+    p.add_argument("--pretrained-weights", metavar="PATH",
+                   help="fine-tune: start from this checkpoint_final.pth of a compatible network "
+                        "(output heads skipped if the labels differ; ignored when resuming)")
     _workers(p)
     p.set_defaults(fn=cmd_train)
 

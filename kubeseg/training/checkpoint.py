@@ -23,6 +23,9 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from kubeseg.atomic import atomic_path
+from kubeseg.errors import KubesegError
+from kubeseg.inference.safe_load import load_checkpoint_safe
+from kubeseg.network import _unwrap
 
 CHECKPOINT_KEYS = ("network_weights", "optimizer_state", "grad_scaler_state", "logging", "_best_ema",
                    "current_epoch", "init_args", "trainer_name", "inference_allowed_mirroring_axes")
@@ -71,3 +74,56 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
         if not trusted:
             raise
         return torch.load(path, map_location=map_location, weights_only=False)
+
+
+# segmentation output heads (the 1x1 convolutions producing class logits) of nnU-Net v2 /
+# dynamic_network_architectures U-Nets: decoder.seg_layers.<i>.weight/bias
+HEAD_KEY_MARKER = "seg_layers."
+
+
+def load_pretrained_weights(network: torch.nn.Module, path: Union[str, Path]) -> dict:
+    """Initialise ``network`` from another training's checkpoint (fine-tuning).
+
+    nnU-Net's ``-pretrained_weights``: every parameter/buffer must exist in the checkpoint
+    with the same shape. The segmentation output heads (``seg_layers``) are the one
+    exception: when their shapes differ (another label set) they all keep their fresh
+    initialisation; when they match they are loaded too. Anything else that differs (a
+    missing or extra key, another shape) is refused with a :class:`KubesegError` naming
+    the file, before the network is touched. The file is read with the safe loader (data,
+    never code). Returns ``{"loaded": n_tensors, "heads": "loaded" | "skipped"}``.
+    """
+    path = Path(path)
+    ckpt = load_checkpoint_safe(path, map_location="cpu")
+    state = {}
+    for k, v in ckpt["network_weights"].items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        state[k] = v
+    target = _unwrap(network)  # DDP / torch.compile wrappers
+    own = target.state_dict()
+
+    def is_head(key: str) -> bool:
+        return HEAD_KEY_MARKER in key
+
+    problems = []
+    for k, v in own.items():
+        if is_head(k):
+            continue
+        if k not in state:
+            problems.append(f"{k} is missing")
+        elif tuple(state[k].shape) != tuple(v.shape):
+            problems.append(f"{k} has shape {tuple(state[k].shape)}, the network needs {tuple(v.shape)}")
+    problems += [f"{k} is not part of this network" for k in state if not is_head(k) and k not in own]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+        raise KubesegError(f"pretrained weights {path} do not fit this configuration's network: {shown}")
+
+    own_heads = [k for k in own if is_head(k)]
+    heads_match = all(k in state and tuple(state[k].shape) == tuple(own[k].shape) for k in own_heads) \
+        and all(k in own for k in state if is_head(k))
+    new = {k: state[k].to(dtype=own[k].dtype) for k in own if not is_head(k) or heads_match}
+    merged = dict(own)
+    merged.update(new)
+    target.load_state_dict(merged, strict=True)
+    return {"loaded": len(new), "heads": "loaded" if heads_match else "skipped"}

@@ -40,7 +40,8 @@ from kubeseg.training.augmentation import (configure_augmentation, default_num_w
                                            get_training_transforms, get_validation_transforms,
                                            running_augmenter)
 from kubeseg.training.callbacks import CallbackList
-from kubeseg.training.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
+from kubeseg.training.checkpoint import (atomic_torch_save, load_checkpoint, load_pretrained_weights,
+                                         make_checkpoint)
 from kubeseg.training.data import PatchLoader, PreprocessedDataset, list_case_identifiers
 from kubeseg.training.evaluation import label_metrics, summarize, write_summary
 from kubeseg.training.loss import build_loss
@@ -69,6 +70,9 @@ class TrainSettings:
     num_workers: augmentation worker processes for training (validation gets half, at
         least 1); ``None`` = nnU-Net-like default (min(12, CPUs)); ``0`` = no background
         processes (everything in this process; used by tests).
+    pretrained_weights: fine-tuning: a ``checkpoint_final.pth`` of a compatible network to
+        start from (nnU-Net's ``-pretrained_weights``; segmentation heads are skipped when
+        the label set differs, any other mismatch is refused). Ignored when resuming.
     callbacks: objects implementing any of the :class:`~kubeseg.training.callbacks.TrainingCallback` hooks.
     previous_stage_dir: cascade stages only: folder with the previous stage's
         segmentations ``<case>.npz`` (key ``seg``) / ``<case>.npy`` in this stage's geometry.
@@ -255,9 +259,6 @@ class FoldTrainer:
         self.optimizer = make_optimizer(self.network.parameters(), self.settings.optimizer)
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
         self.loss = build_loss(self.cfg.batch_dice, len(self.ds_scales) if self.ds_scales else None)
-        if self.settings.pretrained_weights is not None:
-            load_network_weights(self.network, self.settings.pretrained_weights, strict=True)
-            self.run_log(f"initialised weights from {self.settings.pretrained_weights}")
 
     def save_checkpoint(self, path: Path, finished_epochs: int) -> Path:
         ckpt = make_checkpoint(self.network.state_dict(), self.optimizer.state_dict(),
@@ -375,11 +376,19 @@ class FoldTrainer:
         tr_keys, val_keys = self.split()
         rl(f"fold {self.fold}: {len(tr_keys)} training and {len(val_keys)} validation cases")
         self.build()
-        if s.continue_training and self.latest_path.is_file():
+        resuming = s.continue_training and self.latest_path.is_file()
+        if resuming:
             self.load_checkpoint(self.latest_path)
             rl(f"resuming from {self.latest_path.name} at epoch {self.current_epoch}")
         elif self.latest_path.is_file():
             rl("continue_training=False: ignoring existing checkpoint_latest.pth")
+        if s.pretrained_weights is not None:
+            if resuming:
+                rl(f"pretrained weights {s.pretrained_weights} ignored: resuming wins")
+            else:
+                info = load_pretrained_weights(self.network, s.pretrained_weights)
+                rl(f"initialised {info['loaded']} tensors from pretrained weights {s.pretrained_weights} "
+                   f"(segmentation heads {info['heads']})")
 
         rl(f"configuration {self.configuration}: patch {self.cfg.patch_size}, batch {self.cfg.batch_size}, "
            f"initial patch {self.aug.initial_patch_size}, dummy 2D aug {self.aug.do_dummy_2d}, "
