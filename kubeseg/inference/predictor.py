@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Optional
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -104,18 +105,39 @@ class Predictor:
         padded = [s + lo + hi for s, (lo, hi) in zip(spatial, padding_for(spatial, self.patch_size))]
         return len(tile_slicers(padded, self.patch_size, self.settings.step))
 
+    def fold_indices(self, folds: Optional[Sequence[str]] = None) -> list[int]:
+        """Indices of the named folds (all folds when ``folds`` is None); unknown names are refused."""
+        if folds is None:
+            return list(range(len(self.model.fold_weights)))
+        names = [str(f) for f in folds]
+        unknown = [f for f in names if f not in self.model.folds]
+        if unknown or not names:
+            from kubeseg.errors import KubesegError
+            raise KubesegError(f"folds {unknown or names} are not in model {self.model.configuration} "
+                               f"(it has folds {', '.join(self.model.folds)})")
+        return [self.model.folds.index(f) for f in dict.fromkeys(names)]
+
     @torch.inference_mode()
-    def log_probabilities(self, data: np.ndarray, desc: str = "") -> torch.Tensor:
-        """Log-probabilities ``(classes, *spatial)`` of a preprocessed case, all folds combined."""
-        n_folds = len(self.model.fold_weights)
+    def log_probabilities(self, data: np.ndarray, desc: str = "", folds: Optional[Sequence[str]] = None,
+                          mirror: Optional[bool] = None) -> torch.Tensor:
+        """Log-probabilities ``(classes, *spatial)`` of a preprocessed case, the folds combined.
+
+        ``folds`` names a subset of the model's folds; ``mirror`` overrides the settings' test-time
+        mirroring for this call.
+        """
+        indices = self.fold_indices(folds)
+        n_folds = len(indices)
         n_classes = self.labels.num_segmentation_heads
+        window = self.window
+        if mirror is not None:
+            window = replace(window, mirror_axes=self.model.mirror_axes if mirror else None)
         bar = tqdm(total=self._num_tiles(data.shape[1:]) * n_folds, desc=desc or self.model.configuration,
                    unit="tile", disable=not self.settings.progress, leave=False, dynamic_ncols=True)
         combined = None
         try:
-            for i in range(n_folds):
+            for i in indices:
                 self._use_fold(i)
-                logits = predict_logits(self.network, data, self.patch_size, n_classes, self.device, self.window,
+                logits = predict_logits(self.network, data, self.patch_size, n_classes, self.device, window,
                                         on_tiles=bar.update)
                 if self.settings.fold_average == "logits":  # nnU-Net: summed in the accumulator's dtype
                     combined = logits if combined is None else combined.add_(logits)
@@ -130,22 +152,50 @@ class Predictor:
 
     # -- on the input's grid ----------------------------------------------------------------------
     def probabilities(self, data: np.ndarray, geometry: Geometry, previous_segmentation: Optional[np.ndarray] = None,
-                      case_id: str = "") -> np.ndarray:
-        """Probabilities ``(classes, z, y, x)`` on the grid of ``data`` (``(C, z, y, x)``, raw intensities)."""
+                      case_id: str = "", folds: Optional[Sequence[str]] = None, mirror: Optional[bool] = None,
+                      timings: Optional[dict[str, float]] = None) -> np.ndarray:
+        """Probabilities ``(classes, z, y, x)`` on the grid of ``data`` (``(C, z, y, x)``, raw intensities).
+
+        ``timings``, when given, accumulates seconds per stage: ``preprocess``, ``inference`` and
+        ``postprocess`` (back to the input's grid).
+        """
         started = time.perf_counter()
+        clock = _StageClock(timings)
         seg = None
         if self.previous is not None:
             if previous_segmentation is None:
-                prev_probs = self.previous.probabilities(data, geometry, case_id=case_id)
-                previous_segmentation = probabilities_to_segmentation(prev_probs, self.labels.all_labels)
+                prev_probs = self.previous.probabilities(data, geometry, case_id=case_id, folds=folds, mirror=mirror,
+                                                         timings=timings)
+                with clock("postprocess"):
+                    previous_segmentation = probabilities_to_segmentation(prev_probs, self.labels.all_labels)
             seg = previous_segmentation.astype(np.int16)[None]  # -1 marks the outside of the nonzero mask
-        pre = preprocess_arrays(data, seg, geometry, self.model.plans, self.config, [])
-        net_input = pre.data
-        if self.previous is not None:
-            net_input = np.concatenate([net_input, one_hot(pre.seg[0], self.labels.foreground_labels)])
-        log_probs = self.log_probabilities(net_input, desc=f"{case_id} {self.model.configuration}".strip())
-        probs = log_probabilities_to_original(log_probs, pre.properties, self.model.plans, self.config)
+        with clock("preprocess"):
+            pre = preprocess_arrays(data, seg, geometry, self.model.plans, self.config, [])
+            net_input = pre.data
+            if self.previous is not None:
+                net_input = np.concatenate([net_input, one_hot(pre.seg[0], self.labels.foreground_labels)])
+        with clock("inference"):
+            log_probs = self.log_probabilities(net_input, desc=f"{case_id} {self.model.configuration}".strip(),
+                                               folds=folds, mirror=mirror)
+        with clock("postprocess"):
+            probs = log_probabilities_to_original(log_probs, pre.properties, self.model.plans, self.config)
         log.info("%s: %s predicted in %.1f s (grid %s, folds %s, mirroring %s)", case_id or "case",
                  self.model.configuration, time.perf_counter() - started, "x".join(map(str, net_input.shape[1:])),
-                 ",".join(self.model.folds), self.window.mirror_axes)
+                 ",".join(folds or self.model.folds), self.window.mirror_axes if mirror is None else mirror)
         return probs
+
+
+class _StageClock:
+    """Adds the wall time of ``with clock("stage"):`` blocks to a dict (or does nothing without one)."""
+
+    def __init__(self, timings: Optional[dict[str, float]]):
+        self.timings = timings
+
+    @contextmanager
+    def __call__(self, stage: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.timings is not None:
+                self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - started

@@ -174,13 +174,40 @@ def _spec(dataset_json: dict) -> DatasetSpec:
 
 
 def predict_case_probabilities(predictors: Sequence[Predictor], data: np.ndarray, geometry,
-                               case_id: str = "") -> np.ndarray:
+                               case_id: str = "", folds: Optional[Sequence[str]] = None,
+                               mirror: Optional[bool] = None,
+                               timings: Optional[dict[str, float]] = None) -> np.ndarray:
     """Probabilities on the input grid, averaged over the ensemble members."""
     total = None
     for p in predictors:
-        probs = p.probabilities(data, geometry, case_id=case_id)
+        probs = p.probabilities(data, geometry, case_id=case_id, folds=folds, mirror=mirror, timings=timings)
         total = probs if total is None else np.add(total, probs, out=total)
     return total / len(predictors) if len(predictors) > 1 else total
+
+
+@dataclass
+class CaseResult:
+    """One case's prediction: the postprocessed label map, the probabilities, seconds per stage."""
+
+    segmentation: np.ndarray  # (z, y, x), the input's array order
+    probabilities: np.ndarray  # (classes, z, y, x)
+    timings: dict[str, float]
+
+
+def segment_case(predictors: Sequence[Predictor], data: np.ndarray, geometry, rule: PostprocessingRule,
+                 case_id: str = "", folds: Optional[Sequence[str]] = None,
+                 mirror: Optional[bool] = None) -> CaseResult:
+    """Ensemble probabilities, most probable label, postprocessing rule: what ``predict`` does per case.
+
+    ``timings`` of the result: ``preprocess``, ``inference``, ``postprocess`` (resampling back,
+    argmax and the postprocessing rule).
+    """
+    timings: dict[str, float] = {}
+    probs = predict_case_probabilities(predictors, data, geometry, case_id, folds, mirror, timings)
+    started = time.perf_counter()
+    seg = apply_postprocessing(probabilities_to_segmentation(probs, predictors[0].labels.all_labels), rule)
+    timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - started
+    return CaseResult(seg, probs, timings)
 
 
 def predict(input_path: str | Path, output: str | Path, model_dir: str | Path,
@@ -211,8 +238,8 @@ def predict(input_path: str | Path, output: str | Path, model_dir: str | Path,
     for case in cases:
         started = time.perf_counter()
         loaded = load_case(case, spec, with_label=False)
-        probs = predict_case_probabilities(predictors, loaded.data, loaded.geometry, case.case_id)
-        seg = apply_postprocessing(probabilities_to_segmentation(probs, first.labels.all_labels), rule)
+        result = segment_case(predictors, loaded.data, loaded.geometry, rule, case.case_id)
+        seg, probs = result.segmentation, result.probabilities
         target = output if single_file else output / f"{case.case_id}{ending}"
         write_image(seg, loaded.geometry, target)
         if save_probabilities:
