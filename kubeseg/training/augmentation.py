@@ -1,25 +1,32 @@
-"""nnU-Net's default data augmentation, built from batchgenerators transforms, and the
+"""nnU-Net's default data augmentation, built from batchgeneratorsv2 transforms, and the
 background worker pools that run it.
 
-The pipeline (probabilities per sample unless stated) is the one nnU-Net v2 ran on
-batchgenerators before v2.5; nnU-Net 2.8 runs the same transforms through the torch-based
-batchgeneratorsv2, which costs about a third of the CPU per batch (benchmarks/train.py):
+Every sample of a batch goes through the pipeline on its own, as torch tensors on the CPU
+(batchgeneratorsv2's model), and the results are collated into the batch the network gets.
+The pipeline, with nnU-Net 2.8's probabilities (per sample unless stated):
 
-1. spatial: rotation (p 0.2; +-30 deg per axis in 3D, +-180 deg in-plane for dummy 2D,
-   +-15 or +-180 deg in 2D depending on patch aspect), isotropic scaling 0.7-1.4 (p 0.2),
-   no elastic deformation, cubic data / linear seg interpolation, centre crop from the
-   enlarged initial patch to the final patch; padded segmentation is -1;
-2. Gaussian noise (variance 0-0.1, p 0.1); Gaussian blur (sigma 0.5-1, p 0.2, per channel
-   0.5); multiplicative brightness 0.75-1.25 (p 0.15); contrast 0.75-1.25 (p 0.15);
-   simulated low resolution (zoom 0.5-1, p 0.25, per channel 0.5); gamma 0.7-1.5 on the
-   inverted image (p 0.1) and on the image (p 0.3), statistics retained;
+1. spatial (:class:`SpatialTransform`): rotation (p 0.2; +-30 deg about every axis in 3D,
+   +-180 deg in-plane for dummy 2D, +-15 or +-180 deg in 2D depending on patch aspect),
+   isotropic scaling 0.7-1.4 (p 0.2), no elastic deformation, linear interpolation of the
+   image and of per-label indicators for the segmentation, centre crop from the enlarged
+   initial patch to the final patch; the segmentation is padded with -1;
+2. Gaussian noise (variance 0-0.1, p 0.1); Gaussian blur (sigma 0.5-1 per axis and channel,
+   p 0.2, per channel 0.5); multiplicative brightness 0.75-1.25 (p 0.15); contrast
+   0.75-1.25, value range kept (p 0.15); simulated low resolution (zoom 0.5-1, p 0.25, per
+   channel 0.5); gamma 0.7-1.5 on the inverted image (p 0.1) and on the image (p 0.3),
+   mean and standard deviation retained;
 3. mirroring along every allowed axis with p 0.5 each;
-4. optional masking of channels normalised inside the nonzero mask; -1 -> 0 in the seg;
-   cascade: previous-stage seg to one-hot input channels (+ random morphology and removal
-   of connected components in training); deep-supervision targets; numpy -> torch.
+4. channels normalised inside the nonzero mask are set to 0 outside it; -1 -> 0 in the
+   segmentation; cascade: the previous stage's segmentation becomes one-hot input channels
+   (training: random dilation/erosion/opening/closing, p 0.4, and removal of a small
+   connected component, p 0.2, each per label 0.5); deep-supervision targets by
+   nearest-neighbour downsampling.
+
+Images stay float32 and segmentations int16 from the loader to the loss.
 
 "Dummy 2D" augmentation is used for 3D patches that are strongly anisotropic
-(``max(patch) / patch[0] > 3``): the spatial transform then runs slice-wise in 2D.
+(``max(patch) / patch[0] > 3``): the spatial transform then runs slice-wise in 2D (the
+slices are stacked as channels) and low-resolution simulation leaves the first axis alone.
 """
 from __future__ import annotations
 
@@ -30,25 +37,35 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
-from batchgenerators.augmentations.utils import resize_segmentation, rotate_coords_2d, rotate_coords_3d
+import torch
+from batchgenerators.augmentations.utils import rotate_coords_2d, rotate_coords_3d
 from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-from batchgenerators.transforms.abstract_transforms import AbstractTransform, Compose
-from batchgenerators.transforms.color_transforms import (BrightnessMultiplicativeTransform,
-                                                         ContrastAugmentationTransform, GammaTransform)
-from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, GaussianNoiseTransform
-from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
-from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
-from batchgenerators.transforms.utility_transforms import NumpyToTensor, RemoveLabelTransform, RenameTransform
-from scipy import ndimage
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.intensity.brightness import MultiplicativeBrightnessTransform
+from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
+from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+from batchgeneratorsv2.transforms.nnunet.random_binary_operator import ApplyRandomBinaryOperatorTransform
+from batchgeneratorsv2.transforms.nnunet.remove_connected_components import \
+    RemoveRandomConnectedComponentFromOneHotEncodingTransform
+from batchgeneratorsv2.transforms.nnunet.seg_to_onehot import MoveSegAsOneHotToDataTransform
+from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
+from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import DownsampleSegForDSTransform
+from batchgeneratorsv2.transforms.utils.nnunet_masking import MaskImageTransform
+from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, Convert3DTo2DTransform
+from batchgeneratorsv2.transforms.utils.random import RandomTransform
+from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
 
 log = logging.getLogger(__name__)
 
 ANISO_THRESHOLD = 3.0
 _DEG = np.pi / 180.0
-
-
 # ----------------------------------------------------------------------------------------
 # parameters derived from the patch size
 # ----------------------------------------------------------------------------------------
@@ -114,177 +131,109 @@ def configure_augmentation(patch_size: Sequence[int]) -> AugmentationParams:
 
 
 # ----------------------------------------------------------------------------------------
-# small transforms batchgenerators does not ship
-# ----------------------------------------------------------------------------------------
-class Convert3DTo2DTransform(AbstractTransform):
-    """(b, c, x, y, z) -> (b, c*x, y, z) so a 2D spatial transform treats slices alike."""
-
-    def __init__(self, keys: Sequence[str] = ("data", "seg")):
-        self.keys = tuple(keys)
-
-    def __call__(self, **d):
-        for k in self.keys:
-            shp = d[k].shape
-            d[f"_orig_shape_{k}"] = shp
-            d[k] = d[k].reshape((shp[0], shp[1] * shp[2], shp[3], shp[4]))
-        return d
-
-
-class Convert2DTo3DTransform(AbstractTransform):
-    """Inverse of :class:`Convert3DTo2DTransform` (the in-plane size may have changed)."""
-
-    def __init__(self, keys: Sequence[str] = ("data", "seg")):
-        self.keys = tuple(keys)
-
-    def __call__(self, **d):
-        for k in self.keys:
-            shp = d.pop(f"_orig_shape_{k}")
-            cur = d[k].shape
-            d[k] = d[k].reshape((shp[0], shp[1], shp[2], cur[-2], cur[-1]))
-        return d
-
-
-class MaskImageTransform(AbstractTransform):
-    """Set channels normalised within the nonzero mask to 0 where the seg is < 0."""
-
-    def __init__(self, channels: Sequence[int], seg_channel: int = 0, set_outside_to: float = 0):
-        self.channels = list(channels)
-        self.seg_channel = seg_channel
-        self.set_outside_to = set_outside_to
-
-    def __call__(self, **d):
-        outside = d["seg"][:, self.seg_channel] < 0
-        for c in self.channels:
-            d["data"][:, c][outside] = self.set_outside_to
-        return d
-
-
-class MoveSegAsOneHotToDataTransform(AbstractTransform):
-    """Cascade: seg channel ``channel`` (previous stage) -> one-hot channels appended to data."""
-
-    def __init__(self, channel: int, labels: Sequence[int]):
-        self.channel = channel
-        self.labels = tuple(labels)
-
-    def __call__(self, **d):
-        seg = d["seg"]
-        prev = seg[:, self.channel]
-        onehot = np.stack([(prev == lab) for lab in self.labels], 1).astype(d["data"].dtype)
-        d["data"] = np.concatenate((d["data"], onehot), 1)
-        keep = [i for i in range(seg.shape[1]) if i != self.channel]
-        d["seg"] = seg[:, keep]
-        return d
-
-
-class RandomBinaryOperatorTransform(AbstractTransform):
-    """Cascade training: randomly dilate/erode/open/close the one-hot previous-stage
-    channels (ball of radius 1-8), so the network does not trust them blindly."""
-
-    def __init__(self, channel_idx: Sequence[int], p_per_sample: float = 0.4,
-                 strel_size: tuple[int, int] = (1, 8), p_per_label: float = 1.0):
-        self.channel_idx = list(channel_idx)
-        self.p_per_sample = p_per_sample
-        self.strel_size = strel_size
-        self.p_per_label = p_per_label
-
-    def __call__(self, **d):
-        data = d["data"]
-        ops = (ndimage.binary_dilation, ndimage.binary_erosion, ndimage.binary_closing, ndimage.binary_opening)
-        for b in range(data.shape[0]):
-            if np.random.uniform() >= self.p_per_sample:
-                continue
-            for c in np.random.permutation(self.channel_idx):
-                if np.random.uniform() >= self.p_per_label:
-                    continue
-                op = ops[np.random.choice(len(ops))]
-                r = np.random.uniform(*self.strel_size)
-                n = data.ndim - 2
-                grid = np.indices((2 * int(r) + 1,) * n) - int(r)
-                strel = (grid ** 2).sum(0) <= r ** 2
-                workon = data[b, c].astype(bool)
-                res = op(workon, strel)
-                data[b, c] = res.astype(data.dtype)
-                others = [i for i in self.channel_idx if i != c]
-                if others:  # keep one-hot exclusive: growing label removes others there
-                    was_added = res & ~workon
-                    for o in others:
-                        data[b, o][was_added] = 0
-        return d
-
-
-class RemoveRandomConnectedComponentTransform(AbstractTransform):
-    """Cascade training: delete one random small connected component (< 15 % of the
-    patch) from a one-hot previous-stage channel."""
-
-    def __init__(self, channel_idx: Sequence[int], p_per_sample: float = 0.2,
-                 dont_do_if_covers_more_than_x_percent: float = 0.15, p_per_label: float = 1.0):
-        self.channel_idx = list(channel_idx)
-        self.p_per_sample = p_per_sample
-        self.max_fraction = dont_do_if_covers_more_than_x_percent
-        self.p_per_label = p_per_label
-
-    def __call__(self, **d):
-        data = d["data"]
-        for b in range(data.shape[0]):
-            if np.random.uniform() >= self.p_per_sample:
-                continue
-            for c in self.channel_idx:
-                if np.random.uniform() >= self.p_per_label:
-                    continue
-                lab, n = ndimage.label(data[b, c] > 0)
-                if n == 0:
-                    continue
-                sizes = np.bincount(lab.ravel())[1:]
-                small = [i + 1 for i, s in enumerate(sizes) if s < self.max_fraction * lab.size]
-                if small:
-                    data[b, c][lab == small[np.random.choice(len(small))]] = 0
-        return d
-
-
-class DownsampleSegForDSTransform(AbstractTransform):
-    """Replace ``d[key]`` (b, c, *s) by a list of nearest-neighbour downsampled copies, one
-    per deep-supervision output (``scales[i]`` = relative size per axis)."""
-
-    def __init__(self, scales: Sequence[Sequence[float]], key: str = "target", order: int = 0):
-        self.scales = [list(s) for s in scales]
-        self.key = key
-        self.order = order
-
-    def __call__(self, **d):
-        seg = d[self.key]
-        out = []
-        for s in self.scales:
-            if all(i == 1 for i in s):
-                out.append(seg)
-                continue
-            new_shape = [int(round(n * f)) for n, f in zip(seg.shape[2:], s)]
-            res = np.zeros((*seg.shape[:2], *new_shape), dtype=seg.dtype)
-            for b in range(seg.shape[0]):
-                for c in range(seg.shape[1]):
-                    res[b, c] = resize_segmentation(seg[b, c], new_shape, self.order)
-            out.append(res)
-        d[self.key] = out
-        return d
-
-
-# ----------------------------------------------------------------------------------------
 # pipelines
 # ----------------------------------------------------------------------------------------
-def _tail(deep_supervision_scales, is_cascaded, foreground_labels, training: bool) -> list:
+class BatchAugmentation:
+    """Run a per-sample batchgeneratorsv2 pipeline over a loader batch and collate.
+
+    Called like a batchgenerators transform, ``t(**batch)`` with ``batch = {'data': (b, c,
+    *s) float32, 'seg': (b, k, *s) int, 'keys': ...}`` (numpy arrays or tensors); returns
+    ``{'data': float32 tensor, 'target': int16 tensor or list of them (one per deep-
+    supervision output), 'keys': ...}``. Samples are modified in place: hand it a batch the
+    caller no longer needs.
+    """
+
+    def __init__(self, transforms: Sequence[BasicTransform]):
+        self.pipeline = ComposeTransforms(list(transforms))
+
+    def __call__(self, **batch) -> dict:
+        data = torch.as_tensor(batch["data"])
+        seg = torch.as_tensor(batch["seg"])
+        if data.dtype != torch.float32:
+            data = data.float()
+        if seg.dtype != torch.int16:
+            seg = seg.to(torch.int16)
+        out_data, out_target = None, None
+        with torch.no_grad():
+            for j in range(data.shape[0]):
+                sample = self.pipeline(image=data[j], segmentation=seg[j])
+                image, target = sample["image"], sample["segmentation"]
+                if out_data is None:
+                    out_data = torch.empty((data.shape[0], *image.shape), dtype=torch.float32)
+                    out_target = ([torch.empty((data.shape[0], *t.shape), dtype=t.dtype) for t in target]
+                                  if isinstance(target, list)
+                                  else torch.empty((data.shape[0], *target.shape), dtype=target.dtype))
+                out_data[j] = image
+                if isinstance(target, list):
+                    for o, t in zip(out_target, target):
+                        o[j] = t
+                else:
+                    out_target[j] = target
+        return {"data": out_data, "target": out_target, "keys": batch.get("keys")}
+
+    def __repr__(self) -> str:
+        return f"BatchAugmentation({self.pipeline.transforms})"
+
+
+def _sometimes(p: float, transform: BasicTransform) -> RandomTransform:
+    """Apply ``transform`` to a sample with probability ``p``."""
+    return RandomTransform(transform, apply_probability=p)
+
+
+def _spatial(params: AugmentationParams) -> list:
+    """Rotation + scaling + centre crop (slice-wise for dummy 2D)."""
+    # the one rotation range that applies: about every axis in 3D (they are equal), in-plane
+    # for 2D and dummy 2D (batchgeneratorsv2 rotates 2D samples by the last angle it draws)
+    spatial = SpatialTransform(
+        params.patch_size[1:] if params.do_dummy_2d else params.patch_size,
+        patch_center_dist_from_border=0, random_crop=False,
+        p_elastic_deform=0,
+        p_rotation=0.2, rotation=tuple(params.rotation_x),
+        p_scaling=0.2, scaling=(0.7, 1.4), p_synchronize_scaling_across_axes=1,
+        bg_style_seg_sampling=False, border_mode_seg="constant", padding_value_seg=-1)
+    if params.do_dummy_2d:
+        return [Convert3DTo2DTransform(), spatial, Convert2DTo3DTransform()]
+    return [spatial]
+
+
+def _intensity(params: AugmentationParams) -> list:
+    """Noise, blur, brightness, contrast, low resolution, gamma (inverted and not)."""
+    return [
+        _sometimes(0.1, GaussianNoiseTransform(noise_variance=(0, 0.1), p_per_channel=1, synchronize_channels=True)),
+        _sometimes(0.2, GaussianBlurTransform(blur_sigma=(0.5, 1.0), synchronize_channels=False,
+                                              synchronize_axes=False, p_per_channel=0.5, benchmark=True)),
+        _sometimes(0.15, MultiplicativeBrightnessTransform(multiplier_range=BGContrast((0.75, 1.25)),
+                                                           synchronize_channels=False, p_per_channel=1)),
+        _sometimes(0.15, ContrastTransform(contrast_range=BGContrast((0.75, 1.25)), preserve_range=True,
+                                           synchronize_channels=False, p_per_channel=1)),
+        _sometimes(0.25, SimulateLowResolutionTransform(scale=(0.5, 1), synchronize_channels=False,
+                                                        synchronize_axes=True,
+                                                        ignore_axes=(0,) if params.do_dummy_2d else None,
+                                                        allowed_channels=None, p_per_channel=0.5)),
+        _sometimes(0.1, GammaTransform(gamma=BGContrast((0.7, 1.5)), p_invert_image=1, synchronize_channels=False,
+                                       p_per_channel=1, p_retain_stats=1)),
+        _sometimes(0.3, GammaTransform(gamma=BGContrast((0.7, 1.5)), p_invert_image=0, synchronize_channels=False,
+                                       p_per_channel=1, p_retain_stats=1)),
+    ]
+
+
+def _targets(deep_supervision_scales, is_cascaded, foreground_labels, training: bool) -> list:
+    """Label clean-up, cascade inputs, deep-supervision targets (training and validation)."""
     t: list = [RemoveLabelTransform(-1, 0)]
     if is_cascaded:
         if not foreground_labels:
             raise ValueError("cascade augmentation needs foreground_labels")
-        t.append(MoveSegAsOneHotToDataTransform(1, foreground_labels))
+        t.append(MoveSegAsOneHotToDataTransform(source_channel_idx=1, all_labels=list(foreground_labels),
+                                                remove_channel_from_source=True))
         if training:
-            idx = list(range(-len(foreground_labels), 0))
-            t.append(RandomBinaryOperatorTransform(idx, p_per_sample=0.4, strel_size=(1, 8), p_per_label=1))
-            t.append(RemoveRandomConnectedComponentTransform(idx, p_per_sample=0.2,
-                                                             dont_do_if_covers_more_than_x_percent=0.15))
-    t.append(RenameTransform("seg", "target", True))
+            onehot = list(range(-len(foreground_labels), 0))
+            t.append(_sometimes(0.4, ApplyRandomBinaryOperatorTransform(channel_idx=onehot, strel_size=(1, 8),
+                                                                        p_per_label=0.5)))
+            t.append(_sometimes(0.2, RemoveRandomConnectedComponentFromOneHotEncodingTransform(
+                channel_idx=onehot, fill_with_other_class_p=0, dont_do_if_covers_more_than_x_percent=0.15,
+                p_per_label=0.5)))
     if deep_supervision_scales is not None:
-        t.append(DownsampleSegForDSTransform(deep_supervision_scales, "target", 0))
-    t.append(NumpyToTensor(["data", "target"], "float"))
+        t.append(DownsampleSegForDSTransform(ds_scales=[list(s) for s in deep_supervision_scales]))
     return t
 
 
@@ -292,51 +241,23 @@ def get_training_transforms(params: AugmentationParams,
                             deep_supervision_scales: Optional[Sequence[Sequence[float]]],
                             use_mask_for_norm: Optional[Sequence[bool]] = None,
                             is_cascaded: bool = False,
-                            foreground_labels: Optional[Sequence[int]] = None,
-                            order_data: int = 3, order_seg: int = 1) -> Compose:
+                            foreground_labels: Optional[Sequence[int]] = None) -> BatchAugmentation:
     """nnU-Net's training augmentation (see module docstring)."""
-    t: list = []
-    if params.do_dummy_2d:
-        ignore_axes = (0,)
-        t.append(Convert3DTo2DTransform())
-        spatial_patch = params.patch_size[1:]
-    else:
-        ignore_axes = None
-        spatial_patch = params.patch_size
-    t.append(SpatialTransform(
-        spatial_patch, patch_center_dist_from_border=None,
-        do_elastic_deform=False, alpha=(0, 0), sigma=(0, 0),
-        do_rotation=True, angle_x=params.rotation_x, angle_y=params.rotation_y, angle_z=params.rotation_z,
-        p_rot_per_axis=1, do_scale=True, scale=(0.7, 1.4),
-        border_mode_data="constant", border_cval_data=0, order_data=order_data,
-        border_mode_seg="constant", border_cval_seg=-1, order_seg=order_seg,
-        random_crop=False, p_el_per_sample=0, p_scale_per_sample=0.2, p_rot_per_sample=0.2,
-        independent_scale_for_each_axis=False))
-    if params.do_dummy_2d:
-        t.append(Convert2DTo3DTransform())
-    t.append(GaussianNoiseTransform(p_per_sample=0.1))
-    t.append(GaussianBlurTransform((0.5, 1.0), different_sigma_per_channel=True, p_per_sample=0.2,
-                                   p_per_channel=0.5))
-    t.append(BrightnessMultiplicativeTransform(multiplier_range=(0.75, 1.25), p_per_sample=0.15))
-    t.append(ContrastAugmentationTransform(p_per_sample=0.15))
-    t.append(SimulateLowResolutionTransform(zoom_range=(0.5, 1), per_channel=True, p_per_channel=0.5,
-                                            order_downsample=0, order_upsample=3, p_per_sample=0.25,
-                                            ignore_axes=ignore_axes))
-    t.append(GammaTransform((0.7, 1.5), True, True, retain_stats=True, p_per_sample=0.1))
-    t.append(GammaTransform((0.7, 1.5), False, True, retain_stats=True, p_per_sample=0.3))
+    t = _spatial(params) + _intensity(params)
     if params.mirror_axes:
-        t.append(MirrorTransform(params.mirror_axes))
+        t.append(MirrorTransform(allowed_axes=tuple(params.mirror_axes)))
     if use_mask_for_norm is not None and any(use_mask_for_norm):
-        t.append(MaskImageTransform([i for i, m in enumerate(use_mask_for_norm) if m], 0, 0))
-    t.extend(_tail(deep_supervision_scales, is_cascaded, foreground_labels, training=True))
-    return Compose(t)
+        t.append(MaskImageTransform(apply_to_channels=[i for i, m in enumerate(use_mask_for_norm) if m],
+                                    channel_idx_in_seg=0, set_outside_to=0))
+    t += _targets(deep_supervision_scales, is_cascaded, foreground_labels, training=True)
+    return BatchAugmentation(t)
 
 
 def get_validation_transforms(deep_supervision_scales: Optional[Sequence[Sequence[float]]],
                               is_cascaded: bool = False,
-                              foreground_labels: Optional[Sequence[int]] = None) -> Compose:
+                              foreground_labels: Optional[Sequence[int]] = None) -> BatchAugmentation:
     """Validation batches: no augmentation, only label clean-up, DS targets and tensors."""
-    return Compose(_tail(deep_supervision_scales, is_cascaded, foreground_labels, training=False))
+    return BatchAugmentation(_targets(deep_supervision_scales, is_cascaded, foreground_labels, training=False))
 
 
 # ----------------------------------------------------------------------------------------
@@ -360,23 +281,30 @@ Augmenter = Union[SingleThreadedAugmenter, MultiThreadedAugmenter, NonDetMultiTh
 
 def make_augmenter(loader, transform, num_workers: int, *, num_cached: Optional[int] = None,
                    seeds: Optional[Sequence[int]] = None, pin_memory: bool = False,
-                   deterministic: bool = False) -> Augmenter:
+                   deterministic: bool = False, prefetch: bool = True) -> Augmenter:
     """Wrap ``loader`` + ``transform`` in background workers (0 = run in this process).
 
     ``deterministic=False`` uses batchgenerators' NonDetMultiThreadedAugmenter (what nnU-Net
     uses: batches come from whichever worker is ready); ``True`` the round-robin
     MultiThreadedAugmenter, which gives a reproducible batch order for fixed seeds.
+    ``num_cached``: batches kept ready (default nnU-Net's for training, ``max(6, workers // 2)``).
+    ``prefetch``: start the workers now, so that they fill their queues while the caller
+    sets up (otherwise they start at the first ``next()``).
     """
     if num_workers <= 0:
         return SingleThreadedAugmenter(loader, transform)
     if seeds is not None:
         seeds = list(seeds)
     if deterministic:
-        return MultiThreadedAugmenter(loader, transform, num_workers, num_cached_per_queue=num_cached or 2,
-                                      seeds=seeds, pin_memory=pin_memory, wait_time=0.002)
-    return NonDetMultiThreadedAugmenter(loader, transform, num_workers,
-                                        num_cached=num_cached or max(6, num_workers // 2), seeds=seeds,
-                                        pin_memory=pin_memory, wait_time=0.002)
+        aug = MultiThreadedAugmenter(loader, transform, num_workers, num_cached_per_queue=num_cached or 2,
+                                     seeds=seeds, pin_memory=pin_memory, wait_time=0.002)
+    else:
+        aug = NonDetMultiThreadedAugmenter(loader, transform, num_workers,
+                                           num_cached=num_cached or max(6, num_workers // 2), seeds=seeds,
+                                           pin_memory=pin_memory, wait_time=0.002)
+    if prefetch:
+        aug._start()  # what the first next() would do, without taking a batch
+    return aug
 
 
 def shutdown_augmenter(aug: Optional[Augmenter]) -> None:

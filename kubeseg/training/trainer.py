@@ -410,7 +410,7 @@ class FoldTrainer:
                 pin_memory=pin, deterministic=s.deterministic_workers))
             gen_val = stack.enter_context(running_augmenter(
                 dl_val, val_t, n_val, seeds=[base_seed + 1000 + i for i in range(n_val)] if n_val else None,
-                pin_memory=pin, deterministic=s.deterministic_workers))
+                num_cached=max(3, n_tr // 4), pin_memory=pin, deterministic=s.deterministic_workers))
             self.callbacks.on_train_start({
                 "fold": self.fold, "configuration": self.configuration, "start_epoch": start,
                 "num_epochs": self.schedule.num_epochs, "device": str(self.device),
