@@ -1,0 +1,273 @@
+"""Uploaded files → the model's input, or a :class:`BadInput` that says what is wrong.
+
+Accepted: NIfTI (``.nii``, ``.nii.gz``), NRRD, MHA, and a zip holding one DICOM series; one file
+per channel, in the order of the model's ``dataset.json`` ``channel_names`` (a zip may instead
+hold ``<case>_0000.nii.gz`` … files). The format is recognised from the bytes, not the name.
+
+Everything that can be known before reading voxels is checked from the header first (dimension,
+size, voxel count), so an absurdly large image is refused without allocating it. Reading then
+goes through :func:`kubeseg.dataset_check.load_case`, the engine's one door for images: the
+same checks (truncated or corrupt files, NaN/inf, channel geometry) as for training data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import stat
+import zipfile
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path, PurePosixPath
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from kubeseg.dataset import DatasetSpec, RawCase
+from kubeseg.dataset_check import load_case
+from kubeseg.errors import DatasetError
+from kubeseg.imageio import Geometry
+
+MAX_ZIP_ENTRIES = 4096
+ZIP_EXPANSION_LIMIT = 4  # a zip may expand to at most this many times the request size limit
+
+
+class BadInput(Exception):
+    """A request the service refuses: an HTTP 4xx status and a message naming the problem."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class DecodedImage:
+    """The model's input: ``data`` (C, z, y, x) float32, its geometry, and how to answer (format)."""
+
+    data: np.ndarray
+    geometry: Geometry
+    ending: str  # file ending of the answer: the input's format (.nii.gz for DICOM input)
+    source: str  # a short description for logs: file names and format
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_voxels: int
+    min_size: int
+    max_bytes: int
+
+
+def sniff(path: Path) -> str:
+    """The format of a file from its first bytes: nifti, nifti_gz, nrrd, mha, zip, or unknown."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:2] == b"\x1f\x8b":
+        try:
+            with gzip.open(path, "rb") as g:
+                inner = g.read(348)
+        except (OSError, EOFError):
+            return "gzip_corrupt"
+        return "nifti_gz" if _is_nifti(inner) else "gzip_other"
+    if _is_nifti(head):
+        return "nifti"
+    if head.startswith(b"NRRD000"):
+        return "nrrd"
+    text = head.lstrip()
+    if text.startswith((b"ObjectType", b"NDims")) and b"ElementDataFile" in head + _tail_hint(path):
+        return "mha"
+    return "unknown"
+
+
+def _tail_hint(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(4096)
+
+
+def _is_nifti(header: bytes) -> bool:
+    if len(header) < 348:
+        return False
+    size_le = int.from_bytes(header[:4], "little")
+    size_be = int.from_bytes(header[:4], "big")
+    return (size_le == 348 or size_be == 348) and header[344:347] in (b"n+1", b"ni1")
+
+
+_ENDING = {"nifti": ".nii", "nifti_gz": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
+_NAMES = {"nifti": "NIfTI", "nifti_gz": "NIfTI", "nrrd": "NRRD", "mha": "MetaImage (MHA)", "zip": "zip"}
+
+
+def _unsupported(name: str, kind: str) -> BadInput:
+    if kind == "gzip_corrupt":
+        return BadInput(HTTPStatus.BAD_REQUEST, f"{name}: the gzip stream is corrupt or truncated")
+    what = "a gzip file that holds no NIfTI image" if kind == "gzip_other" else "not an image file kubeseg reads"
+    return BadInput(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                    f"{name}: {what}; send NIfTI (.nii/.nii.gz), NRRD, MHA, or a zip of one DICOM series")
+
+
+def _check_header(path: Path, name: str, limits: Limits) -> None:
+    """Dimension, size and voxel count from the header alone."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        why = next((ln.split("ERROR:", 1)[1].strip() for ln in str(e).splitlines() if "ERROR:" in ln), "")
+        raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: the header cannot be read ({why or 'corrupt file'})") from None
+    size = reader.GetSize()
+    _check_size(size, reader.GetDimension(), name, limits)
+    if reader.GetNumberOfComponents() != 1:
+        raise BadInput(HTTPStatus.UNPROCESSABLE_ENTITY,
+                       f"{name}: {reader.GetNumberOfComponents()} components per voxel (a vector or RGB image); "
+                       "send one scalar image per channel")
+
+
+def _check_size(size, dimension: int, name: str, limits: Limits) -> None:
+    if dimension != 3:
+        raise BadInput(HTTPStatus.UNPROCESSABLE_ENTITY,
+                       f"{name}: a {dimension}D image (size {tuple(size)}); the model segments 3D volumes")
+    if any(s == 0 for s in size):
+        raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: the image has zero size {tuple(size)}")
+    if any(s < limits.min_size for s in size):
+        raise BadInput(HTTPStatus.UNPROCESSABLE_ENTITY,
+                       f"{name}: size {tuple(size)} is below the minimum of {limits.min_size} voxels per axis")
+    voxels = int(np.prod(size, dtype=np.int64))
+    if voxels > limits.max_voxels:
+        raise BadInput(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                       f"{name}: {voxels} voxels (size {tuple(size)}) exceed the limit of {limits.max_voxels}")
+
+
+def _safe_extract(zip_path: Path, name: str, dest: Path, limits: Limits) -> None:
+    """Extract a zip, refusing path traversal, links, too many entries and zip bombs."""
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except zipfile.BadZipFile:
+        raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: not a readable zip archive (corrupt or truncated)") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_ZIP_ENTRIES:
+            raise BadInput(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{name}: {len(infos)} entries (limit {MAX_ZIP_ENTRIES})")
+        total = 0
+        for info in infos:
+            p = PurePosixPath(info.filename.replace("\\", "/"))
+            if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
+                raise BadInput(HTTPStatus.BAD_REQUEST,
+                               f"{name}: entry {info.filename!r} points outside the archive (path traversal)")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: entry {info.filename!r} is a symbolic link")
+            total += info.file_size
+        if total > limits.max_bytes * ZIP_EXPANSION_LIMIT:
+            raise BadInput(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"{name}: expands to {total} bytes, over {ZIP_EXPANSION_LIMIT}x the request limit")
+        for info in infos:
+            if info.is_dir():
+                continue
+            target = dest / PurePosixPath(info.filename.replace("\\", "/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out)
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: entry {info.filename!r} cannot be extracted ({e})") from None
+
+
+def _dicom_series(folder: Path, name: str, limits: Limits) -> sitk.Image:
+    """The one DICOM series in a folder tree, read; several or none is refused."""
+    found: dict[str, list[str]] = {}
+    for d in sorted({p.parent for p in folder.rglob("*") if p.is_file()} | {folder}):
+        for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)) or ():
+            found.setdefault(sid, []).extend(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), sid))
+    if not found:
+        raise BadInput(HTTPStatus.UNPROCESSABLE_ENTITY, f"{name}: the zip holds no DICOM series (and no image files)")
+    if len(found) > 1:
+        raise BadInput(HTTPStatus.UNPROCESSABLE_ENTITY,
+                       f"{name}: the zip holds {len(found)} DICOM series ({', '.join(sorted(found)[:4])}); send one")
+    files = next(iter(found.values()))
+    if len(files) < limits.min_size:
+        raise BadInput(HTTPStatus.UNPROCESSABLE_ENTITY,
+                       f"{name}: the DICOM series has {len(files)} slice(s); the model segments 3D volumes")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as e:
+        raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: the DICOM series cannot be read ({str(e).splitlines()[-1]})") from None
+    _check_size(image.GetSize(), image.GetDimension(), name, limits)
+    return image
+
+
+def _zip_members(folder: Path) -> list[Path]:
+    """Image files inside an extracted zip (not DICOM), in channel order ``_0000``, ``_0001`` …"""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and sniff(p) in _ENDING)
+    return files
+
+
+def decode(uploads: Sequence[tuple[str, Path]], spec: DatasetSpec, limits: Limits, work_dir: Path) -> DecodedImage:
+    """Read uploaded ``(file name, path)`` pairs as one case for the model described by ``spec``."""
+    if not uploads:
+        raise BadInput(HTTPStatus.BAD_REQUEST, "no image file in the request (send the image as form field 'images')")
+    channel_files: list[Path] = []
+    names: list[str] = []
+    ending = None
+    for i, (name, path) in enumerate(uploads):
+        name = name or f"file {i}"
+        size = path.stat().st_size
+        if size == 0:
+            raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: the file is empty")
+        if size > limits.max_bytes:
+            raise BadInput(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{name}: {size} bytes exceed the limit of {limits.max_bytes}")
+        kind = sniff(path)
+        if kind == "zip":
+            if len(uploads) > 1:
+                raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: send a zip alone, not beside other files")
+            extracted = work_dir / f"zip{i}"
+            extracted.mkdir(parents=True)
+            _safe_extract(path, name, extracted, limits)
+            members = _zip_members(extracted)
+            if members:  # channel files zipped together
+                for m in members:
+                    channel_files.append(_placed(m, sniff(m), work_dir, len(channel_files)))
+                    names.append(f"{name}:{m.relative_to(extracted)}")
+                ending = ending or _ENDING[sniff(members[0])]
+                continue
+            image = _dicom_series(extracted, name, limits)
+            target = work_dir / f"channel_{len(channel_files):04d}.nii.gz"
+            sitk.WriteImage(image, str(target))
+            channel_files.append(target)
+            names.append(f"{name} (DICOM series)")
+            ending = ending or ".nii.gz"
+            continue
+        if kind not in _ENDING:
+            raise _unsupported(name, kind)
+        channel_files.append(_placed(path, kind, work_dir, len(channel_files)))
+        names.append(name)
+        ending = ending or _ENDING[kind]
+    if len(channel_files) != spec.num_channels:
+        wanted = ", ".join(spec.channel_names[c] for c in sorted(spec.channel_names))
+        raise BadInput(HTTPStatus.UNPROCESSABLE_ENTITY,
+                       f"the model needs {spec.num_channels} channel(s) ({wanted}), one file each in this order; "
+                       f"got {len(channel_files)}")
+    for f, n in zip(channel_files, names):
+        _check_header(f, n, limits)
+    try:
+        loaded = load_case(RawCase("input", tuple(channel_files), None), spec, with_label=False)
+    except DatasetError as e:
+        by_file = {str(f): n for f, n in zip(channel_files, names)}
+        lines = []
+        for p in e.problems:
+            msg = p.message
+            for c, n in enumerate(names):
+                msg = msg.replace(f"channel {c} image", f"channel {c} ({n})")
+            lines.append(f"{by_file.get(p.file or '', 'input')}: {msg}")
+        raise BadInput(HTTPStatus.UNPROCESSABLE_ENTITY, "; ".join(lines)) from None
+    return DecodedImage(loaded.data, loaded.geometry, ending or ".nii.gz", ", ".join(names))
+
+
+def _placed(path: Path, kind: str, work_dir: Path, index: int) -> Path:
+    """The file under a name whose ending tells ITK its format (uploads arrive with any name)."""
+    target = work_dir / f"channel_{index:04d}{_ENDING[kind]}"
+    if path != target:
+        target.symlink_to(path.resolve())
+    return target

@@ -1,0 +1,211 @@
+"""The kubeseg segmentation service: ``bentoml serve services.service:Segmentation``.
+
+Endpoints: ``POST /segment`` (image files in, the segmentation file out, in the input's format
+and geometry), ``POST /segment_summary`` (the same work, a JSON summary out), and BentoML's
+``/livez``, ``/readyz`` (503 until a model is loaded) and ``/metrics``. Settings come from
+``KUBESEG_*`` environment variables (:mod:`services.settings`); README lists them and the metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+import threading
+import time
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import bentoml
+from bentoml.exceptions import BentoMLException
+
+from services.decode import BadInput, Limits
+from services.metrics import STAGES, RollingWindow, service_metrics
+from services.model_source import ModelHolder, ServedModel
+from services.segmenter import Outcome, RequestOptions, segment_request
+from services.settings import ServiceSettings, describe
+
+log = logging.getLogger("kubeseg.service")
+SETTINGS = ServiceSettings.from_env()  # at import: a bad setting stops `bentoml serve` with its name
+_TMP_PREFIX = re.compile(r"^tmp[A-Za-z0-9_]{8}")
+
+
+class RequestBodyLimit:
+    """ASGI middleware: refuse a request whose body exceeds the limit with 413, before reading it."""
+
+    def __init__(self, app, max_bytes: int, paths: tuple[str, ...]):
+        self.app, self.max_bytes, self.paths = app, max_bytes, paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await self._refuse(scope, send, int(length))
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge()
+            return message
+
+        try:
+            return await self.app(scope, counted, send)
+        except _TooLarge:
+            return await self._refuse(scope, send, seen)
+
+    async def _refuse(self, scope, send, size: int):
+        import json
+
+        endpoint = scope["path"].strip("/")
+        service_metrics().requests.labels(endpoint, "413").inc()
+        body = json.dumps({"error": f"request body of {size} bytes exceeds the limit of {self.max_bytes} "
+                                    "(KUBESEG_MAX_REQUEST_BYTES)"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+Folds = Optional[Union[str, int, list[Union[int, str]]]]  # "0,2", 0 or [0, 2]: form fields arrive as JSON
+
+
+def _fold_text(folds: Folds) -> str:
+    if folds is None:
+        return ""
+    return ",".join(str(f) for f in folds) if isinstance(folds, list) else str(folds)
+
+
+def _upload_name(path: Path) -> str:
+    """The client's file name (BentoML stores uploads as ``tmpXXXXXXXX<name>``)."""
+    return _TMP_PREFIX.sub("", path.name) or path.name
+
+
+@bentoml.service(
+    name="kubeseg",
+    traffic={"timeout": 900, "max_concurrency": SETTINGS.max_concurrency},
+    workers=1,
+)
+class Segmentation:
+    """nnU-Net-style segmentation of 3D scans, with metrics and drift scores."""
+
+    def __init__(self) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        self.settings = SETTINGS
+        self.metrics = service_metrics()
+        self.window = RollingWindow(SETTINGS.drift.window)
+        for check, value in SETTINGS.drift.thresholds().items():
+            self.metrics.drift_threshold.labels(check).set(value)
+        self.limits = Limits(SETTINGS.max_voxels, SETTINGS.min_size, SETTINGS.max_request_bytes)
+        self._work_root = Path(tempfile.mkdtemp(prefix="kubeseg-requests-"))
+        self._inflight_lock = threading.Lock()
+        self.holder = ModelHolder(SETTINGS, self._swapped, self._swap_failed)
+        log.info("kubeseg service settings: %s", describe(SETTINGS))
+        self.holder.start()
+
+    # -- model lifecycle ------------------------------------------------------------------------------
+    def _swapped(self, old: Optional[ServedModel], new: ServedModel) -> None:
+        if old is not None:
+            self.metrics.model_info.labels(old.name, old.version, old.alias).set(0)
+            self.metrics.model_swaps.labels("success").inc()
+        self.metrics.model_info.labels(new.name, new.version, new.alias).set(1)
+        self.metrics.model_version.set(float(new.version) if new.version.isdigit() else 0.0)
+        log.info("serving %s", new.describe())
+
+    def _swap_failed(self, error: str) -> None:
+        self.metrics.model_swaps.labels("failed").inc()
+
+    def __is_ready__(self) -> bool:
+        return self.holder.current is not None
+
+    # -- requests -------------------------------------------------------------------------------------
+    def _run(self, endpoint: str, images: list[Path], tta: Optional[bool], folds: "Folds",
+             ctx: bentoml.Context) -> Outcome:
+        started = time.perf_counter()
+        status = "500"
+        self.metrics.inflight.inc()
+        work = Path(tempfile.mkdtemp(dir=self._work_root))
+        ctx.response.background.add_task(shutil.rmtree, work, True)
+        try:
+            model = self.holder.current
+            if model is None:
+                status = "503"
+                raise BentoMLException(f"no model loaded yet ({self.holder.last_error or 'loading'})",
+                                       error_code=HTTPStatus.SERVICE_UNAVAILABLE)
+            uploads = [(_upload_name(p), p) for p in images or []]
+            outcome = segment_request(model, uploads, RequestOptions.parse(tta, _fold_text(folds)), self.limits, work)
+            self._record(outcome)
+            status = "200"
+            return outcome
+        except BadInput as e:
+            status = str(int(e.status))
+            log.info("%s refused (%s): %s", endpoint, status, e.message)
+            raise BentoMLException(e.message, error_code=e.status) from None
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(endpoint, status).inc()
+            self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - started)
+            if status == "500":
+                log.exception("%s failed", endpoint)
+
+    def _record(self, outcome: Outcome) -> None:
+        m = self.metrics
+        for stage in STAGES:
+            if stage in outcome.timings:
+                m.stage_duration.labels(stage).observe(outcome.timings[stage])
+        m.input_voxels.observe(outcome.voxels)
+        for label, volume in outcome.volumes_ml.items():
+            m.predicted_volume.labels(label).observe(volume)
+        m.confidence.observe(outcome.confidence)
+        if outcome.drift is not None:
+            window = self.window.add(outcome.drift.scores)
+            thresholds = self.settings.drift.thresholds()
+            for check, score in outcome.drift.scores.items():
+                m.drift_score.labels(check).set(min(score, 1e6))
+                m.drift_window_score.labels(check).set(window[check])
+                m.drift_inputs.labels(check, "drifted" if score > thresholds[check] else "ok").inc()
+            outcome.summary["drift"]["window_scores"] = {k: round(v, 6) for k, v in window.items()}
+            outcome.summary["drift"]["thresholds"] = thresholds
+        self._gpu_memory()
+
+    def _gpu_memory(self) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                self.metrics.gpu_memory.labels(str(i), "allocated").set(torch.cuda.memory_allocated(i))
+                self.metrics.gpu_memory.labels(str(i), "reserved").set(torch.cuda.memory_reserved(i))
+
+    @bentoml.api(route="/segment")
+    def segment(self, images: list[Path], tta: Optional[bool] = None, folds: Folds = None,
+                ctx: bentoml.Context = None) -> Path:
+        """Segment one scan: one image file per channel (NIfTI, NRRD, MHA, or a zip of one DICOM
+        series). Returns the label map in the input's format and geometry (NIfTI for DICOM).
+        Options: ``tta`` (test-time mirroring, default on), ``folds`` (e.g. ``"0,2"``; default all)."""
+        return self._run("segment", images, tta, folds, ctx).segmentation_file
+
+    @bentoml.api(route="/segment_summary")
+    def segment_summary(self, images: list[Path], tta: Optional[bool] = None, folds: Folds = None,
+                        ctx: bentoml.Context = None) -> dict[str, Any]:
+        """The same work as ``/segment``; answers with volume per label (ml), confidence, drift
+        scores, the model's name and version, and the seconds spent per stage."""
+        return self._run("segment_summary", images, tta, folds, ctx).summary
+
+    @bentoml.api(route="/model")
+    def model(self) -> dict[str, Any]:
+        """The model version being served and the service's settings."""
+        current = self.holder.current
+        return {"model": current.describe() if current else None, "last_error": self.holder.last_error,
+                "settings": describe(self.settings)}
+
+
+Segmentation.add_asgi_middleware(RequestBodyLimit, max_bytes=SETTINGS.max_request_bytes,
+                                  paths=("/segment", "/segment_summary"))
