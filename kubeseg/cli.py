@@ -103,12 +103,25 @@ def cmd_train(a) -> int:
     from kubeseg.workflow import parse_schedule
 
     fold = a.fold if a.fold == "all" else int(a.fold)
+    if a.previous_stage:  # every case of the fold needs its out-of-fold first-stage segmentation
+        from kubeseg.cascade import check_cascade_inputs
+        check_cascade_inputs(a.previous_stage, a.preprocessed_dir, a.configuration, fold, a.splits)
     settings = TrainSettings(device=a.device, schedule=parse_schedule(a.schedule), seed=a.seed,
                              num_workers=a.num_workers, splits_file=a.splits, previous_stage_dir=a.previous_stage,
                              run_validation=not a.no_validation, pretrained_weights=a.pretrained_weights,
                              log_to_console=False)
     folder = train_fold(a.preprocessed_dir, a.plans, a.configuration, fold, a.output, settings)
     print(f"fold {a.fold} of {a.configuration}: {folder}")
+    return 0
+
+
+def cmd_cascade_inputs(a) -> int:
+    from kubeseg.cascade import export_cascade_inputs
+
+    res = export_cascade_inputs(a.previous_model, a.preprocessed_dir, a.configuration, a.output, a.num_workers)
+    folds = ",".join(sorted(set(res.source_fold.values())))
+    print(f"{a.configuration}: {res.previous_stage}'s out-of-fold segmentations of {len(res.source_fold)} case(s) "
+          f"(folds {folds}) in {res.folder}; train with --previous-stage {res.folder}")
     return 0
 
 
@@ -317,13 +330,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'default' (1000 x 250), 'tiny', 'short', '<N>epochs' or 'EPOCHSxITERS[xVAL]'; env KUBESEG_SCHEDULE")
     p.add_argument("--seed", type=int, default=12345)
     p.add_argument("--splits", help="user-supplied splits_final.json")
-    p.add_argument("--previous-stage", help="cascade: folder of the low-res stage's predicted segmentations")
+    p.add_argument("--previous-stage", help="cascade: folder of the low-res stage's out-of-fold segmentations "
+                                            "(from kubeseg cascade-inputs)")
     p.add_argument("--no-validation", action="store_true", help="skip the held-out fold's full-case validation")
     p.add_argument("--pretrained-weights", metavar="PATH",
                    help="fine-tune: start from this checkpoint_final.pth of a compatible network "
                         "(output heads skipped if the labels differ; ignored when resuming)")
     _workers(p)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("cascade-inputs", help="export the first stage's out-of-fold segmentations on the cascade's "
+                                              "grid (the cascade's extra training input)")
+    p.add_argument("previous_model", help="the first stage's training output (<Trainer>__<Plans>__3d_lowres, "
+                                          "fold_*/validation/*.npz)")
+    p.add_argument("--preprocessed-dir", required=True, help="preprocessed dataset with the cascade's arrays")
+    p.add_argument("-c", "--configuration", default="3d_cascade_fullres", help="the cascade stage")
+    p.add_argument("-o", "--output", default=None,
+                   help="folder for <case>.npy (default PREVIOUS_MODEL/predicted_next_stage/<configuration>)")
+    _workers(p)
+    p.set_defaults(fn=cmd_cascade_inputs)
 
     p = sub.add_parser("predict", help="segment an image file or a folder of cases with a bundle or model folder")
     p.add_argument("-i", "--input", required=True, help="image file, or folder of <case>_<channel:04d><ending> files")

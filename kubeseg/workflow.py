@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 
 from kubeseg.errors import KubesegError
 from kubeseg.jsonio import read_json
+from kubeseg.planning.plans import configuration as resolve_configuration
 from kubeseg.training.schedule import Schedule, get_schedule
 
 TRAINER_NAME = "nnUNetTrainer"
@@ -34,10 +35,17 @@ def model_folder_name(plans: dict, configuration: str) -> str:
     return f"{TRAINER_NAME}__{plans.get('plans_name', 'nnUNetPlans')}__{configuration}"
 
 
+ALL_FOLDS = (0, 1, 2, 3, 4)
+
+
 def training_items(plans: dict, configurations: Sequence[str], folds: Sequence[int | str]) -> tuple[list, list]:
     """The training fan-out: ``(first_wave, cascade_wave)``, each a list of
     ``{"configuration": c, "fold": f}``. Cascade stages (``previous_stage`` in the plans) need the
-    first wave's predictions, so they form the second wave. Unknown configurations are refused."""
+    first wave's predictions, so they form the second wave. Unknown configurations are refused.
+
+    A cascade stage trains on its first stage's *out-of-fold* predictions of every case
+    (:mod:`kubeseg.cascade`), so when one is requested its first stage is trained on all five
+    folds (plus any other requested fold), whichever folds and configurations were asked for."""
     known = plans.get("configurations", {})
     unknown = [c for c in configurations if c not in known]
     if unknown:
@@ -50,11 +58,62 @@ def training_items(plans: dict, configurations: Sequence[str], folds: Sequence[i
     bad = [f for f in folds if f != "all" and not 0 <= f < 5]
     if bad:
         raise KubesegError(f"fold(s) {bad} out of range: folds are 0-4 (nnU-Net's 5-fold split) or 'all'")
-    first, cascade = [], []
+    first, cascade = {}, {}
     for c in dict.fromkeys(configurations):
-        wave = cascade if known[c].get("previous_stage") else first
-        wave.extend({"configuration": c, "fold": f} for f in dict.fromkeys(folds))
-    return first, cascade
+        prev = resolve_configuration(plans, c).get("previous_stage")
+        if prev is None:
+            first.setdefault(c, dict.fromkeys(folds))
+            continue
+        if prev not in known:
+            raise KubesegError(f"{c!r} cascades from {prev!r}, which is not in the plans")
+        if resolve_configuration(plans, prev).get("previous_stage"):
+            raise KubesegError(f"{c!r} cascades from {prev!r}, itself a cascade stage: only two stages are supported")
+        cascade[c] = dict.fromkeys(folds)
+        first[prev] = dict.fromkeys([*(first.get(prev) or {}), *ALL_FOLDS, *folds])
+    order = lambda fs: sorted(fs, key=lambda f: (f == "all", f if f != "all" else 0))  # noqa: E731
+    return ([{"configuration": c, "fold": f} for c, fs in first.items() for f in order(fs)],
+            [{"configuration": c, "fold": f} for c, fs in cascade.items() for f in order(fs)])
+
+
+def preprocess_configurations(plans: dict, configurations: Sequence[str]) -> list[str]:
+    """The configurations whose arrays training needs: the requested ones and their first stages,
+    one per data identifier (``3d_cascade_fullres`` shares ``3d_fullres``'s arrays)."""
+    wanted: list[str] = []
+    for c in configurations:
+        prev = resolve_configuration(plans, c).get("previous_stage")
+        wanted += [prev, c] if prev else [c]
+    out, seen = [], set()
+    for c in dict.fromkeys(wanted):
+        ident = resolve_configuration(plans, c)["data_identifier"]
+        if ident not in seen:
+            seen.add(ident)
+            out.append(c)
+    return out
+
+
+def cascade_wave_inputs(models_root: str | Path, preprocessed_dir: str | Path, cascade_items: Sequence[dict],
+                        out_dir: str | Path, num_workers: int | None = None) -> list[dict]:
+    """Before the cascade wave: for every cascade configuration among ``cascade_items``, export its
+    first stage's out-of-fold segmentations (the first stage's model folder in ``models_root``, as
+    :func:`gather_folds` made it) to ``out_dir/<configuration>`` and check that every requested
+    cascade fold has all its cases; returns ``cascade_items``."""
+    from kubeseg.cascade import check_cascade_inputs, export_cascade_inputs, previous_stage
+
+    pre = Path(preprocessed_dir)
+    plans = read_json(pre / "plans.json")
+    models_root, out_dir = Path(models_root), Path(out_dir)
+    for c in dict.fromkeys(i["configuration"] for i in cascade_items):
+        prev = previous_stage(plans, c)
+        if prev is None:
+            raise KubesegError(f"{c!r} is not a cascade stage")
+        folder = models_root / model_folder_name(plans, prev)
+        if not folder.is_dir():
+            raise KubesegError(f"{c!r} needs the trained {prev!r} folds in {folder}, which is missing")
+        export_cascade_inputs(folder, pre, c, out_dir / c, num_workers)
+        for item in cascade_items:
+            if item["configuration"] == c:
+                check_cascade_inputs(out_dir / c, pre, c, item["fold"])
+    return list(cascade_items)
 
 
 def gather_folds(fold_outputs: Iterable[str | Path], out_dir: str | Path) -> list[Path]:

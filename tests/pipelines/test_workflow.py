@@ -8,8 +8,8 @@ import pytest
 
 from kubeseg.errors import KubesegError
 from kubeseg.training.schedule import Schedule
-from kubeseg.workflow import (cv_table_rows, gather_folds, markdown_table, parse_schedule, text_table,
-                              training_items)
+from kubeseg.workflow import (cv_table_rows, gather_folds, markdown_table, parse_schedule, preprocess_configurations,
+                              text_table, training_items)
 
 PLANS = {"plans_name": "P", "configurations": {
     "2d": {}, "3d_fullres": {}, "3d_lowres": {"next_stage": "3d_cascade_fullres"},
@@ -31,10 +31,29 @@ def test_parse_schedule_refuses(text):
 
 def test_training_items_waves():
     first, cascade = training_items(PLANS, ["2d", "3d_lowres", "3d_cascade_fullres"], [0, "1"])
-    assert first == [{"configuration": "2d", "fold": 0}, {"configuration": "2d", "fold": 1},
-                     {"configuration": "3d_lowres", "fold": 0}, {"configuration": "3d_lowres", "fold": 1}]
+    # the cascade trains on out-of-fold low-res predictions of every case: low-res gets all five folds
+    assert first == [{"configuration": "2d", "fold": 0}, {"configuration": "2d", "fold": 1}] + [
+        {"configuration": "3d_lowres", "fold": f} for f in range(5)]
     assert cascade == [{"configuration": "3d_cascade_fullres", "fold": 0},
                        {"configuration": "3d_cascade_fullres", "fold": 1}]
+    # the first stage is added when only the cascade is asked for; "all" stays last
+    first, cascade = training_items(PLANS, ["3d_cascade_fullres"], ["all", 2])
+    assert [i["fold"] for i in first] == [0, 1, 2, 3, 4, "all"] and {i["configuration"] for i in first} == {
+        "3d_lowres"}
+    assert cascade == [{"configuration": "3d_cascade_fullres", "fold": 2},
+                       {"configuration": "3d_cascade_fullres", "fold": "all"}]
+    first, cascade = training_items(PLANS, ["3d_fullres", "2d"], [3])
+    assert cascade == [] and [i["configuration"] for i in first] == ["3d_fullres", "2d"]
+
+
+def test_preprocess_configurations():
+    plans = {"configurations": {**PLANS["configurations"],
+                                "3d_fullres": {"data_identifier": "P_3d_fullres"}, "2d": {"data_identifier": "P_2d"},
+                                "3d_lowres": {"inherits_from": "3d_fullres", "data_identifier": "P_3d_lowres"}}}
+    # the cascade shares 3d_fullres's arrays and needs its first stage's
+    assert preprocess_configurations(plans, ["3d_cascade_fullres"]) == ["3d_lowres", "3d_cascade_fullres"]
+    assert preprocess_configurations(plans, ["2d", "3d_fullres", "3d_cascade_fullres"]) == [
+        "2d", "3d_fullres", "3d_lowres"]
 
 
 @pytest.mark.parametrize("confs,folds,match", [(["3d"], [0], "not in the plans"), (["2d"], [5], "out of range"),
