@@ -16,11 +16,13 @@ import gzip
 import shutil
 import stat
 import zipfile
+import zlib
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -69,7 +71,7 @@ def sniff(path: Path) -> str:
         try:
             with gzip.open(path, "rb") as g:
                 inner = g.read(348)
-        except (OSError, EOFError):
+        except (OSError, EOFError, zlib.error):
             return "gzip_corrupt"
         return "nifti_gz" if _is_nifti(inner) else "gzip_other"
     if _is_nifti(head):
@@ -109,6 +111,13 @@ def _unsupported(name: str, kind: str) -> BadInput:
 
 def _check_header(path: Path, name: str, limits: Limits) -> None:
     """Dimension, size and voxel count from the header alone."""
+    if path.name.endswith((".nii", ".nii.gz")):  # ITK only says "not recognized" for a zero dimension
+        try:
+            shape = nib.load(path).header.get_data_shape()
+        except Exception:  # noqa: BLE001 - ITK's reader below reports what is wrong
+            shape = None
+        if shape is not None and any(int(s) == 0 for s in shape):
+            raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: the image has zero size {tuple(int(s) for s in shape)}")
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
