@@ -1,0 +1,161 @@
+{{/* Names ---------------------------------------------------------------------------------- */}}
+
+{{- define "kubeseg.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The resource name prefix: <release>-kubeseg, or <release> when it already says kubeseg. */}}
+{{- define "kubeseg.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kubeseg.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Component names (each under 63 characters: the prefix is cut at 40). */}}
+{{- define "kubeseg.segmentation.name" -}}{{ include "kubeseg.fullname" . }}-segmentation{{- end }}
+{{- define "kubeseg.trigger.name" -}}{{ include "kubeseg.fullname" . }}-trigger{{- end }}
+{{- define "kubeseg.mlflow.name" -}}{{ include "kubeseg.fullname" . }}-mlflow{{- end }}
+{{- define "kubeseg.upload.name" -}}{{ include "kubeseg.fullname" . }}-pipeline-upload{{- end }}
+
+{{- define "kubeseg.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kubeseg.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Labels ---------------------------------------------------------------------------------- */}}
+
+{{- define "kubeseg.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubeseg.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "kubeseg.labels" -}}
+helm.sh/chart: {{ include "kubeseg.chart" . }}
+{{ include "kubeseg.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubeseg
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Labels and selector labels of one component: include with (dict "ctx" $ "component" "x"). */}}
+{{- define "kubeseg.componentLabels" -}}
+{{ include "kubeseg.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "kubeseg.componentSelectorLabels" -}}
+{{ include "kubeseg.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Image ----------------------------------------------------------------------------------- */}}
+
+{{- define "kubeseg.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "kubeseg.mlflow.image" -}}
+{{- if .Values.mlflow.image.repository }}
+{{- printf "%s:%s" .Values.mlflow.image.repository (required "mlflow.image.tag is required with mlflow.image.repository" .Values.mlflow.image.tag) }}
+{{- else }}
+{{- include "kubeseg.image" . }}
+{{- end }}
+{{- end }}
+
+{{/* MLflow ---------------------------------------------------------------------------------- */}}
+
+{{/* The tracking URI the service, the trigger and pipeline runs use. */}}
+{{- define "kubeseg.mlflow.trackingUri" -}}
+{{- if .Values.mlflow.enabled }}
+{{- printf "http://%s.%s.svc:%d" (include "kubeseg.mlflow.name" .) .Release.Namespace (int .Values.mlflow.service.port) }}
+{{- else }}
+{{- required "mlflow.externalTrackingUri is required when mlflow.enabled is false" .Values.mlflow.externalTrackingUri }}
+{{- end }}
+{{- end }}
+
+{{/* Pods ------------------------------------------------------------------------------------ */}}
+
+{{- define "kubeseg.podSecurityContext" -}}
+{{ toYaml .Values.podSecurityContext }}
+{{- end }}
+
+{{- define "kubeseg.securityContext" -}}
+{{ toYaml .Values.securityContext }}
+{{- end }}
+
+{{- define "kubeseg.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Environment variables from a dict NAME -> value; null values are left out (the program's
+     own default applies). Include with (dict "env" (dict ...)). */}}
+{{- define "kubeseg.optionalEnv" -}}
+{{- range $name, $value := .env }}
+{{- if not (kindIs "invalid" $value) }}
+- name: {{ $name }}
+  value: {{ include "kubeseg.envValue" $value }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The projected ServiceAccount token for Kubeflow Pipelines' API (multi-user mode). */}}
+{{- define "kubeseg.kfpTokenVolume" -}}
+{{- if .Values.kubeflow.serviceAccountToken.enabled }}
+- name: kfp-token
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          audience: {{ .Values.kubeflow.serviceAccountToken.audience }}
+          expirationSeconds: {{ .Values.kubeflow.serviceAccountToken.expirationSeconds }}
+{{- end }}
+{{- end }}
+
+{{- define "kubeseg.kfpTokenMount" -}}
+{{- if .Values.kubeflow.serviceAccountToken.enabled }}
+- name: kfp-token
+  mountPath: /var/run/secrets/kubeflow/pipelines
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "kubeseg.kfpTokenEnv" -}}
+{{- if .Values.kubeflow.serviceAccountToken.enabled }}
+- name: KF_PIPELINES_SA_TOKEN_PATH
+  value: /var/run/secrets/kubeflow/pipelines/token
+{{- end }}
+{{- end }}
+
+{{/* A value as a quoted environment string. Helm reads numbers as float64, which would print
+     1073741824 as "1.073741824e+09": whole numbers are printed as integers. */}}
+{{- define "kubeseg.envValue" -}}
+{{- if and (kindIs "float64" .) (eq . (floor .)) }}
+{{- . | int64 | toString | quote }}
+{{- else }}
+{{- . | toString | quote }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,431 @@
+"""The Helm chart, rendered offline with Helm's own Go library (helm-python-sdk): it lints clean,
+every manifest passes kubernetes-validate --strict (oldest supported and newest Kubernetes) or
+its Prometheus Operator CRD schema, and the pieces fit together (selectors, ports, probes,
+security contexts, Secrets, the alert route, one source for the rules and the dashboards)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python")
+pytest.importorskip("kubernetes_validate")
+
+from tests.charts.helpers import (  # noqa: E402
+    CHART, GPU_VALUES, NAMESPACE, RULES_FILE, by_kind, env_of, kube_versions, labels_match, load_values, manifests,
+    one, pod_specs, render, validate, validate_crd, validate_kube,
+)
+
+FULL = "kubeseg"  # release "kubeseg": resource names are kubeseg-<component>
+SEG, TRIG, MLF, UPLOAD = f"{FULL}-segmentation", f"{FULL}-trigger", f"{FULL}-mlflow", f"{FULL}-pipeline-upload"
+
+# the service's and the trigger's settings (services/settings.py) and what the chart adds for a
+# read-only root filesystem
+SERVICE_ENV = {"KUBESEG_MODEL_NAME", "KUBESEG_MODEL_ALIAS", "KUBESEG_MODEL_BUNDLE", "MLFLOW_TRACKING_URI",
+               "KUBESEG_DEVICE", "KUBESEG_MAX_CONCURRENCY", "KUBESEG_MAX_REQUEST_BYTES", "KUBESEG_MAX_VOXELS",
+               "KUBESEG_MIN_SIZE", "KUBESEG_REGISTRY_POLL_SECONDS", "KUBESEG_CACHE_DIR", "KUBESEG_TTA", "KUBESEG_STEP",
+               "KUBESEG_DRIFT_WINDOW", "KUBESEG_DRIFT_THRESHOLD_INTENSITY", "KUBESEG_DRIFT_THRESHOLD_SPACING",
+               "KUBESEG_DRIFT_THRESHOLD_SHAPE"}
+TRIGGER_ENV = {"KUBESEG_TRIGGER_MODE", "KUBESEG_KFP_HOST", "KUBESEG_TRIGGER_COOLDOWN_SECONDS",
+               "KUBESEG_TRIGGER_AUDIT_LOG", "KUBESEG_RETRAIN_DATASET", "KUBESEG_RETRAIN_NEW_CASES",
+               "KUBESEG_RETRAIN_MODE", "KUBESEG_RETRAIN_SCHEDULE", "KUBESEG_RETRAIN_WORK_DIR", "KUBESEG_MODEL_NAME",
+               "MLFLOW_TRACKING_URI"}
+RUNTIME_ENV = {"HOME", "BENTOML_HOME", "MPLCONFIGDIR", "TORCH_HOME", "KUBESEG_IMAGE", "KF_PIPELINES_SA_TOKEN_PATH"}
+
+SETUPS = {
+    "default": lambda: {},
+    "gpu-production": lambda: load_values(GPU_VALUES),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SETUPS))
+def setup(request):
+    values = SETUPS[request.param]()
+    return request.param, values, manifests(render(values))
+
+
+@pytest.fixture(scope="module")
+def default_docs():
+    return manifests(render({}))
+
+
+@pytest.fixture(scope="module")
+def gpu_docs():
+    return manifests(render(load_values(GPU_VALUES)))
+
+
+def _container(docs, kind, name, container=None):
+    spec = one(docs, kind, name)["spec"]["template"]["spec"]
+    cs = spec["containers"]
+    return cs[0] if container is None else next(c for c in cs if c["name"] == container)
+
+
+# -- Helm: lint, schema, render ------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(SETUPS))
+def test_lint_is_clean(name):
+    values = SETUPS[name]()
+    for version in kube_versions():
+        report = helm.lint(CHART, values, strict=True, kube_version=f"v{version}.0")
+        assert report["errors"] == [] and report["messages"] == [], (version, report)
+
+
+def test_values_schema_accepts_the_shipped_values_and_rejects_mistakes():
+    with helm.Chart.load(CHART) as chart:
+        assert chart.schema is not None
+        chart.validate_schema({})
+        chart.validate_schema(load_values(GPU_VALUES))
+        for bad, where in [
+            ({"segmentation": {"replicaCount": "two"}}, "replicaCount"),
+            ({"segmentation": {"replicas": 2}}, "replicas"),  # a typo of replicaCount
+            ({"segmentation": {"device": "gpu"}}, "device"),
+            ({"mlflow": {"backendStore": {"password": "hunter2"}}}, "password"),  # credentials only from Secrets
+            ({"trigger": {"mode": "remote"}}, "mode"),
+            ({"monitoring": {"serviceMonitor": {"interval": "30 seconds"}}}, "interval"),
+            ({"mlflow": {"artifactStore": {"destination": "/data/artifacts"}}}, "destination"),
+        ]:
+            with pytest.raises(helm.HelmValuesError, match=where):
+                chart.validate_schema(bad)
+
+
+def test_default_render_has_every_component(default_docs):
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in default_docs}
+    for expected in [("Deployment", SEG), ("Service", SEG), ("HorizontalPodAutoscaler", SEG),
+                     ("PodDisruptionBudget", SEG), ("NetworkPolicy", SEG),
+                     ("Deployment", TRIG), ("Service", TRIG), ("AlertmanagerConfig", TRIG), ("NetworkPolicy", TRIG),
+                     ("Deployment", MLF), ("Service", MLF), ("NetworkPolicy", MLF),
+                     ("Job", UPLOAD), ("ConfigMap", UPLOAD),
+                     ("ServiceMonitor", SEG), ("ServiceMonitor", TRIG), ("ServiceMonitor", MLF),
+                     ("PrometheusRule", FULL), ("ServiceAccount", FULL),
+                     ("ConfigMap", f"{FULL}-dashboard-serving"), ("ConfigMap", f"{FULL}-dashboard-drift-quality")]:
+        assert expected in kinds, expected
+    assert not by_kind(default_docs, "Ingress")  # optional, off by default
+    assert not by_kind(default_docs, "Secret")  # credentials are never rendered
+    assert all(d["metadata"].get("namespace") == NAMESPACE for d in default_docs)
+
+
+def test_gpu_production_render_has_ingresses_and_a_volume(gpu_docs):
+    assert {i["metadata"]["name"] for i in by_kind(gpu_docs, "Ingress")} == {SEG, MLF}
+    assert one(gpu_docs, "PersistentVolumeClaim", TRIG)
+    assert not by_kind(gpu_docs, "Secret")
+
+
+# -- schemas: Kubernetes (strict) and the Prometheus Operator's CRDs -------------------------------
+
+def test_every_manifest_validates(setup):
+    name, _, docs = setup
+    versions = kube_versions()
+    used = {"crd": set(), "kubernetes": set()}
+    for doc in docs:
+        used[validate(doc, versions)].add(doc["kind"])
+    assert used["crd"] == {"ServiceMonitor", "PrometheusRule", "AlertmanagerConfig"}, used
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "Job",
+            "ConfigMap", "ServiceAccount"} <= used["kubernetes"], used
+
+
+def test_the_validators_reject_broken_objects(default_docs):
+    """The checks above are only worth something if they fail on mistakes."""
+    version = kube_versions()[-1]
+    dep = json.loads(json.dumps(one(default_docs, "Deployment", SEG)))
+    dep["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}  # wrong case: unknown field
+    with pytest.raises(AssertionError, match="readinessprobe"):
+        validate_kube(dep, version)
+
+    broken = [
+        ("ServiceMonitor", SEG, lambda d: d["spec"]["endpoints"][0].update(intervall="30s"), "intervall"),
+        ("ServiceMonitor", SEG, lambda d: d["spec"]["endpoints"][0].update(interval="30 s"), "does not match"),
+        ("ServiceMonitor", SEG, lambda d: d["spec"].pop("selector"), "selector"),
+        ("PrometheusRule", FULL, lambda d: d["spec"]["groups"][0]["rules"][0].update({"for": "a minute"}), "a minute"),
+        ("PrometheusRule", FULL, lambda d: d["spec"]["groups"][0]["rules"][0].pop("expr"), "expr"),
+        ("AlertmanagerConfig", TRIG, lambda d: d["spec"]["route"]["matchers"][0].update(matchType="=="), "=="),
+        ("AlertmanagerConfig", TRIG, lambda d: d["spec"]["receivers"][0]["webhookConfigs"][0].update(uri="x"), "uri"),
+    ]
+    for kind, name, breaks, message in broken:
+        doc = json.loads(json.dumps(one(default_docs, kind, name)))
+        validate_crd(doc)
+        breaks(doc)
+        with pytest.raises(AssertionError, match=message):
+            validate_crd(doc)
+
+
+# -- monitoring: one source for the rules; the route to the trigger -------------------------------
+
+def test_prometheusrule_is_the_rule_file(setup):
+    _, _, docs = setup
+    rules = yaml.safe_load(RULES_FILE.read_text())
+    rule = one(docs, "PrometheusRule", FULL)
+    assert rule["spec"] == rules  # embedded as it is, nothing added or lost
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    annotations = [r["annotations"]["description"] for g in rule["spec"]["groups"] for r in g["rules"]]
+    assert any("{{ $labels.check }}" in a for a in annotations)  # not templated by Helm
+
+
+def test_rules_are_not_copied_anywhere_in_the_chart():
+    template = (CHART / "templates" / "monitoring" / "prometheusrule.yaml").read_text()
+    assert '.Files.Get "files/prometheus-rules.yaml"' in template
+    alerts = [r["alert"] for g in yaml.safe_load(RULES_FILE.read_text())["groups"] for r in g["rules"] if "alert" in r]
+    for path in CHART.rglob("*"):
+        if path.is_file() and path != RULES_FILE and path.suffix in (".yaml", ".yml", ".tpl", ".json"):
+            text = path.read_text()
+            assert not any(f"alert: {a}" in text for a in alerts), f"{path} copies an alert rule"
+
+
+def _matches(matchers, labels):
+    ops = {"=": lambda v, x: x == v, "!=": lambda v, x: x != v}
+    return all(ops[m.get("matchType", "=")](m.get("value", ""), labels.get(m["name"], "")) for m in matchers)
+
+
+def test_alertmanagerconfig_routes_retrain_alerts_to_the_trigger(setup):
+    _, _, docs = setup
+    amc = one(docs, "AlertmanagerConfig", TRIG)["spec"]
+    route, receivers = amc["route"], {r["name"]: r for r in amc["receivers"]}
+    assert route["receiver"] in receivers
+    rules = [r for g in yaml.safe_load(RULES_FILE.read_text())["groups"] for r in g["rules"] if "alert" in r]
+    retrain = {r["alert"] for r in rules if _matches(route["matchers"], r.get("labels", {}))}
+    assert retrain == {r["alert"] for r in rules if r.get("labels", {}).get("kubeseg_action") == "retrain"}
+    assert "KubesegInputDrift" in retrain and "KubesegHighErrorRate" not in retrain
+    # the webhook is the trigger's Service, its port, POST /alerts
+    (hook,) = receivers[route["receiver"]]["webhookConfigs"]
+    svc = one(docs, "Service", TRIG)
+    (port,) = svc["spec"]["ports"]
+    assert hook["url"] == f"http://{TRIG}.{NAMESPACE}.svc:{port['port']}/alerts"
+    container = _container(docs, "Deployment", TRIG)
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}[port["targetPort"]] == 8090
+
+
+def test_servicemonitors_scrape_metrics_of_existing_services(setup):
+    _, _, docs = setup
+    services = by_kind(docs, "Service")
+    for sm in by_kind(docs, "ServiceMonitor"):
+        selector = sm["spec"]["selector"]["matchLabels"]
+        targets = [s for s in services if labels_match(selector, s["metadata"]["labels"])]
+        assert len(targets) == 1, (sm["metadata"]["name"], [s["metadata"]["name"] for s in targets])
+        assert sm["spec"]["namespaceSelector"]["matchNames"] == [targets[0]["metadata"]["namespace"]]
+        ports = {p["name"] for p in targets[0]["spec"]["ports"]}
+        for ep in sm["spec"]["endpoints"]:
+            assert ep["port"] in ports and ep["path"] == "/metrics"
+        assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_dashboards_are_configmaps_for_grafanas_sidecar(setup):
+    _, _, docs = setup
+    files = {p.name: json.loads(p.read_text()) for p in (CHART / "dashboards").glob("*.json")}
+    assert set(files) == {"serving.json", "drift-quality.json"}
+    seen = {}
+    for cm in by_kind(docs, "ConfigMap"):
+        if cm["metadata"]["labels"].get("grafana_dashboard") == "1":
+            for key, text in cm["data"].items():
+                seen[key] = json.loads(text)
+            assert cm["metadata"]["annotations"]["grafana_folder"] == "kubeseg"
+    assert seen == files
+
+
+# -- workloads: services, probes, security, environment --------------------------------------------
+
+def test_services_and_networkpolicies_select_the_pods(setup):
+    _, _, docs = setup
+    pods = {d["metadata"]["name"]: d["spec"]["template"] for d in by_kind(docs, "Deployment")}
+    for svc in by_kind(docs, "Service"):
+        name = svc["metadata"]["name"]
+        template = pods[name]
+        assert labels_match(svc["spec"]["selector"], template["metadata"]["labels"]), name
+        names = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+        assert all(p["targetPort"] in names for p in svc["spec"]["ports"]), name
+    for np in by_kind(docs, "NetworkPolicy"):
+        name = np["metadata"]["name"]
+        assert labels_match(np["spec"]["podSelector"]["matchLabels"], pods[name]["metadata"]["labels"]), name
+        ports = {p["containerPort"] for c in pods[name]["spec"]["containers"] for p in c.get("ports", [])}
+        for rule in np["spec"]["ingress"]:
+            assert {p["port"] for p in rule["ports"]} <= ports, name
+    # the service and the trigger may reach MLflow's pods
+    mlflow_labels = pods[MLF]["metadata"]["labels"]
+    for name in (SEG, TRIG):
+        egress = one(docs, "NetworkPolicy", name)["spec"]["egress"]
+        assert any(labels_match(peer.get("podSelector", {}).get("matchLabels", {"-": "-"}), mlflow_labels)
+                   for rule in egress for peer in rule.get("to", [])), name
+
+
+def test_pods_run_as_non_root_with_a_read_only_root_filesystem(setup):
+    _, _, docs = setup
+    specs = pod_specs(docs)
+    assert len(specs) == 4  # segmentation, trigger, MLflow, upload Job
+    for where, spec in specs:
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
+        assert spec["automountServiceAccountToken"] is False, where
+        volumes = {v["name"] for v in spec.get("volumes", [])}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc["runAsUser"] != 0, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False, where
+            assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"], where
+            mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+            assert "/tmp" in mounts, f"{where}: a read-only root filesystem needs a writable /tmp"
+            assert set(mounts.values()) <= volumes, where
+            assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], where
+
+
+def test_segmentation_service_container(setup):
+    name, values, docs = setup
+    dep = one(docs, "Deployment", SEG)
+    c = _container(docs, "Deployment", SEG)
+    assert c["command"] == ["bentoml", "serve", "services.service:Segmentation"]
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 3000}
+    assert c["args"][-2:] == ["--port", "3000"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+    assert c["startupProbe"]["httpGet"]["path"] == "/livez"
+    env = env_of(c)
+    assert set(env) <= SERVICE_ENV | RUNTIME_ENV, set(env) - SERVICE_ENV - RUNTIME_ENV
+    assert env["MLFLOW_TRACKING_URI"] == f"http://{MLF}.{NAMESPACE}.svc:5000"
+    assert env["KUBESEG_MODEL_NAME"] == "kubeseg-segmentation" and env["KUBESEG_MODEL_ALIAS"] == "champion"
+    assert "KUBESEG_MODEL_BUNDLE" not in env  # the service refuses both a bundle and a registry name
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert env["KUBESEG_CACHE_DIR"] in mounts
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0  # a swap never drops capacity
+    hpa = one(docs, "HorizontalPodAutoscaler", SEG)
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": SEG}
+    assert "replicas" not in dep["spec"]  # the HPA owns the replica count
+    pdb = one(docs, "PodDisruptionBudget", SEG)
+    assert labels_match(pdb["spec"]["selector"]["matchLabels"], dep["spec"]["template"]["metadata"]["labels"])
+
+
+def test_cpu_and_gpu_variants(default_docs, gpu_docs):
+    cpu = _container(default_docs, "Deployment", SEG)
+    assert env_of(cpu)["KUBESEG_DEVICE"] == "auto"
+    assert not any("gpu" in k for k in cpu["resources"].get("limits", {}))
+    assert "tolerations" not in one(default_docs, "Deployment", SEG)["spec"]["template"]["spec"]
+
+    gpu = _container(gpu_docs, "Deployment", SEG)
+    pod = one(gpu_docs, "Deployment", SEG)["spec"]["template"]["spec"]
+    assert env_of(gpu)["KUBESEG_DEVICE"] == "cuda"
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # large numbers stay integers (Helm reads numbers as float64)
+    assert env_of(gpu)["KUBESEG_MAX_REQUEST_BYTES"] == "1073741824"
+    hpa = one(gpu_docs, "HorizontalPodAutoscaler", SEG)["spec"]
+    assert hpa["minReplicas"] == 2
+    assert [m["type"] for m in hpa["metrics"]] == ["Pods"]
+    assert hpa["metrics"][0]["pods"]["metric"]["name"] == "kubeseg_inflight_requests"
+    assert one(gpu_docs, "PodDisruptionBudget", SEG)["spec"] == {
+        "minAvailable": 1, "selector": one(gpu_docs, "PodDisruptionBudget", SEG)["spec"]["selector"]}
+    ing = one(gpu_docs, "Ingress", SEG)["spec"]
+    assert ing["rules"][0]["http"]["paths"][0]["backend"]["service"] == {"name": SEG, "port": {"number": 3000}}
+    assert ing["tls"][0]["hosts"] == ["segment.example.org"]
+
+
+def test_trigger_container(setup):
+    name, values, docs = setup
+    dep = one(docs, "Deployment", TRIG)
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    c = _container(docs, "Deployment", TRIG)
+    assert c["command"] == ["python", "-m", "services.trigger"]
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
+    env = env_of(c)
+    assert set(env) <= TRIGGER_ENV | RUNTIME_ENV, set(env) - TRIGGER_ENV - RUNTIME_ENV
+    assert env["KUBESEG_TRIGGER_MODE"] == "cluster"
+    assert env["KUBESEG_KFP_HOST"] == "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
+    state = {m["mountPath"] for m in c["volumeMounts"]}
+    for path in (env["KUBESEG_TRIGGER_AUDIT_LOG"], env["KUBESEG_RETRAIN_WORK_DIR"]):
+        assert any(path.startswith(m + "/") for m in state), path
+    if name == "gpu-production":
+        assert env["KUBESEG_RETRAIN_DATASET"].startswith("s3://")
+        volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["state"]["persistentVolumeClaim"]["claimName"] == TRIG
+
+
+def test_mlflow_credentials_come_from_secrets_only(setup):
+    _, values, docs = setup
+    c = _container(docs, "Deployment", MLF)
+    env = {e["name"]: e for e in c["env"]}
+    for name in ("MLFLOW_PG_USER", "MLFLOW_PG_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"], name
+    assert env["MLFLOW_PG_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgresql"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-s3"
+    uri = env["MLFLOW_BACKEND_STORE_URI"]["value"]
+    assert uri.startswith("postgresql://$(MLFLOW_PG_USER):$(MLFLOW_PG_PASSWORD)@")  # expanded by the kubelet
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"]["value"].startswith("s3://")
+    assert c["command"] == ["mlflow", "server"] and "--serve-artifacts" in c["args"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    allowed = env["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")
+    assert f"{MLF}.{NAMESPACE}.svc:*" in allowed  # the tracking URI's Host header
+    for ing in by_kind(docs, "Ingress"):
+        if ing["metadata"]["name"] == MLF:
+            assert all(r["host"] in allowed for r in ing["spec"]["rules"])
+    # no credential anywhere in plain text
+    for doc in docs:
+        text = yaml.safe_dump(doc)
+        assert "hunter2" not in text and "AWS_SECRET_ACCESS_KEY: " not in text
+
+
+def test_mlflow_whole_uri_from_a_secret_and_external_mlflow():
+    docs = manifests(render({"mlflow": {"backendStore": {"uriKey": "uri"}}}))
+    env = {e["name"]: e for e in _container(docs, "Deployment", MLF)["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-postgresql", "key": "uri"}
+    assert "MLFLOW_PG_PASSWORD" not in env
+
+    docs = manifests(render({"mlflow": {"enabled": False, "externalTrackingUri": "https://mlflow.example.org"}}))
+    assert not [d for d in docs if d["metadata"]["name"] == MLF]
+    assert env_of(_container(docs, "Deployment", SEG))["MLFLOW_TRACKING_URI"] == "https://mlflow.example.org"
+    with pytest.raises(helm.HelmRenderError, match="externalTrackingUri"):
+        render({"mlflow": {"enabled": False}})
+
+
+def test_model_bundle_instead_of_the_registry():
+    docs = manifests(render({"model": {"bundle": "/models/bundle"}}))
+    env = env_of(_container(docs, "Deployment", SEG))
+    assert env["KUBESEG_MODEL_BUNDLE"] == "/models/bundle"
+    assert "KUBESEG_MODEL_NAME" not in env
+
+
+def test_pipeline_upload_job(setup):
+    _, values, docs = setup
+    job = one(docs, "Job", UPLOAD)
+    ann = job["metadata"]["annotations"]
+    assert ann["helm.sh/hook"] == "post-install,post-upgrade"
+    assert ann["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    spec = job["spec"]["template"]["spec"]
+    assert spec["restartPolicy"] == "Never"
+    c = spec["containers"][0]
+    assert c["command"] == ["python", "/opt/kubeseg-upload/upload_pipeline.py"]
+    env = env_of(c)
+    assert env["KUBESEG_PIPELINE_VERSION"] == "0.1.0-r1"
+    assert env["KUBESEG_IMAGE"] == c["image"]  # the pipeline's tasks run this release's image
+    cm = one(docs, "ConfigMap", UPLOAD)
+    assert cm["data"]["upload_pipeline.py"] == (CHART / "files" / "upload_pipeline.py").read_text().rstrip("\n")
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == "/opt/kubeseg-upload")
+    assert volumes[mount["name"]]["configMap"]["name"] == UPLOAD
+
+
+def test_kubeflow_multi_user_token():
+    docs = manifests(render({"kubeflow": {"serviceAccountToken": {"enabled": True}}}))
+    for kind, name in (("Deployment", TRIG), ("Job", UPLOAD)):
+        spec = one(docs, kind, name)["spec"]["template"]["spec"]
+        (token,) = [v for v in spec["volumes"] if v["name"] == "kfp-token"]
+        assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "pipelines.kubeflow.org"
+        c = spec["containers"][0]
+        assert env_of(c)["KF_PIPELINES_SA_TOKEN_PATH"] == "/var/run/secrets/kubeflow/pipelines/token"
+        validate(one(docs, kind, name), kube_versions())
+
+
+def test_everything_off_still_renders():
+    off = {"segmentation": {"enabled": False}, "trigger": {"enabled": False}, "mlflow": {"enabled": False,
+           "externalTrackingUri": "http://mlflow:5000"}, "pipelineUpload": {"enabled": False},
+           "monitoring": {"serviceMonitor": {"enabled": False}, "prometheusRule": {"enabled": False},
+                          "dashboards": {"enabled": False}}, "networkPolicy": {"enabled": False}}
+    docs = manifests(render(off))
+    assert [d["kind"] for d in docs] == ["ServiceAccount"]
+
+
+def test_long_release_names_stay_within_kubernetes_limits():
+    name = "a-very-long-release-name-for-kubeseg-xx"  # 39 characters, Helm allows 53
+    docs = manifests(render({}, name=name))
+    for doc in docs:
+        assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
+    for doc in docs:
+        validate(doc, kube_versions()[-1:])
