@@ -159,9 +159,9 @@ class Trigger:
 
 def pipeline_starter(settings: TriggerSettings) -> Starter:
     """Start ``pipelines/retraining.py`` through the one small client (local or cluster)."""
-    from pipelines.client import RetrainRequest, start_retraining
-
     def start(reason: dict) -> dict:
+        from pipelines.client import RetrainRequest, start_retraining
+
         request = RetrainRequest(
             dataset=settings.dataset, new_cases=settings.new_cases, model_name=settings.model_name,
             tracking_uri=settings.tracking_uri, mode=settings.retrain_mode, schedule=settings.schedule,

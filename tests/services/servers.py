@@ -1,0 +1,142 @@
+"""Real servers for the service integration tests: bentoml serve, the trigger, Prometheus, Alertmanager."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from tests.pipelines.helpers import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+RULES = REPO / "charts" / "kubeseg" / "files" / "prometheus-rules.yaml"
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except OSError:
+        return 0, b""
+
+
+class Server:
+    """A subprocess in its own process group, healthy when ``health`` answers 200; log kept in ``log_path``."""
+
+    def __init__(self, name: str, cmd: list[str], health: str, root: Path, env: Optional[dict] = None,
+                 startup_s: float = 180):
+        self.name, self.cmd, self.health, self.startup_s = name, cmd, health, startup_s
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = root / f"{name}.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def __enter__(self) -> "Server":
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=REPO, start_new_session=True)
+        deadline = time.time() + self.startup_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.tail()}")
+            if http_get(self.health, 2)[0] == 200:
+                return self
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"{self.name} not healthy after {self.startup_s} s:\n{self.tail()}")
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log_path.read_text()[-n:] if self.log_path.exists() else ""
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def bentoml_server(root: Path, env: dict) -> Server:
+    port = free_port()
+    bentoml = Path(sys.executable).with_name("bentoml")
+    s = Server("bentoml", [str(bentoml), "serve", "services.service:Segmentation", "--host", "127.0.0.1",
+                           "--port", str(port)], f"http://127.0.0.1:{port}/readyz", root,
+               {"BENTOML_HOME": str(root / "bentoml_home"), **env}, startup_s=300)
+    s.url = f"http://127.0.0.1:{port}"
+    return s
+
+
+def trigger_server(root: Path, env: dict) -> Server:
+    port = free_port()
+    s = Server("trigger", [sys.executable, "-m", "services.trigger", "--host", "127.0.0.1", "--port", str(port)],
+               f"http://127.0.0.1:{port}/livez", root, env)
+    s.url = f"http://127.0.0.1:{port}"
+    return s
+
+
+def alertmanager_server(root: Path, webhook_url: str) -> Server:
+    port = free_port()
+    config = root / "alertmanager.yml"
+    # one notification per alert name (several drift checks firing = one group = one run)
+    config.write_text(json.dumps({
+        "route": {"receiver": "null", "group_by": ["alertname"], "group_wait": "1s", "group_interval": "5s",
+                  "repeat_interval": "10s",
+                  "routes": [{"receiver": "kubeseg-retrain", "matchers": ['kubeseg_action="retrain"']}]},
+        "receivers": [{"name": "null"},
+                      {"name": "kubeseg-retrain", "webhook_configs": [{"url": webhook_url, "send_resolved": True}]}],
+    }))
+    binary = shutil.which("prometheus-alertmanager") or "alertmanager"
+    s = Server("alertmanager", [binary, f"--config.file={config}", f"--storage.path={root / 'am-data'}",
+                                f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address="],
+               f"http://127.0.0.1:{port}/-/ready", root)
+    s.url = f"http://127.0.0.1:{port}"
+    return s
+
+
+def prometheus_server(root: Path, targets: dict[str, str], alertmanager: str) -> Server:
+    port = free_port()
+    config = root / "prometheus.yml"
+    config.write_text(json.dumps({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager.split("//")[1]]}]}]},
+        "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [url.split("//")[1]]}]}
+                           for job, url in targets.items()],
+    }))
+    s = Server("prometheus", ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={root / 'prom-data'}",
+                              f"--web.listen-address=127.0.0.1:{port}"], f"http://127.0.0.1:{port}/-/ready", root)
+    s.url = f"http://127.0.0.1:{port}"
+    return s
+
+
+def prom_query(prometheus_url: str, expr: str) -> list[dict]:
+    """Instant query; the result vector (empty list when no data)."""
+    status, body = http_get(f"{prometheus_url}/api/v1/query?query={urllib.parse.quote(expr)}")
+    data = json.loads(body or b"{}")
+    if status != 200 or data.get("status") != "success":
+        raise AssertionError(f"query {expr!r} failed ({status}): {body[:500]!r}")
+    return data["data"]["result"]
+
+
+def wait_for(what: str, check, timeout: float, interval: float = 1.0):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")

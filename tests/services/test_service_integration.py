@@ -1,0 +1,272 @@
+"""The whole serving loop with real parts: a real MLflow server holds the model; `bentoml serve`
+loads the champion from it; Prometheus (Debian's) scrapes the service and the trigger and
+evaluates the repo's alert rules; Alertmanager (Debian's) routes the drift alert to the real
+retraining trigger, which starts a real retraining pipeline run (kfp.local).
+
+The tests run in file order on one stack (module fixture): bad inputs first, then drift → alert
+→ exactly one retraining run, then promotion and rollback while requests flow, then every
+Grafana panel's query against the Prometheus that watched it all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from tests.services.bad_inputs import LIMITS, bad_requests, dicom_zip
+from tests.services.servers import (alertmanager_server, bentoml_server, http_get, prom_query, prometheus_server,
+                                    trigger_server, wait_for)
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None
+                       or (shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")) is None,
+                       reason="Debian's prometheus and prometheus-alertmanager are not installed (.ci/run installs them)"),
+]
+
+NAME = "svc-seg"
+INTENSITY_THRESHOLD = 0.5  # settable; the tiny test model's in-distribution scores stay well below
+
+
+def _post(url: str, files: list[tuple[str, bytes]], fields: dict | None = None, timeout: float = 300):
+    import httpx
+
+    return httpx.post(url, files=[("images", (name, data, "application/octet-stream")) for name, data in files],
+                      data={k: str(v) for k, v in (fields or {}).items()}, timeout=timeout)
+
+
+def _error(response) -> str:
+    body = response.json()
+    body = body[0] if isinstance(body, list) else body  # BentoML wraps 4xx bodies in a list
+    return body["error"]
+
+
+def _shifted(case: Path, out: Path) -> Path:
+    """The same scan with another intensity scale and a coarser slice spacing."""
+    image = sitk.ReadImage(str(case))
+    array = sitk.GetArrayFromImage(image).astype(np.float32) * 1.6 + 200
+    shifted = sitk.GetImageFromArray(array)
+    shifted.CopyInformation(image)
+    shifted.SetSpacing([s * f for s, f in zip(image.GetSpacing(), (1.0, 1.0, 1.5))])
+    sitk.WriteImage(shifted, str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    import torch
+
+    from kubeseg.registry import GateSettings, promote, register_bundle
+    from tests.pipelines.helpers import MlflowServer
+    from tests.services.helpers import served_bundle
+
+    root = tmp_path_factory.mktemp("serving")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cached = os.environ.get("KUBESEG_TEST_MODEL_DIR")  # reuse a trained model between local runs
+    try:
+        model_dir = Path(cached) if cached else root / "model"
+        made = served_bundle(model_dir) if not (model_dir / "bundle").is_dir() else {
+            "raw": model_dir / "raw" / "Dataset001_SynthCT", "bundle": model_dir / "bundle"}
+    finally:
+        torch.set_num_threads(threads)
+    new_cases = root / "new_cases"
+    shutil.copytree(made["raw"] / "imagesTr", new_cases / "imagesTr", ignore=lambda d, f: [x for x in f if "004" not in x])
+    shutil.copytree(made["raw"] / "labelsTr", new_cases / "labelsTr", ignore=lambda d, f: [x for x in f if "004" not in x])
+    for folder in ("imagesTr", "labelsTr"):  # the "new" case under a name the dataset does not have yet
+        for f in (new_cases / folder).iterdir():
+            f.rename(f.with_name(f.name.replace("synth_004", "new_104")))
+    with MlflowServer(root / "mlflow") as mlflow:
+        register_bundle(made["bundle"], NAME, mlflow.uri)
+        gate = GateSettings(holdout=str(made["raw"] / "imagesTs"), device="cpu")
+        promote(NAME, "1", gate, mlflow.uri)
+        common = {"MLFLOW_TRACKING_URI": mlflow.uri, "KUBESEG_MODEL_NAME": NAME, "PYTHONPATH": str(Path.cwd())}
+        trigger_env = {**common, "KUBESEG_TRIGGER_MODE": "local", "KUBESEG_RETRAIN_DATASET": str(made["raw"]),
+                       "KUBESEG_RETRAIN_NEW_CASES": str(new_cases), "KUBESEG_RETRAIN_SCHEDULE": "1x2x1",
+                       "KUBESEG_RETRAIN_WORK_DIR": str(root / "retraining"),
+                       "KUBESEG_TRIGGER_AUDIT_LOG": str(root / "audit.jsonl"),
+                       "KUBESEG_TRIGGER_COOLDOWN_SECONDS": "3600"}
+        service_env = {**common, **LIMITS, "KUBESEG_MODEL_ALIAS": "champion", "KUBESEG_DEVICE": "cpu",
+                       "KUBESEG_REGISTRY_POLL_SECONDS": "1", "KUBESEG_DRIFT_WINDOW": "3", "KUBESEG_TTA": "false",
+                       "KUBESEG_DRIFT_THRESHOLD_INTENSITY": str(INTENSITY_THRESHOLD),
+                       "KUBESEG_CACHE_DIR": str(root / "model-cache"), "OMP_NUM_THREADS": "1"}
+        with trigger_server(root, trigger_env) as trigger, \
+                alertmanager_server(root, f"{trigger.url}/alerts") as alertmanager, \
+                bentoml_server(root, service_env) as service, \
+                prometheus_server(root, {"kubeseg": service.url, "kubeseg-trigger": trigger.url},
+                                  alertmanager.url) as prometheus:
+            yield {"gate": gate, "root": root, "raw": made["raw"], "bundle": made["bundle"], "mlflow": mlflow.uri,
+                   "service": service, "trigger": trigger, "alertmanager": alertmanager, "prometheus": prometheus,
+                   "audit": root / "audit.jsonl"}
+            _stop_retraining_runs(root / "audit.jsonl")
+
+
+def _stop_retraining_runs(audit: Path) -> None:
+    """The retraining run started by the trigger goes on in the background; end it with the tests."""
+    if not audit.is_file():
+        return
+    for line in audit.read_text().splitlines():
+        pid = (json.loads(line).get("run") or {}).get("pid")
+        if pid:
+            try:
+                os.killpg(int(pid), signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def _metric(service_url: str, name: str, labels: str = "") -> float | None:
+    status, body = http_get(f"{service_url}/metrics")
+    for line in body.decode().splitlines():
+        if line.startswith(name + (("{" + labels) if labels else "")) and not line.startswith("#"):
+            key = line.split(" ")[0]
+            if labels or key == name:
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_bad_inputs_get_4xx_and_the_service_keeps_serving(stack):
+    url = stack["service"].url
+    good_case = sorted((stack["raw"] / "imagesTs").iterdir())[0]
+    bad = bad_requests(good_case)
+    assert len(bad) >= 12
+    for b in bad:
+        r = _post(f"{url}/segment", b.files, b.fields)
+        assert r.status_code == b.status, (b.kind, r.status_code, r.text[:300])
+        assert b.message.lower() in _error(r).lower(), (b.kind, r.text[:300])
+    r = _post(f"{url}/segment", [], {})
+    assert r.status_code == 400  # no image at all
+    # still serving: NIfTI in → NIfTI out with the input's geometry; a DICOM series zip works too
+    r = _post(f"{url}/segment", [(good_case.name, good_case.read_bytes())])
+    assert r.status_code == 200, r.text[:300]
+    out = stack["root"] / "answer.nii.gz"
+    out.write_bytes(r.content)
+    seg, image = sitk.ReadImage(str(out)), sitk.ReadImage(str(good_case))
+    assert seg.GetSize() == image.GetSize() and np.allclose(seg.GetSpacing(), image.GetSpacing())
+    assert np.allclose(seg.GetDirection(), image.GetDirection()) and np.allclose(seg.GetOrigin(), image.GetOrigin())
+    assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1, 2, 3}
+    r = _post(f"{url}/segment_summary", [("study.zip", dicom_zip(image))])
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["model"] == {"name": NAME, "version": "1", "alias": "champion"}
+    assert _metric(url, "kubeseg_requests_total", 'endpoint="segment",status="422"') >= 5
+    assert _metric(url, "kubeseg_requests_total", 'endpoint="segment",status="413"') >= 2
+
+
+def test_drift_fires_the_alert_and_exactly_one_retraining_run_starts(stack):
+    url, prom = stack["service"].url, stack["prometheus"].url
+    in_distribution = sorted((stack["raw"] / "imagesTr").iterdir())[:3]
+    for case in in_distribution:
+        r = _post(f"{url}/segment_summary", [(case.name, case.read_bytes())])
+        assert r.status_code == 200, r.text[:300]
+        summary = r.json()
+        assert summary["drift"]["scores"]["spacing"] == 0.0 and summary["volumes_ml"]["body"] > 0
+        assert set(summary["timings_seconds"]) == {"decode", "preprocess", "inference", "postprocess", "encode"}
+    window = wait_for("the window scores in Prometheus",
+                      lambda: prom_query(prom, 'kubeseg_drift_window_score{check="intensity"}'), 20)
+    assert float(window[0]["value"][1]) < INTENSITY_THRESHOLD
+    time.sleep(3)
+    assert prom_query(prom, 'ALERTS{alertname="KubesegInputDrift"}') == []
+    assert not stack["audit"].exists() or "started" not in stack["audit"].read_text()
+
+    shifted_dir = stack["root"] / "shifted"
+    shifted_dir.mkdir()
+    for case in in_distribution:
+        s = _shifted(case, shifted_dir / case.name)
+        r = _post(f"{url}/segment_summary", [(s.name, s.read_bytes())])
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["drift"]["scores"]["spacing"] > 0.1
+    drifted = wait_for("the drift window above its threshold",
+                       lambda: prom_query(prom, "kubeseg_drift_window_score > kubeseg_drift_threshold"), 20)
+    assert {d["metric"]["check"] for d in drifted} >= {"spacing"}
+    wait_for("the drift alert to fire",
+             lambda: prom_query(prom, 'ALERTS{alertname="KubesegInputDrift", alertstate="firing"}'), 150, 2)
+
+    def started():
+        if not stack["audit"].is_file():
+            return None
+        entries = [json.loads(x) for x in stack["audit"].read_text().splitlines()]
+        return [e for e in entries if e["event"] == "started"] or None
+
+    runs = wait_for("the trigger to start a retraining run", started, 60)
+    time.sleep(25)  # Alertmanager re-sends the firing group (repeat_interval 10 s): no second run
+    entries = [json.loads(x) for x in stack["audit"].read_text().splitlines()]
+    runs = [e for e in entries if e["event"] == "started"]
+    assert len(runs) == 1, entries
+    assert any(e["event"] == "suppressed" and e["reason"] == "duplicate" for e in entries), entries
+    run = runs[0]
+    assert "KubesegInputDrift" in run["reason"] and "drifted" in run["reason"]
+    assert run["alerts"][0]["labels"]["kubeseg_action"] == "retrain"
+    assert run["run"]["mode"] == "local" and run["run"]["run_id"]
+    # the run really started: the local client's status file and log exist
+    status_file = Path(run["run"]["status_path"]) if run["run"].get("status_path") else None
+    assert Path(run["run"]["log_path"]).exists() or (status_file and status_file.exists())
+    started_metric = prom_query(stack["prometheus"].url, "kubeseg_retraining_runs_started_total")
+    assert started_metric and float(started_metric[0]["value"][1]) == 1
+
+
+def test_promotion_and_rollback_while_requests_flow(stack):
+    from kubeseg.registry import promote, register_bundle, rollback
+
+    url, uri = stack["service"].url, stack["mlflow"]
+    case = sorted((stack["raw"] / "imagesTr").iterdir())[0]
+    payload = [(case.name, case.read_bytes())]
+    results: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            r = _post(f"{url}/segment_summary", payload)
+            results.append((r.status_code, r.json()["model"]["version"] if r.status_code == 200 else r.text[:200]))
+
+    worker = threading.Thread(target=client)
+    worker.start()
+    try:
+        wait_for("first requests", lambda: len(results) >= 2, 120)
+        register_bundle(stack["bundle"], NAME, uri)  # version 2
+        promote(NAME, "2", stack["gate"], uri)
+        wait_for("the service to serve version 2", lambda: _metric(url, "kubeseg_model_version") == 2.0, 120)
+        n = len(results)
+        wait_for("requests on version 2", lambda: any(v == "2" for _, v in results[n:]), 120)
+        rollback(NAME, uri)
+        wait_for("the service to serve version 1 again", lambda: _metric(url, "kubeseg_model_version") == 1.0, 120)
+        n = len(results)
+        wait_for("requests on version 1 again", lambda: any(v == "1" for _, v in results[n:]), 120)
+    finally:
+        stop.set()
+        worker.join(300)
+    failures = [r for r in results if r[0] != 200]
+    assert failures == [], failures
+    versions = [v for _, v in results]
+    first_two = versions.index("2")
+    assert "1" in versions[:first_two] and "1" in versions[first_two:]
+    assert _metric(url, "kubeseg_model_info", f'alias="champion",name="{NAME}",version="1"') == 1.0
+    assert _metric(url, "kubeseg_model_info", f'alias="champion",name="{NAME}",version="2"') == 0.0
+    assert _metric(url, "kubeseg_model_swaps_total", 'result="success"') == 2.0
+    history = prom_query(stack["prometheus"].url, "max_over_time(kubeseg_model_version[10m])")
+    assert float(history[0]["value"][1]) == 2.0
+    ready = http_get(f"{url}/readyz")
+    assert ready[0] == 200
+
+
+def test_every_dashboard_panel_query_returns_data(stack):
+    dashboards = Path(__file__).resolve().parents[2] / "charts" / "kubeseg" / "dashboards"
+    panel_queries = pytest.importorskip("tests.charts.dashboards").panel_queries
+    files = sorted(dashboards.glob("*.json"))
+    assert files, f"no dashboards in {dashboards}"
+    time.sleep(3)  # one more scrape after the last requests
+    empty = []
+    for f in files:
+        for title, expr in panel_queries(f, {"namespace": ".*", "model": NAME, "job": ".*"}):
+            if "gpu" in expr.lower():
+                continue  # GPU memory exists only where there is a GPU
+            if not prom_query(stack["prometheus"].url, expr):
+                empty.append((f.name, title, expr))
+    assert empty == [], empty
