@@ -40,3 +40,28 @@ bench: $(VENV)/.test
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
+
+# `make image`: the kubeseg image (Dockerfile: components, pipeline tasks, service, trigger, MLflow
+# server) and the BentoML Bento of the service (bentofile.yaml), containerized. Needs docker or
+# podman with a running engine; says so and stops where there is none.
+KUBESEG_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= ghcr.io/kubeseg/kubeseg:$(KUBESEG_VERSION)
+BENTO_IMAGE ?= ghcr.io/kubeseg/kubeseg-bento:$(KUBESEG_VERSION)
+CONTAINER_ENGINE ?= $(shell command -v docker 2>/dev/null || command -v podman 2>/dev/null)
+
+.PHONY: image
+image:
+	@if [ -z "$(CONTAINER_ENGINE)" ]; then \
+	  echo "make image: no container engine found: install docker or podman, or name one with CONTAINER_ENGINE=..." >&2; \
+	  exit 1; fi
+	@if ! $(CONTAINER_ENGINE) info >/dev/null 2>&1; then \
+	  echo "make image: '$(CONTAINER_ENGINE) info' fails: the container engine is not running or not reachable (start the docker daemon or the podman machine)" >&2; \
+	  exit 1; fi
+	$(CONTAINER_ENGINE) build -t $(IMAGE) .
+	$(MAKE) $(VENV)/.base
+	$(PIP) install -q -c constraints.txt -e '.[serving,registry]'
+	rm -rf build/wheels && $(PIP) wheel -q --no-deps -w build/wheels .
+	# the service reads its settings at import; bentoml build imports it without loading a model
+	KUBESEG_MODEL_NAME=bentoml-build $(VENV)/bin/bentoml build -f bentofile.yaml --version $(KUBESEG_VERSION)
+	$(VENV)/bin/bentoml containerize kubeseg:$(KUBESEG_VERSION) --backend $(notdir $(CONTAINER_ENGINE)) -t $(BENTO_IMAGE)
+	@echo "built $(IMAGE) (chart, pipelines) and $(BENTO_IMAGE) (Bento of the service)"
