@@ -60,6 +60,14 @@ def cmd_dataset_synth(a) -> int:
     return 0
 
 
+def cmd_dataset_merge(a) -> int:
+    from kubeseg.dataset_merge import merge_cases
+
+    res = merge_cases(a.raw_dir, a.new_cases, a.output, a.num_workers, overwrite=a.overwrite)
+    print(f"{len(res.added)} new case(s) merged into {res.dataset} ({res.num_training} training cases)")
+    return 0
+
+
 def cmd_fingerprint(a) -> int:
     from kubeseg.fingerprint import extract_fingerprint, write_fingerprint
 
@@ -280,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    ds = sub.add_parser("dataset", help="check or synthesize raw datasets").add_subparsers(dest="action", required=True)
+    ds = sub.add_parser("dataset", help="check, synthesize or extend raw datasets") \
+        .add_subparsers(dest="action", required=True)
     p = ds.add_parser("check", help="validate a raw nnU-Net v2 dataset; exit 1 on problems")
     p.add_argument("raw_dir")
     _workers(p)
@@ -295,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default=None, help="dataset name in dataset.json")
     p.set_defaults(fn=cmd_dataset_synth)
+    p = ds.add_parser("merge", help="a copy of a raw dataset with new labelled cases added")
+    p.add_argument("raw_dir")
+    p.add_argument("new_cases", help="nnU-Net-format folder (imagesTr, labelsTr) or loose <case>_0000 + <case> files")
+    p.add_argument("-o", "--output", required=True, help="the new dataset folder")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    _workers(p)
+    p.set_defaults(fn=cmd_dataset_merge)
 
     p = sub.add_parser("fingerprint", help="extract the dataset fingerprint")
     p.add_argument("raw_dir")

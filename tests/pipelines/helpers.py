@@ -23,6 +23,20 @@ def tiny_raw(root: Path, cases: int = 6, test_cases: int = 1) -> Path:
     return raw
 
 
+def new_cases(root: Path, cases: int = 2, loose: bool = False, prefix: str = "new", seed: int = 7) -> Path:
+    """Labelled cases shaped like :func:`tiny_raw`'s, named ``<prefix>_NNN``: an nnU-Net-format folder
+    (``imagesTr``/``labelsTr``, no dataset.json) or, with ``loose``, all files in one folder."""
+    from kubeseg.synth import SynthSettings, synthesize
+
+    src = synthesize(root / f".{prefix}_src", SynthSettings(kind="ct", num_cases=cases, shape=TINY_SHAPE, seed=seed))
+    out = root / (f"{prefix}_loose" if loose else f"{prefix}_cases")
+    for sub, dst in (("imagesTr", "" if loose else "imagesTr"), ("labelsTr", "" if loose else "labelsTr")):
+        (out / dst).mkdir(parents=True, exist_ok=True)
+        for f in sorted((src / sub).glob("synth_*")):
+            f.rename(out / dst / f.name.replace("synth_", f"{prefix}_"))
+    return out
+
+
 def tiny_bundle(root: Path) -> dict:
     """Raw dataset → plans (small preset) → 3d_fullres fold 0 trained for 2 x 4 iterations →
     selection → bundle. About 20 s on 2 cores."""
