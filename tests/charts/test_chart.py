@@ -6,6 +6,7 @@ security contexts, Secrets, the alert route, one source for the rules and the da
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -21,17 +22,20 @@ from tests.charts.helpers import (  # noqa: E402
 FULL = "kubeseg"  # release "kubeseg": resource names are kubeseg-<component>
 SEG, TRIG, MLF, UPLOAD = f"{FULL}-segmentation", f"{FULL}-trigger", f"{FULL}-mlflow", f"{FULL}-pipeline-upload"
 
-# the service's and the trigger's settings (services/settings.py) and what the chart adds for a
-# read-only root filesystem
-SERVICE_ENV = {"KUBESEG_MODEL_NAME", "KUBESEG_MODEL_ALIAS", "KUBESEG_MODEL_BUNDLE", "MLFLOW_TRACKING_URI",
-               "KUBESEG_DEVICE", "KUBESEG_MAX_CONCURRENCY", "KUBESEG_MAX_REQUEST_BYTES", "KUBESEG_MAX_VOXELS",
-               "KUBESEG_MIN_SIZE", "KUBESEG_REGISTRY_POLL_SECONDS", "KUBESEG_CACHE_DIR", "KUBESEG_TTA", "KUBESEG_STEP",
-               "KUBESEG_DRIFT_WINDOW", "KUBESEG_DRIFT_THRESHOLD_INTENSITY", "KUBESEG_DRIFT_THRESHOLD_SPACING",
-               "KUBESEG_DRIFT_THRESHOLD_SHAPE"}
-TRIGGER_ENV = {"KUBESEG_TRIGGER_MODE", "KUBESEG_KFP_HOST", "KUBESEG_TRIGGER_COOLDOWN_SECONDS",
-               "KUBESEG_TRIGGER_AUDIT_LOG", "KUBESEG_RETRAIN_DATASET", "KUBESEG_RETRAIN_NEW_CASES",
-               "KUBESEG_RETRAIN_MODE", "KUBESEG_RETRAIN_SCHEDULE", "KUBESEG_RETRAIN_WORK_DIR", "KUBESEG_MODEL_NAME",
-               "MLFLOW_TRACKING_URI"}
+
+
+def _settings_env(cls_name: str) -> set[str]:
+    """The environment variables services/settings.py reads for one settings class."""
+    import inspect
+
+    settings = pytest.importorskip("services.settings")
+    source = inspect.getsource(getattr(settings, cls_name).from_env)
+    return set(re.findall(r'"((?:KUBESEG|MLFLOW)_[A-Z0-9_]+)"', source))
+
+
+# the service's and the trigger's settings, and what the chart adds for a read-only root filesystem
+SERVICE_ENV = _settings_env("ServiceSettings")
+TRIGGER_ENV = _settings_env("TriggerSettings")
 RUNTIME_ENV = {"HOME", "BENTOML_HOME", "MPLCONFIGDIR", "TORCH_HOME", "KUBESEG_IMAGE", "KF_PIPELINES_SA_TOKEN_PATH"}
 
 SETUPS = {
@@ -429,3 +433,22 @@ def test_long_release_names_stay_within_kubernetes_limits():
         assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
     for doc in docs:
         validate(doc, kube_versions()[-1:])
+
+
+def test_every_setting_the_chart_can_pass_is_one_the_programs_read():
+    assert {"KUBESEG_MODEL_NAME", "KUBESEG_CACHE_DIR", "KUBESEG_DRIFT_WINDOW"} <= SERVICE_ENV
+    assert {"KUBESEG_TRIGGER_MODE", "KUBESEG_RETRAIN_DATASET", "KUBESEG_TRIGGER_AUDIT_LOG"} <= TRIGGER_ENV
+    everything = {
+        "segmentation": {"settings": {"maxConcurrency": 2, "maxRequestBytes": 10, "maxVoxels": 10,
+                                      "registryPollSeconds": 5, "driftWindow": 3, "minSize": 2, "tta": False,
+                                      "step": 0.5, "driftThresholds": {"intensity": 1, "spacing": 1, "shape": 1}}},
+        "trigger": {"cooldownSeconds": 10, "retrainDataset": "s3://b/d", "retrainNewCases": "s3://b/n",
+                    "retrainMode": "retrain", "retrainSchedule": "short"},
+    }
+    docs = manifests(render(everything))
+    seg = env_of(_container(docs, "Deployment", SEG))
+    assert set(seg) <= SERVICE_ENV | RUNTIME_ENV, set(seg) - SERVICE_ENV - RUNTIME_ENV
+    assert seg["KUBESEG_TTA"] == "false" and seg["KUBESEG_STEP"] == "0.5" and seg["KUBESEG_MAX_CONCURRENCY"] == "2"
+    trig = env_of(_container(docs, "Deployment", TRIG))
+    assert set(trig) <= TRIGGER_ENV | RUNTIME_ENV, set(trig) - TRIGGER_ENV - RUNTIME_ENV
+    assert trig["KUBESEG_RETRAIN_MODE"] == "retrain" and trig["KUBESEG_TRIGGER_COOLDOWN_SECONDS"] == "10"

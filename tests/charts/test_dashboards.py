@@ -203,3 +203,21 @@ def test_panels_that_may_legitimately_be_empty_fall_back_to_zero(queries):
                         "kubeseg_trigger_alerts_total", "kubeseg_trigger_suppressed_total"}
         if names & maybe_absent:
             assert re.search(r"or (on \(\) )?vector\(0\)$", expr), (title, expr)
+
+
+def test_the_metric_list_is_what_the_service_and_the_trigger_define():
+    """METRICS above is the interface; services/metrics.py and services/trigger.py define it.
+    Skipped where the serving extra is missing."""
+    pytest.importorskip("prometheus_client")
+    import dataclasses
+
+    metrics = pytest.importorskip("services.metrics")
+    trigger = pytest.importorskip("services.trigger")
+    defined = {}
+    for holder in (metrics.service_metrics(), trigger.trigger_metrics()):
+        for f in dataclasses.fields(holder):
+            m = getattr(holder, f.name)
+            if hasattr(m, "_type"):
+                name = m._name + ("_total" if m._type == "counter" else "")
+                defined[name] = (m._type, set(m._labelnames))
+    assert defined == METRICS
