@@ -26,12 +26,15 @@ COPY components ./components
 COPY pipelines ./pipelines
 COPY services ./services
 # keep the base image's CUDA torch: pin it so that no dependency replaces it.
-# pipelines: kfp; registry: MLflow; serving: BentoML and prometheus-client. psycopg2 and boto3
-# are for `mlflow server` on PostgreSQL with an S3-compatible artifact store (the chart's MLflow).
+# pipelines: kfp; registry: MLflow; serving: BentoML and prometheus-client. psycopg2, boto3 and
+# prometheus-flask-exporter are for the chart's `mlflow server`: PostgreSQL, an S3-compatible
+# artifact store, and its /metrics (--expose-prometheus).
 RUN echo "torch==$(python -c 'import torch; print(torch.__version__)')" > /tmp/torch-pin.txt \
  && pip install -c /tmp/torch-pin.txt '.[pipelines,registry,serving]' 'psycopg2-binary>=2.9,<3' 'boto3>=1.34,<2' \
+      'prometheus-flask-exporter>=0.23,<1' \
  && rm /tmp/torch-pin.txt \
- && python -c "import torch, kfp, mlflow, bentoml, prometheus_client, psycopg2, boto3, kubeseg.training.trainer, \
+ && python -c "import torch, kfp, mlflow, bentoml, prometheus_client, psycopg2, boto3, prometheus_flask_exporter, \
+kubeseg.training.trainer, \
 kubeseg.registry, components, pipelines.training, services.settings, services.metrics, services.trigger; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'kfp', kfp.__version__, 'mlflow', mlflow.__version__, \
 'bentoml', bentoml.__version__)"

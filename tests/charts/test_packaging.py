@@ -37,7 +37,8 @@ def test_dockerfile_builds_the_one_image_for_every_component():
     extras = re.search(r"'\.\[([a-z,]+)\]'", run).group(1).split(",")
     assert {"pipelines", "registry", "serving"} <= set(extras)  # kfp, MLflow, BentoML preinstalled
     assert set(extras) <= set(PYPROJECT["project"]["optional-dependencies"])
-    assert "psycopg2" in run and "boto3" in run  # MLflow server on PostgreSQL + S3
+    # MLflow server on PostgreSQL + S3, and its /metrics (mlflow needs prometheus-flask-exporter for it)
+    assert "psycopg2" in run and "boto3" in run and "prometheus-flask-exporter" in run
     # non-root, with the uid the chart's securityContext runs as
     users = [v for k, v in ins if k == "USER"]
     assert users and users[-1] not in ("0", "root")
