@@ -164,7 +164,7 @@ def pipeline_starter(settings: TriggerSettings) -> Starter:
 
         request = RetrainRequest(
             dataset=settings.dataset, new_cases=settings.new_cases, model_name=settings.model_name,
-            tracking_uri=settings.tracking_uri, mode=settings.retrain_mode, schedule=settings.schedule,
+            tracking_uri=settings.tracking_uri or "", mode=settings.retrain_mode, schedule=settings.schedule,
             host=settings.kfp_host if settings.mode == "cluster" else None, work_dir=str(settings.work_dir),
             reason=reason["reason"])
         run = start_retraining(request)

@@ -51,12 +51,12 @@ def _error(response) -> str:
 
 
 def _shifted(case: Path, out: Path) -> Path:
-    """The same scan with another intensity scale and a coarser slice spacing."""
+    """The same scan with another intensity scale and a coarser spacing."""
     image = sitk.ReadImage(str(case))
     array = sitk.GetArrayFromImage(image).astype(np.float32) * 1.6 + 200
     shifted = sitk.GetImageFromArray(array)
     shifted.CopyInformation(image)
-    shifted.SetSpacing([s * f for s, f in zip(image.GetSpacing(), (1.0, 1.0, 1.5))])
+    shifted.SetSpacing([s * 2.0 for s in image.GetSpacing()])
     sitk.WriteImage(shifted, str(out))
     return out
 
