@@ -75,6 +75,35 @@ class _TooLarge(Exception):
     pass
 
 
+_holder: Optional[ModelHolder] = None  # this worker's model holder, for /readyz
+
+
+class ReadyWithVersion:
+    """ASGI middleware: ``GET /readyz`` answers which model version serves (JSON), 503 until one does.
+
+    BentoML's own ``/readyz`` only says yes or no; a person rolling out a promotion wants the version.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] != "/readyz":
+            return await self.app(scope, receive, send)
+        import json
+
+        current = _holder.current if _holder is not None else None
+        if current is None:
+            status, body = 503, {"ready": False,
+                                 "reason": (_holder.last_error if _holder else None) or "model is loading"}
+        else:
+            status, body = 200, {"ready": True, "model": current.describe()}
+        data = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+        await send({"type": "http.response.body", "body": data})
+
+
 Folds = Optional[Union[str, int, list[Union[int, str]]]]  # "0,2", 0 or [0, 2]: form fields arrive as JSON
 
 
@@ -108,6 +137,8 @@ class Segmentation:
         self._work_root = Path(tempfile.mkdtemp(prefix="kubeseg-requests-"))
         self._inflight_lock = threading.Lock()
         self.holder = ModelHolder(SETTINGS, self._swapped, self._swap_failed)
+        global _holder
+        _holder = self.holder
         log.info("kubeseg service settings: %s", describe(SETTINGS))
         self.holder.start()
 
@@ -207,5 +238,6 @@ class Segmentation:
                 "settings": describe(self.settings)}
 
 
+Segmentation.add_asgi_middleware(ReadyWithVersion)
 Segmentation.add_asgi_middleware(RequestBodyLimit, max_bytes=SETTINGS.max_request_bytes,
                                   paths=("/segment", "/segment_summary"))

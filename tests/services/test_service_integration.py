@@ -230,9 +230,15 @@ def test_promotion_and_rollback_while_requests_flow(stack):
     worker.start()
     try:
         wait_for("first requests", lambda: len(results) >= 2, 120)
+        for probe in ("livez", "readyz"):  # health answers while the service is busy
+            t = time.perf_counter()
+            status, body = http_get(f"{url}/{probe}", timeout=5)
+            assert status == 200 and time.perf_counter() - t < 5, (probe, status)
+        assert json.loads(http_get(f"{url}/readyz")[1])["model"]["version"] == "1"
         register_bundle(stack["bundle"], NAME, uri)  # version 2
         promote(NAME, "2", stack["gate"], uri)
         wait_for("the service to serve version 2", lambda: _metric(url, "kubeseg_model_version") == 2.0, 120)
+        assert json.loads(http_get(f"{url}/readyz")[1])["model"]["version"] == "2"
         n = len(results)
         wait_for("requests on version 2", lambda: any(v == "2" for _, v in results[n:]), 120)
         rollback(NAME, uri)
@@ -253,7 +259,7 @@ def test_promotion_and_rollback_while_requests_flow(stack):
     history = prom_query(stack["prometheus"].url, "max_over_time(kubeseg_model_version[10m])")
     assert float(history[0]["value"][1]) == 2.0
     ready = http_get(f"{url}/readyz")
-    assert ready[0] == 200
+    assert ready[0] == 200 and json.loads(ready[1])["model"]["version"] == "1"
 
 
 def test_every_dashboard_panel_query_returns_data(stack):
