@@ -60,7 +60,7 @@ class ServiceSettings:
     model_bundle: Optional[Path] = None  # a bundle folder instead of the registry
     tracking_uri: Optional[str] = None  # MLflow; None: MLFLOW_TRACKING_URI or MLflow's default
     device: str = "auto"
-    max_concurrency: int = 4  # requests inside the service at once; more get HTTP 503
+    max_concurrency: int = 4  # requests inside the service at once; more get HTTP 429
     max_request_bytes: int = 512 * 1024 * 1024
     max_voxels: int = 512 * 512 * 1024  # per channel; larger images get HTTP 413
     min_size: int = 2  # voxels per axis below which an image is refused
