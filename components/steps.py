@@ -22,18 +22,22 @@ component = dsl.component(base_image=IMAGE, install_kfp_package=False)
 
 @component
 def open_run(mlflow_uri: str, experiment: str, model_name: str, dataset_uri: str, configurations: list,
-             folds: list, schedule: str, pipeline_run: str, tracking: Output[Artifact]):
+             folds: list, schedule: str, pipeline_run: str, tracking: Output[Artifact], kind: str = "training",
+             new_cases_uri: str = "", mode: str = ""):
     """Open the MLflow parent run of this pipeline run (tracking is off if `mlflow_uri` is empty).
 
-    The output names the tracking URI and the run; training, selection and registration nest under it."""
+    The output names the tracking URI and the run; training, selection and registration nest under it.
+    `kind`: training or retraining (then `new_cases_uri` and `mode` are recorded too)."""
     from kubeseg.tracking import start_pipeline_run, write_run_ref
 
     run_id = ""
     if mlflow_uri:
-        run_id = start_pipeline_run(mlflow_uri, experiment, run_name=f"training {pipeline_run}",
-                                    params={"dataset_uri": dataset_uri, "configurations": configurations,
-                                            "folds": folds, "schedule": schedule, "model_name": model_name},
-                                    tags={"kubeseg.pipeline_run": pipeline_run})
+        params = {"dataset_uri": dataset_uri, "configurations": configurations, "folds": folds,
+                  "schedule": schedule, "model_name": model_name}
+        if kind != "training":
+            params.update({"new_cases_uri": new_cases_uri, "mode": mode})
+        run_id = start_pipeline_run(mlflow_uri, experiment, run_name=f"{kind} {pipeline_run}", params=params,
+                                    tags={"kubeseg.pipeline_run": pipeline_run, "kubeseg.pipeline": kind})
     write_run_ref(tracking.path, mlflow_uri, run_id, experiment)
     tracking.metadata.update({"tracking_uri": mlflow_uri, "run_id": run_id})
 
@@ -45,6 +49,16 @@ def close_run(mlflow_uri: str, experiment: str, pipeline_run: str, status: dsl.P
 
     if mlflow_uri:
         close_pipeline_run(mlflow_uri, experiment, pipeline_run, status.state)
+
+
+@component
+def merge_cases(raw: Input[Dataset], new_cases: Input[Dataset], num_workers: int, merged: Output[Dataset]):
+    """Retraining: a copy of the raw dataset with the new labelled cases added (nnU-Net folder or
+    loose files); name clashes and broken cases are refused by name, nothing half-written."""
+    from kubeseg.dataset_merge import merge_cases as merge
+
+    res = merge(raw.path, new_cases.path, merged.path, None if num_workers < 0 else num_workers, overwrite=True)
+    merged.metadata.update({"added": list(res.added), "num_training": res.num_training})
 
 
 @component
@@ -60,11 +74,15 @@ def fingerprint(raw: Input[Dataset], num_workers: int, fingerprint: Output[Datas
 
 @component
 def plan(raw: Input[Dataset], fingerprint: Input[Dataset], preset: str, configurations: list, folds: list,
-         plans: Output[Artifact], summary: Output[Markdown]) -> list:
+         plans: Output[Artifact], summary: Output[Markdown], cascade_wave: dsl.OutputPath(list),
+         preprocess_configurations: dsl.OutputPath(list)) -> list:
     """Plan the configurations (nnU-Net v2 `plans.json`: patch, batch, topology, spacing,
-    normalization) and return the training fan-out, one item per (configuration, fold).
+    normalization) and return the first training wave, one item per (configuration, fold).
 
-    The Markdown output shows the plans at a glance."""
+    Cascade stages (3d_cascade_fullres) form a second wave (`cascade_wave`): they train on their
+    first stage's out-of-fold predictions, so that stage is trained on all five folds in the first
+    wave. `preprocess_configurations`: whose arrays training needs. The Markdown shows the plans."""
+    import json
     from pathlib import Path
 
     from kubeseg.dataset import load_dataset_json
@@ -72,19 +90,49 @@ def plan(raw: Input[Dataset], fingerprint: Input[Dataset], preset: str, configur
     from kubeseg.jsonio import write_json
     from kubeseg.planning.planner import plan_experiment, planner_settings
     from kubeseg.planning.summary import plans_markdown
-    from kubeseg.workflow import training_items
+    from kubeseg.workflow import preprocess_configurations as needed, training_items, waves_markdown
 
     p = plan_experiment(load_dataset_json(raw.path), read_fingerprint(fingerprint.path), planner_settings(preset),
                         dataset_name=Path(raw.path).name)
     first, cascade = training_items(p, configurations, folds)
-    if cascade:
-        from kubeseg.errors import KubesegError
-        raise KubesegError(f"cascade configurations {sorted({i['configuration'] for i in cascade})} are not "
-                           "trained by the pipeline yet (they need the low-res stage's predictions)")
     write_json(p, plans.path)
+    Path(cascade_wave).write_text(json.dumps(cascade))
+    Path(preprocess_configurations).write_text(json.dumps(needed(p, configurations)))
     Path(summary.path).write_text(f"### Plans `{p['plans_name']}` for `{p['dataset_name']}`\n\n"
-                                  + plans_markdown(p) + f"\n\n{len(first)} training task(s)\n")
+                                  + plans_markdown(p) + "\n\n" + waves_markdown(first, cascade) + "\n")
     return first
+
+
+@component
+def plan_retraining(raw: Input[Dataset], fingerprint: Input[Dataset], mode: str, model_name: str, mlflow_uri: str,
+                    preset: str, configurations: list, folds: list, plans: Output[Artifact],
+                    summary: Output[Markdown], champion: Output[Model], cascade_wave: dsl.OutputPath(list),
+                    preprocess_configurations: dsl.OutputPath(list), candidates: dsl.OutputPath(list)) -> list:
+    """Retraining's plan: `finetune` downloads the champion bundle (`champion`, checksums verified),
+    keeps its plans and members (configurations, folds: the champion's unless given); `retrain`
+    plans the merged dataset anew (configurations: the champion's, else 2d and 3d_fullres; folds:
+    all five) and leaves `champion` empty. Returns the first training wave, as the plan step does."""
+    import json
+    from pathlib import Path
+
+    from kubeseg.jsonio import write_json
+    from kubeseg.planning.summary import plans_markdown
+    from kubeseg.retraining import plan_retraining as make_plan
+    from kubeseg.tracking import require_tracking_uri
+    from kubeseg.workflow import waves_markdown
+
+    r = make_plan(mode, raw.path, fingerprint.path, model_name, require_tracking_uri(mlflow_uri), champion.path,
+                  preset, configurations, folds)
+    write_json(r.plans, plans.path)
+    Path(cascade_wave).write_text(json.dumps(r.cascade_wave))
+    Path(preprocess_configurations).write_text(json.dumps(r.preprocess_configurations))
+    Path(candidates).write_text(json.dumps(r.candidates))
+    champion.metadata.update({"version": r.champion_version or "", "mode": r.mode})
+    head = f"### Retraining ({r.mode}" + (f" from {model_name} version {r.champion_version}" if r.champion_version
+                                          else "") + f"): plans `{r.plans['plans_name']}`\n\n"
+    Path(summary.path).write_text(head + "; ".join(r.notes) + "\n\n" + plans_markdown(r.plans) + "\n\n"
+                                  + waves_markdown(r.first_wave, r.cascade_wave) + "\n")
+    return r.first_wave
 
 
 @component
@@ -105,49 +153,89 @@ def preprocess(raw: Input[Dataset], plans: Input[Artifact], fingerprint: Input[D
 @component
 def train(preprocessed: Input[Dataset], configuration: str, fold: int, schedule: str, device: str,
           num_workers: int, torch_threads: int, mlflow_uri: str, experiment: str,
-          model: Output[Model], metrics: Output[Metrics]):
+          model: Output[Model], metrics: Output[Metrics], validation_tta: bool = True,
+          previous_stage: Input[Dataset] = None, pretrained: Input[Model] = None):
     """Train one configuration x one fold the nnU-Net v2 way (resumes from its last checkpoint).
 
-    Per-epoch losses and pseudo-Dice go to an MLflow run (nested under the pipeline run by the
-    select step, so that this step depends only on its inputs and can be cached); the fold's
-    validation Dice per class to the metrics output. The model output is nnU-Net's fold layout."""
+    Cascade stages read their first stage's out-of-fold segmentations from `previous_stage`
+    (the cascade_inputs step); `pretrained` (a bundle) fine-tunes from its weights of the same
+    configuration and fold. Per-epoch losses and pseudo-Dice go to an MLflow run (nested under
+    the pipeline run by the select step, so that this step depends only on its inputs and can be
+    cached); the fold's validation Dice per class to the metrics output (`validation_tta`: mirror
+    the held-out cases when predicting them, 8x the cost in 3D). The model output is nnU-Net's
+    fold layout."""
     from pathlib import Path
 
     from kubeseg.jsonio import read_json
     from kubeseg.tracking import write_run_ref
     from kubeseg.training.trainer import TrainSettings, train_fold
-    from kubeseg.workflow import fold_dice, model_folder_name, parse_schedule
+    from kubeseg.workflow import fold_dice, model_folder_name, parse_schedule, task_inputs
 
     pre = Path(preprocessed.path)
     p = read_json(pre / "plans.json")
+    prev_dir, weights = task_inputs(pre, configuration, fold, previous_stage.path if previous_stage else None,
+                                    pretrained.path if pretrained else None)
     callbacks = []
     if mlflow_uri:
         from kubeseg.tracking import MlflowTrainingCallback
         callbacks.append(MlflowTrainingCallback(mlflow_uri, experiment=experiment, plans=p))
     settings = TrainSettings(device=device, schedule=parse_schedule(schedule), callbacks=callbacks,
                              num_workers=None if num_workers < 0 else num_workers, deterministic_workers=True,
-                             torch_threads=torch_threads or None, progress_bar=False, log_to_console=False)
+                             torch_threads=torch_threads or None, progress_bar=False, log_to_console=False,
+                             validation_mirroring=validation_tta, previous_stage_dir=prev_dir,
+                             pretrained_weights=weights)
     fold_dir = train_fold(pre, pre / "plans.json", configuration, fold,
                           Path(model.path) / model_folder_name(p, configuration), settings)
     write_run_ref(Path(model.path) / "mlflow_run.json", mlflow_uri, callbacks[0].run_id if callbacks else "",
                   experiment)
     for label, dice in fold_dice(fold_dir).items():
         metrics.log_metric(f"{configuration}.fold{fold}.dice_{label}", dice)
-    model.metadata.update({"configuration": configuration, "fold": fold})
+    model.metadata.update({"configuration": configuration, "fold": fold,
+                           "pretrained": str(weights.relative_to(pretrained.path)) if weights else ""})
 
 
 @component
-def select(models: Input[List[Model]], preprocessed: Input[Dataset], allow_ensembles: bool,
-           tracking: Input[Artifact], selection: Output[Artifact], summary: Output[HTML], metrics: Output[Metrics]):
-    """Pick the best configuration or pairwise ensemble by cross-validation foreground Dice and
-    decide the postprocessing; the HTML output shows the plans, the CV table and the training
-    curves of every fold. Logs the CV table on the pipeline's MLflow run and nests the fold runs."""
+def gather(models: Input[List[Model]], cascade_wave: list, gathered: Output[Model]) -> int:
+    """Fan-in of the first training wave: every fold into one model folder per configuration
+    (with the folds' MLflow run references). Returns the size of the cascade wave that follows
+    (0: none planned)."""
+    from kubeseg.workflow import gather_training_outputs
+
+    folders = gather_training_outputs([m.path for m in models], gathered.path)
+    gathered.metadata["configurations"] = [f.name.split("__")[-1] for f in folders]
+    return len(cascade_wave)
+
+
+@component
+def cascade_inputs(models: Input[Model], preprocessed: Input[Dataset], cascade_wave: list, num_workers: int,
+                   previous_stage: Output[Dataset]) -> list:
+    """Before the cascade wave: the first stage's out-of-fold segmentations of every case on the
+    cascade's grid (one folder per cascade configuration), checked against every cascade fold's
+    cases. Returns the cascade wave, one item per (configuration, fold)."""
+    from kubeseg.workflow import cascade_wave_inputs
+
+    items = cascade_wave_inputs(models.path, preprocessed.path, cascade_wave, previous_stage.path,
+                                None if num_workers < 0 else num_workers)
+    previous_stage.metadata["configurations"] = sorted({i["configuration"] for i in items})
+    return items
+
+
+@component
+def select(models: Input[Model], preprocessed: Input[Dataset], configurations: list, allow_ensembles: bool,
+           tracking: Input[Artifact], selection: Output[Artifact], summary: Output[HTML], metrics: Output[Metrics],
+           cascade_models: Input[List[Model]] = None):
+    """Pick the best of `configurations` or of their pairwise ensembles by cross-validation
+    foreground Dice and decide the postprocessing, over the gathered first wave and the cascade
+    wave's folds (a cascade's first stage, trained only to feed it, is kept for the bundle); the HTML
+    output shows the plans, the CV table and the training curves of every fold. Logs the CV table
+    on the pipeline's MLflow run and nests the fold runs."""
     from pathlib import Path
 
     from kubeseg.jsonio import read_json
-    from kubeseg.workflow import select_from_folds, summary_html
+    from kubeseg.workflow import run_refs, select_from_folds, summary_html
 
-    sel = select_from_folds([m.path for m in models], preprocessed.path, selection.path, allow_ensembles)
+    outputs = [models.path] + [m.path for m in (cascade_models or [])]
+    sel = select_from_folds(outputs, preprocessed.path, selection.path, allow_ensembles, configurations)
     page = summary_html(read_json(Path(preprocessed.path) / "plans.json"), sel,
                         sorted(p for p in (Path(selection.path) / "models").iterdir() if p.is_dir()))
     Path(summary.path).write_text(page)
@@ -161,8 +249,7 @@ def select(models: Input[List[Model]], preprocessed: Input[Dataset], allow_ensem
     mlflow_uri, parent_run_id = read_run_ref(tracking.path)
     if mlflow_uri and parent_run_id:
         log_selection(mlflow_uri, parent_run_id, sel, page)
-        refs = [Path(m.path) / "mlflow_run.json" for m in models]
-        link_runs(mlflow_uri, parent_run_id, [read_run_ref(r)[1] for r in refs if r.is_file()])
+        link_runs(mlflow_uri, parent_run_id, [read_run_ref(r)[1] for r in run_refs(outputs)])
 
 
 @component
@@ -190,3 +277,23 @@ def register(bundle: Input[Model], model_name: str, tracking: Input[Artifact], p
     if parent_run_id:
         finish_run(mlflow_uri, parent_run_id)
     return version.version
+
+
+@component
+def promote(model_name: str, version: str, tracking: Input[Artifact], dataset: Input[Dataset], holdout_uri: str,
+            tolerance: float, device: str) -> str:
+    """Gated promotion of the new version to `champion`: CV foreground Dice within `tolerance` of
+    the champion's and a sanity prediction of the held-out images (`holdout_uri`, default the
+    dataset's imagesTs). A refused gate is an outcome (returned as JSON, `promoted` false, with
+    the reason), not a failure; the champion is then unchanged."""
+    import json
+    from pathlib import Path
+
+    from kubeseg.retraining import gated_promotion
+    from kubeseg.tracking import read_run_ref, require_tracking_uri
+
+    mlflow_uri = require_tracking_uri(read_run_ref(tracking.path)[0])
+    holdout = holdout_uri or (str(Path(dataset.path) / "imagesTs") if (Path(dataset.path) / "imagesTs").is_dir()
+                              else "")
+    outcome = gated_promotion(model_name, version, mlflow_uri, holdout, tolerance, device=device)
+    return json.dumps(outcome.to_json())

@@ -193,8 +193,9 @@ def _pipeline_arguments(a, dataset_uri: str) -> dict:
     return {"dataset_uri": dataset_uri, "configurations": a.configurations, "folds": [int(f) for f in a.folds],
             "schedule": a.schedule, "planner_preset": a.preset, "device": a.device, "gpu_type": a.gpu_type,
             "gpu_count": a.gpu_count, "train_cpu": a.cpu, "train_memory": a.memory, "num_workers": a.num_workers,
-            "torch_threads": a.torch_threads, "allow_ensembles": not a.no_ensembles, "mlflow_uri": a.mlflow_uri,
-            "experiment": a.experiment, "model_name": a.model_name}
+            "torch_threads": a.torch_threads, "validation_tta": not a.no_validation_tta,
+            "allow_ensembles": not a.no_ensembles, "mlflow_uri": a.mlflow_uri, "experiment": a.experiment,
+            "model_name": a.model_name}
 
 
 def cmd_pipeline_compile(a) -> int:
@@ -202,8 +203,9 @@ def cmd_pipeline_compile(a) -> int:
         os.environ["KUBESEG_IMAGE"] = a.image
     from pipelines.training import compile_pipeline
 
-    compile_pipeline(a.output, a.parallelism, a.retries)
-    print(f"pipeline spec written to {a.output} (upload it in the Kubeflow Pipelines UI)")
+    output = a.output or f"{a.pipeline}.yaml"
+    compile_pipeline(output, a.parallelism, a.retries, a.pipeline)
+    print(f"{a.pipeline} pipeline spec written to {output} (upload it in the Kubeflow Pipelines UI)")
     return 0
 
 
@@ -228,6 +230,58 @@ def cmd_pipeline_run(a) -> int:
                        parallelism=a.parallelism or 2, enable_caching=a.cache)
     print(f"pipeline finished in {result['seconds']} s: {a.model_name} version {result['version']} (challenger); "
           f"outputs in {result['run_dir']}")
+    return 0
+
+
+def _retrain_request(a):
+    from pipelines.client import RetrainRequest
+
+    return RetrainRequest(
+        dataset=a.dataset_uri, new_cases=a.new_cases_uri, model_name=a.model_name, tracking_uri=a.mlflow_uri,
+        mode=a.mode, schedule=a.schedule, host=a.host, work_dir=a.work_dir, reason=a.reason,
+        configurations=list(a.configurations or []), folds=[f if f == "all" else int(f) for f in a.folds or []],
+        planner_preset=a.preset, device=a.device, gpu_type=a.gpu_type, gpu_count=a.gpu_count, train_cpu=a.cpu,
+        train_memory=a.memory, num_workers=a.num_workers, torch_threads=a.torch_threads,
+        validation_tta=not a.no_validation_tta, allow_ensembles=not a.no_ensembles, experiment=a.experiment,
+        tolerance=a.tolerance, holdout=a.holdout or "", kfp_experiment=a.kfp_experiment, namespace=a.namespace,
+        run_name=a.run_name, parallelism=a.parallelism, retries=a.retries)
+
+
+def cmd_pipeline_retrain(a) -> int:
+    import json
+
+    from pipelines.client import pipeline_arguments, run_local_with_status, start_retraining
+
+    if a.image:
+        os.environ["KUBESEG_IMAGE"] = a.image
+    if bool(a.local) == bool(a.host):
+        raise KubesegError("say where: --local (kfp.local on this machine) or --host URL (a Kubeflow cluster)")
+    if a.host or a.detach:
+        if not a.arguments and not (a.dataset_uri and a.new_cases_uri):
+            raise KubesegError("--dataset and --new-cases are required")
+        run = start_retraining(_retrain_request(a))
+        where = f"on {run.host}" if run.host else f"in the background (pid {run.pid}); log {run.log_path}, " \
+                                                  f"status {run.status_path}"
+        print(f"started retraining run {run.run_id} ({run.retrain_mode}) {where}")
+        return 0
+    if a.arguments:  # the detached run the client started
+        args = json.loads(Path(a.arguments).read_text())
+    else:
+        if not (a.dataset_uri and a.new_cases_uri):
+            raise KubesegError("--dataset and --new-cases are required")
+        args = pipeline_arguments(_retrain_request(a), a.mlflow_uri or _default_tracking_uri())
+        for key in ("dataset_uri", "new_cases_uri"):
+            args[key] = str(Path(args[key]).resolve())
+    if a.status_file:
+        result = run_local_with_status(args, a.pipeline_root, a.status_file)
+    else:
+        from pipelines.run import run_local
+        result = run_local(args, a.pipeline_root, pipeline="retraining")
+    outcome = result.get("promotion") or {}
+    verdict = ("promoted to champion" if outcome.get("promoted") else
+               "not promoted: " + "; ".join(outcome.get("reasons") or ["no gate outcome"]))
+    print(f"retraining finished in {result['seconds']} s: {args['model_name']} version {result['version']} "
+          f"(challenger) {verdict}; outputs in {result['run_dir']}")
     return 0
 
 
@@ -456,13 +510,16 @@ def _pipeline_parsers(sub) -> None:
         p.add_argument("-j", "--num-workers", type=int, default=_env("NUM_WORKERS", -1, int),
                        help="augmentation workers per training task (-1: one per core)")
         p.add_argument("--torch-threads", type=int, default=0, help="torch threads per task (0: torch's default)")
+        p.add_argument("--no-validation-tta", action="store_true",
+                       help="predict each fold's held-out cases without mirroring (8x cheaper in 3D)")
         p.add_argument("--no-ensembles", action="store_true")
         p.add_argument("--mlflow-uri", default=_env("MLFLOW_URI", ""), help="MLflow tracking URI (env KUBESEG_MLFLOW_URI)")
         p.add_argument("--experiment", default="kubeseg", help="MLflow experiment")
         p.add_argument("--model-name", default="kubeseg-segmentation", help="registered model name")
 
-    p = pl.add_parser("compile", help="write the pipeline spec to upload in the Kubeflow UI")
-    p.add_argument("-o", "--output", default="training.yaml")
+    p = pl.add_parser("compile", help="write a pipeline spec to upload in the Kubeflow UI")
+    p.add_argument("-o", "--output", default=None, help="spec file (default <pipeline>.yaml)")
+    p.add_argument("--pipeline", choices=("training", "retraining"), default="training")
     compile_flags(p)
     p.set_defaults(fn=cmd_pipeline_compile)
 
@@ -484,6 +541,33 @@ def _pipeline_parsers(sub) -> None:
     p.add_argument("--cache", action="store_true", help="reuse outputs of identical earlier tasks")
     run_flags(p)
     p.set_defaults(fn=cmd_pipeline_run)
+
+    p = pl.add_parser("retrain", help="run the retraining pipeline: new cases merged, fine-tune (or retrain), "
+                                      "register as challenger, gated promotion")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="through kfp.local on this machine")
+    where.add_argument("--host", default=None, help="KFP API endpoint of a cluster (kfp.Client)")
+    p.add_argument("--dataset-uri", "--dataset", default=None, help="raw dataset (folder, or a URI the cluster reads)")
+    p.add_argument("--new-cases-uri", "--new-cases", default=None,
+                   help="new labelled cases: nnU-Net folder (imagesTr, labelsTr) or loose files")
+    p.add_argument("--mode", choices=("finetune", "retrain"), default="finetune",
+                   help="finetune: from the champion's weights and plans; retrain: plan and train anew")
+    p.add_argument("--tolerance", type=float, default=0.02, help="promotion gate: CV Dice tolerance vs champion")
+    p.add_argument("--holdout", default=None, help="held-out images for the gate (default: the dataset's imagesTs)")
+    p.add_argument("--pipeline-root", default="kfp_outputs", help="local: where task outputs go")
+    p.add_argument("--status-file", default=None, help="local: keep a status JSON (running/succeeded/failed)")
+    p.add_argument("--detach", action="store_true",
+                   help="local: start in the background (log and status under --work-dir) and return")
+    p.add_argument("--work-dir", default="retraining_runs", help="local --detach: folder for the runs")
+    p.add_argument("--arguments", default=None, help=argparse.SUPPRESS)  # the client's request file
+    p.add_argument("--reason", default="", help="why this run (recorded in its status)")
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--kfp-experiment", default="kubeseg-retraining", help="KFP experiment name (cluster)")
+    p.add_argument("--namespace", default=None)
+    compile_flags(p)
+    run_flags(p)
+    # retraining's defaults: the champion's configurations and folds (retrain: all five folds)
+    p.set_defaults(fn=cmd_pipeline_retrain, configurations=[], folds=[])
 
     p = sub.add_parser("register", help="register a bundle as a new MLflow model version (alias challenger)")
     p.add_argument("bundle")

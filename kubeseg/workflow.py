@@ -102,6 +102,7 @@ def cascade_wave_inputs(models_root: str | Path, preprocessed_dir: str | Path, c
     pre = Path(preprocessed_dir)
     plans = read_json(pre / "plans.json")
     models_root, out_dir = Path(models_root), Path(out_dir)
+    cascade_items = normalized_items(cascade_items)
     for c in dict.fromkeys(i["configuration"] for i in cascade_items):
         prev = previous_stage(plans, c)
         if prev is None:
@@ -113,7 +114,7 @@ def cascade_wave_inputs(models_root: str | Path, preprocessed_dir: str | Path, c
         for item in cascade_items:
             if item["configuration"] == c:
                 check_cascade_inputs(out_dir / c, pre, c, item["fold"])
-    return list(cascade_items)
+    return cascade_items
 
 
 def gather_folds(fold_outputs: Iterable[str | Path], out_dir: str | Path) -> list[Path]:
@@ -141,6 +142,84 @@ def gather_folds(fold_outputs: Iterable[str | Path], out_dir: str | Path) -> lis
     if not merged:
         raise KubesegError("no training outputs to gather")
     return [merged[k] for k in sorted(merged)]
+
+
+def gather_training_outputs(fold_outputs: Sequence[str | Path], out_dir: str | Path,
+                            ref_name: str = "mlflow_run.json") -> list[Path]:
+    """:func:`gather_folds` into ``out_dir``, keeping each output's run reference file (``ref_name``,
+    beside its model folder) as ``out_dir/run_refs/<i>.json``. The result is itself a valid
+    training output for :func:`gather_folds` and :func:`run_refs`."""
+    out_dir = Path(out_dir)
+    merged = gather_folds(fold_outputs, out_dir)
+    for i, src in enumerate(fold_outputs):
+        for j, ref in enumerate(run_refs([src], ref_name)):
+            (out_dir / "run_refs").mkdir(exist_ok=True)
+            shutil.copy2(ref, out_dir / "run_refs" / f"{i:04d}_{j:04d}.json")
+    return merged
+
+
+def run_refs(fold_outputs: Iterable[str | Path], ref_name: str = "mlflow_run.json") -> list[Path]:
+    """The run reference files of training outputs: ``ref_name`` beside the model folder, or the
+    ones a gathered output keeps in ``run_refs/``."""
+    out = []
+    for src in map(Path, fold_outputs):
+        if (src / ref_name).is_file():
+            out.append(src / ref_name)
+        out += sorted((src / "run_refs").glob("*.json"))
+    return out
+
+
+def normalized_items(items: Sequence[dict]) -> list[dict]:
+    """``{"configuration", "fold"}`` items with integer folds (JSON through KFP turns 0 into 0.0)."""
+    return [{"configuration": str(i["configuration"]),
+             "fold": "all" if str(i["fold"]) == "all" else int(float(i["fold"]))} for i in items]
+
+
+def waves_markdown(first: Sequence[dict], cascade: Sequence[dict]) -> str:
+    """The training fan-out in a few Markdown lines (the plan step's summary)."""
+    def line(items) -> str:
+        by: dict[str, list] = {}
+        for i in items:
+            by.setdefault(i["configuration"], []).append(str(i["fold"]))
+        return "; ".join(f"`{c}` folds {', '.join(f)}" for c, f in by.items())
+
+    out = f"{len(first)} training task(s) in the first wave: {line(first)}"
+    if cascade:
+        out += (f"\n\n{len(cascade)} cascade task(s) after it: {line(cascade)} (on the first stage's "
+                "out-of-fold predictions of every case)")
+    return out
+
+
+def pretrained_checkpoint(models_dir: str | Path, configuration: str, fold: int | str) -> Path | None:
+    """Fine-tuning: the ``checkpoint_final.pth`` of ``configuration`` in ``models_dir`` (a bundle or a
+    folder of training outputs) for the same fold, else its first fold; None if ``models_dir``
+    holds no such configuration (that configuration then trains from scratch)."""
+    root = Path(models_dir)
+    folders = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name.count("__") == 2
+               and p.name.split("__")[2] == configuration] if root.is_dir() else []
+    for folder in folders:
+        ckpts = {p.parent.name.removeprefix("fold_"): p for p in sorted(folder.glob("fold_*/checkpoint_final.pth"))}
+        if not ckpts:
+            continue
+        fold = "all" if str(fold) == "all" else str(int(float(fold)))
+        numbered = sorted((k for k in ckpts if k.isdigit()), key=int)
+        return ckpts.get(fold) or ckpts[numbered[0] if numbered else sorted(ckpts)[0]]
+    return None
+
+
+def task_inputs(preprocessed_dir: str | Path, configuration: str, fold: int | str,
+                previous_stage_root: str | Path | None = None,
+                pretrained_root: str | Path | None = None) -> tuple[Path | None, Path | None]:
+    """One training task's optional inputs: the cascade's previous-stage folder
+    (``previous_stage_root/<configuration>``, checked against the fold's cases) and the
+    fine-tuning checkpoint (:func:`pretrained_checkpoint`)."""
+    prev = None
+    if previous_stage_root is not None:
+        from kubeseg.cascade import check_cascade_inputs
+        prev = Path(previous_stage_root) / configuration
+        check_cascade_inputs(prev, preprocessed_dir, configuration, fold)
+    weights = pretrained_checkpoint(pretrained_root, configuration, fold) if pretrained_root is not None else None
+    return prev, weights
 
 
 def fold_dice(fold_dir: str | Path) -> dict[str, float]:
@@ -224,16 +303,25 @@ def summary_html(plans: dict, selection: dict, model_dirs: Sequence[str | Path])
 
 
 def select_from_folds(fold_outputs: Sequence[str | Path], preprocessed_dir: str | Path, out_dir: str | Path,
-                      allow_ensembles: bool = True) -> dict:
+                      allow_ensembles: bool = True, configurations: Sequence[str] | None = None) -> dict:
     """Gather per-fold training outputs into ``out_dir/models/`` and run the selection into ``out_dir``
     (:func:`kubeseg.selection.select_model`). ``selection.json`` names its member folders relative to
-    ``out_dir``, so the folder can be moved (KFP artifacts are mounted at different paths per pod)."""
+    ``out_dir``, so the folder can be moved (KFP artifacts are mounted at different paths per pod).
+
+    ``configurations``: the candidates (default: every configuration gathered). A cascade's first
+    stage that was trained only to feed the cascade stays in ``models/`` (the bundle ships it with
+    the cascade) without being a candidate itself."""
     from kubeseg.jsonio import write_json
     from kubeseg.inference.run import SELECTION_FILENAME
     from kubeseg.selection import SelectSettings, select_model
 
     out_dir = Path(out_dir)
     models = gather_folds(fold_outputs, out_dir / "models")
+    if configurations is not None:
+        wanted = set(configurations)
+        models = [m for m in models if m.name.split("__")[-1] in wanted]
+        if not models:
+            raise KubesegError(f"none of the configurations {sorted(wanted)} was trained")
     selection = select_model(models, preprocessed_dir, out_dir,
                              SelectSettings(allow_ensembles=allow_ensembles, progress=False))
     for m in selection["members"]:

@@ -60,7 +60,7 @@ def run_demo(out_dir, s: DemoSettings = DemoSettings()) -> dict:
     version = result["version"]
     step(f"pipeline finished in {result['seconds']:.0f} s: registered {s.model_name} version {version} (challenger)")
 
-    selection = json.loads((Path(result["run_dir"]) / "select" / "selection" / "selection.json").read_text())
+    selection = json.loads((Path(result["selection"]) / "selection.json").read_text())
     print("\nCross-validation Dice (out-of-fold cases of the trained folds, image geometry):")
     print(text_table(*cv_table_rows(selection)))
     print()

@@ -1,5 +1,5 @@
-"""Run the training pipeline: locally through ``kfp.local`` (the embedded default) or on a
-cluster through ``kfp.Client``."""
+"""Run a pipeline (``training`` or ``retraining``): locally through ``kfp.local`` (the embedded
+default) or on a cluster through ``kfp.Client``."""
 
 import builtins
 import json
@@ -8,20 +8,34 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 log = logging.getLogger(__name__)
 
 
+PIPELINES = ("training", "retraining")
+
+
+def pipeline_builder(pipeline: str = "training") -> tuple[str, Callable]:
+    """``(name, build function)`` of ``training`` or ``retraining``."""
+    if pipeline == "training":
+        from pipelines.training import PIPELINE_NAME, build_pipeline
+        return PIPELINE_NAME, build_pipeline
+    if pipeline == "retraining":
+        from pipelines.retraining import PIPELINE_NAME, build_retraining_pipeline
+        return PIPELINE_NAME, build_retraining_pipeline
+    raise ValueError(f"unknown pipeline {pipeline!r}: one of {PIPELINES}")
+
+
 def run_local(arguments: dict[str, Any], pipeline_root: str | Path, parallelism: int = 2,
-              enable_caching: bool = False) -> dict:
+              enable_caching: bool = False, pipeline: str = "training") -> dict:
     """Run the pipeline on this machine with ``kfp.local.SubprocessRunner`` (components run in
     subprocesses of this Python; accelerator requests are ignored; at most 2 training tasks run at
-    once, kfp.local's limit). Returns ``{"version", "run_dir"}``; outputs live under ``pipeline_root``."""
+    once, kfp.local's limit). Returns ``{"version", "run_dir", "selection", "bundle", "promotion",
+    "seconds"}`` (``promotion``: the retraining gate's outcome); outputs live under ``pipeline_root``."""
     from kfp import local
 
-    from pipelines.training import PIPELINE_NAME, build_pipeline
-
+    PIPELINE_NAME, build_pipeline = pipeline_builder(pipeline)
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     before = {p.name for p in root.iterdir()}
@@ -42,21 +56,50 @@ def run_local(arguments: dict[str, Any], pipeline_root: str | Path, parallelism:
     new = sorted((p for p in root.iterdir() if p.name not in before and p.name.startswith(PIPELINE_NAME)),
                  key=lambda p: p.stat().st_mtime)
     run_dir = new[-1] if new else None
-    version = None
+    result = {"version": None, "run_dir": str(run_dir) if run_dir else None,
+              "seconds": round(time.perf_counter() - started, 1)}
     if run_dir is not None:
-        for out in run_dir.rglob("register/executor_output.json"):
-            version = json.loads(out.read_text()).get("parameterValues", {}).get("Output")
-    return {"version": version, "run_dir": str(run_dir) if run_dir else None,
-            "seconds": round(time.perf_counter() - started, 1)}
+        result.update(run_outputs(run_dir))
+    return result
+
+
+def task_dir(run_dir: str | Path, task: str) -> Optional[Path]:
+    """The output folder of ``task`` in a ``kfp.local`` run folder. A task of a ``dsl.If``/``dsl.Else``
+    branch is named ``task`` in one branch and ``task-N`` in the other; the one that ran has an
+    ``executor_output.json``."""
+    run_dir = Path(run_dir)
+    found = [p for p in sorted(run_dir.iterdir()) if p.is_dir() and (p.name == task or (
+        p.name.startswith(f"{task}-") and p.name[len(task) + 1:].isdigit())) and (p / "executor_output.json").is_file()]
+    return found[-1] if found else None
+
+
+def run_outputs(run_dir: str | Path) -> dict:
+    """What a finished local run produced: the registered version, the selection and bundle folders."""
+    out: dict = {"version": None, "selection": None, "bundle": None, "promotion": None}
+
+    def output(task: str):
+        d = task_dir(run_dir, task)
+        return None if d is None else json.loads((d / "executor_output.json").read_text()).get(
+            "parameterValues", {}).get("Output")
+
+    out["version"] = output("register")
+    promotion = output("promote")
+    out["promotion"] = json.loads(promotion) if promotion else None
+    sel, bun = task_dir(run_dir, "select"), task_dir(run_dir, "bundle")
+    if sel is not None:
+        out["selection"] = str(sel / "selection")
+    if bun is not None:
+        out["bundle"] = str(bun / "bundle")
+    return out
 
 
 def submit(host: str, arguments: dict[str, Any], run_name: Optional[str] = None, experiment: Optional[str] = None,
-           parallelism: int = 0, retries: int = 2, namespace: Optional[str] = None) -> str:
+           parallelism: int = 0, retries: int = 2, namespace: Optional[str] = None, pipeline: str = "training") -> str:
     """Start a run on a Kubeflow Pipelines cluster; returns the run id. Authentication follows
     ``kfp.Client`` (``KF_PIPELINES_SA_TOKEN_PATH`` or an existing token, if the cluster needs one)."""
     import kfp
 
-    from pipelines.training import build_pipeline
+    _, build_pipeline = pipeline_builder(pipeline)
 
     c = kfp.Client(host=host, namespace=namespace, existing_token=os.environ.get("KUBESEG_KFP_TOKEN"))
     res = c.create_run_from_pipeline_func(build_pipeline(parallelism, retries), arguments=arguments,

@@ -1,6 +1,20 @@
 """The training pipeline: raw dataset → fingerprint → plans → preprocessed arrays →
-train × (configuration, fold) (``dsl.ParallelFor``, one GPU each) → select (``dsl.Collected``)
-→ bundle → register (MLflow model version, alias ``challenger``).
+train × (configuration, fold) (``dsl.ParallelFor``, one GPU each) → [cascade wave] → select →
+bundle → register (MLflow model version, alias ``challenger``).
+
+Waves. The first wave trains every non-cascade configuration × fold; a ``gather`` task collects
+it (``dsl.Collected``) into one model folder per configuration and returns the size of the
+cascade wave. When the plans' ``3d_cascade_fullres`` was asked for (the first stage, ``3d_lowres``,
+is then trained on all five folds), a ``dsl.If`` branch exports the low-res stage's out-of-fold
+segmentations onto the full-res grid (``cascade_inputs``), trains the cascade folds in a second
+``ParallelFor`` and selects over both waves; the ``dsl.Else`` branch selects over the first wave.
+Both branches end in the same select → bundle → register tail (:func:`training_waves`).
+
+Why this shape: kfp 2.17 cannot consume ``dsl.Collected`` of a loop outside a ``dsl.If`` from
+inside it (kubeflow/pipelines#9808), ``kfp.local`` fails on an empty ``ParallelFor`` feeding
+``dsl.Collected`` and cannot resolve ``dsl.OneOf`` over artifacts; so the first wave is gathered
+into one artifact before the branch, the cascade loop only exists when it has items, and each
+branch carries its own fan-in.
 
 The same pipeline runs on a cluster (compiled YAML uploaded in the Kubeflow UI, or submitted
 with ``kfp.Client``) and on one machine through ``kfp.local`` (accelerator settings are ignored
@@ -8,7 +22,8 @@ there). :func:`build_pipeline` takes the compile-time choices (parallelism, retr
 else is a run-time parameter.
 """
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 from kfp import dsl
 
@@ -17,17 +32,102 @@ from components import steps
 PIPELINE_NAME = "kubeseg-training"
 
 
+@dataclass
+class RunKnobs:
+    """The run parameters (pipeline channels) the training part of a pipeline uses."""
+
+    configurations: Any
+    schedule: Any
+    device: Any
+    gpu_type: Any
+    gpu_count: Any
+    train_cpu: Any
+    train_memory: Any
+    num_workers: Any
+    torch_threads: Any
+    validation_tta: Any
+    allow_ensembles: Any
+    mlflow_uri: Any
+    experiment: Any
+    model_name: Any
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    parallelism: int = 0
+    retries: int = 2
+    resources: bool = True
+
+
+def _train_task(pre, item, k: RunKnobs, o: BuildOptions, name: str, **inputs):
+    tr = steps.train(preprocessed=pre.outputs["preprocessed"], configuration=item.configuration, fold=item.fold,
+                     schedule=k.schedule, device=k.device, num_workers=k.num_workers, torch_threads=k.torch_threads,
+                     validation_tta=k.validation_tta, mlflow_uri=k.mlflow_uri, experiment=k.experiment,
+                     **{key: v for key, v in inputs.items() if v is not None})
+    tr.set_display_name(name)
+    if o.resources:
+        tr.set_accelerator_type(k.gpu_type).set_accelerator_limit(k.gpu_count)
+        tr.set_cpu_limit(k.train_cpu).set_memory_limit(k.train_memory)
+    if o.retries:
+        tr.set_retry(o.retries, backoff_duration="60s", backoff_factor=2.0)
+    return tr
+
+
+def selection_tail(models, cascade_models, pre, fp, run, k: RunKnobs, o: BuildOptions):
+    """select → bundle → register; returns the register task (its output is the version)."""
+    inputs = {"cascade_models": cascade_models} if cascade_models is not None else {}
+    sel = steps.select(models=models, preprocessed=pre.outputs["preprocessed"], configurations=k.configurations,
+                       allow_ensembles=k.allow_ensembles, tracking=run.outputs["tracking"], **inputs)
+    sel.set_display_name("select")
+    if o.resources:
+        sel.set_memory_limit(k.train_memory)
+    bun = steps.bundle(selection=sel.outputs["selection"], fingerprint=fp.outputs["fingerprint"])
+    bun.set_display_name("bundle")
+    reg = steps.register(bundle=bun.outputs["bundle"], model_name=k.model_name, tracking=run.outputs["tracking"],
+                         pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+    reg.set_caching_options(False).set_display_name("register")
+    return reg
+
+
+Tail = Callable[..., Any]  # (models, cascade_models) -> last task of the branch
+
+
+def training_waves(planned, pre, run, k: RunKnobs, o: BuildOptions, tail: Tail, pretrained=None) -> None:
+    """The first wave, its fan-in, and the two branches (cascade wave / none), each ending in ``tail``.
+
+    ``planned`` is a task with the plan step's outputs: ``Output`` (first wave), ``cascade_wave``;
+    ``pretrained`` (a bundle) fine-tunes every fold from its weights."""
+    with dsl.ParallelFor(planned.outputs["Output"], parallelism=o.parallelism) as item:
+        tr = _train_task(pre, item, k, o, "train configuration x fold", pretrained=pretrained)
+        tr.after(run)  # order only (the MLflow parent run exists first): still cacheable
+    first = steps.gather(models=dsl.Collected(tr.outputs["model"]), cascade_wave=planned.outputs["cascade_wave"])
+    first.set_display_name("gather first wave")
+    with dsl.If(first.outputs["Output"] > 0, name="cascade-wave"):
+        ci = steps.cascade_inputs(models=first.outputs["gathered"], preprocessed=pre.outputs["preprocessed"],
+                                  cascade_wave=planned.outputs["cascade_wave"], num_workers=k.num_workers)
+        ci.set_display_name("cascade inputs (out-of-fold low-res)")
+        if o.resources:
+            ci.set_memory_limit(k.train_memory)
+        with dsl.ParallelFor(ci.outputs["Output"], parallelism=o.parallelism) as item:
+            trc = _train_task(pre, item, k, o, "train cascade configuration x fold",
+                              previous_stage=ci.outputs["previous_stage"], pretrained=pretrained)
+        tail(first.outputs["gathered"], dsl.Collected(trc.outputs["model"]))
+    with dsl.Else(name="no-cascade"):
+        tail(first.outputs["gathered"], None)
+
+
 def build_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = True) -> Callable:
-    """The pipeline function. ``parallelism``: concurrent training tasks (0: no limit);
+    """The pipeline function. ``parallelism``: concurrent training tasks per wave (0: no limit);
     ``retries``: per training task (a preempted GPU node, an OOM-killed pod); ``resources``:
     GPU/CPU/memory requests from the run parameters. ``kfp.local`` ignores resource requests, and
     kfp 2.17's local orchestrator cannot resolve parameter-valued ones inside a ``ParallelFor``,
     so local runs build the pipeline with ``resources=False``; the graph is otherwise the same."""
+    o = BuildOptions(parallelism, retries, resources)
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="nnU-Net-style self-configuring segmentation: plan, preprocess, train every "
-                              "configuration x fold on its own GPU, select by cross-validation, bundle, "
-                              "register in MLflow.")
+                              "configuration x fold on its own GPU (cascade folds in a second wave), select by "
+                              "cross-validation, bundle, register in MLflow.")
     def training(dataset_uri: str,
                  configurations: list = ["2d", "3d_fullres"],  # noqa: B006 - KFP parameter default
                  folds: list = [0, 1, 2, 3, 4],  # noqa: B006
@@ -40,10 +140,13 @@ def build_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = Tru
                  train_memory: str = "32G",
                  num_workers: int = -1,
                  torch_threads: int = 0,
+                 validation_tta: bool = True,
                  allow_ensembles: bool = True,
                  mlflow_uri: str = "",
                  experiment: str = "kubeseg",
                  model_name: str = "kubeseg-segmentation"):
+        k = RunKnobs(configurations, schedule, device, gpu_type, gpu_count, train_cpu, train_memory, num_workers,
+                     torch_threads, validation_tta, allow_ensembles, mlflow_uri, experiment, model_name)
         # the exit handler ends the MLflow parent run whatever happens (FAILED if a step failed)
         closer = steps.close_run(mlflow_uri=mlflow_uri, experiment=experiment,
                                  pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
@@ -60,43 +163,36 @@ def build_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = Tru
             fp = steps.fingerprint(raw=raw.output, num_workers=num_workers).set_display_name("fingerprint")
             planned = steps.plan(raw=raw.output, fingerprint=fp.outputs["fingerprint"], preset=planner_preset,
                                  configurations=configurations, folds=folds).set_display_name("plan")
-            pre = steps.preprocess(raw=raw.output, plans=planned.outputs["plans"], fingerprint=fp.outputs["fingerprint"],
-                                   configurations=configurations, num_workers=num_workers)
-            pre.set_display_name("preprocess")
-            if resources:
-                pre.set_cpu_limit(train_cpu).set_memory_limit(train_memory)
-
-            with dsl.ParallelFor(planned.outputs["Output"], parallelism=parallelism) as item:
-                tr = steps.train(preprocessed=pre.outputs["preprocessed"], configuration=item.configuration,
-                                 fold=item.fold, schedule=schedule, device=device, num_workers=num_workers,
-                                 torch_threads=torch_threads, mlflow_uri=mlflow_uri, experiment=experiment)
-                tr.set_display_name("train configuration x fold").after(run)  # order only: still cacheable
-                if resources:
-                    tr.set_accelerator_type(gpu_type).set_accelerator_limit(gpu_count)
-                    tr.set_cpu_limit(train_cpu).set_memory_limit(train_memory)
-                if retries:
-                    tr.set_retry(retries, backoff_duration="60s", backoff_factor=2.0)
-
-            sel = steps.select(models=dsl.Collected(tr.outputs["model"]), preprocessed=pre.outputs["preprocessed"],
-                               allow_ensembles=allow_ensembles, tracking=run.outputs["tracking"])
-            sel.set_display_name("select")
-            if resources:
-                sel.set_memory_limit(train_memory)
-            bun = steps.bundle(selection=sel.outputs["selection"], fingerprint=fp.outputs["fingerprint"])
-            bun.set_display_name("bundle")
-            reg = steps.register(bundle=bun.outputs["bundle"], model_name=model_name, tracking=run.outputs["tracking"],
-                                 pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
-            reg.set_caching_options(False).set_display_name("register")
+            pre = preprocess_task(raw.output, planned, fp, k, o)
+            training_waves(planned, pre, run, k, o,
+                           lambda models, cascade: selection_tail(models, cascade, pre, fp, run, k, o))
 
     return training
+
+
+def preprocess_task(raw, planned, fp, k: RunKnobs, o: BuildOptions):
+    pre = steps.preprocess(raw=raw, plans=planned.outputs["plans"], fingerprint=fp.outputs["fingerprint"],
+                           configurations=planned.outputs["preprocess_configurations"], num_workers=k.num_workers)
+    pre.set_display_name("preprocess")
+    if o.resources:
+        pre.set_cpu_limit(k.train_cpu).set_memory_limit(k.train_memory)
+    return pre
 
 
 training_pipeline = build_pipeline()
 
 
-def compile_pipeline(output: str, parallelism: int = 0, retries: int = 2) -> str:
-    """Write the pipeline spec (YAML) that a user uploads in the Kubeflow UI."""
+def compile_pipeline(output: str, parallelism: int = 0, retries: int = 2, pipeline: Optional[str] = None) -> str:
+    """Write a pipeline spec (YAML) that a user uploads in the Kubeflow UI: ``training`` (default)
+    or ``retraining``."""
     from kfp import compiler
 
-    compiler.Compiler().compile(build_pipeline(parallelism, retries), package_path=str(output))
+    if pipeline in (None, "training"):
+        func = build_pipeline(parallelism, retries)
+    elif pipeline == "retraining":
+        from pipelines.retraining import build_retraining_pipeline
+        func = build_retraining_pipeline(parallelism, retries)
+    else:
+        raise ValueError(f"unknown pipeline {pipeline!r}: 'training' or 'retraining'")
+    compiler.Compiler().compile(func, package_path=str(output))
     return str(output)

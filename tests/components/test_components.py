@@ -11,7 +11,8 @@ pytest.importorskip("kfp")
 import components  # noqa: E402
 from components import steps  # noqa: E402
 
-STEPS = ("open_run", "close_run", "fingerprint", "plan", "preprocess", "train", "select", "bundle", "register")
+STEPS = ("open_run", "close_run", "fingerprint", "plan", "preprocess", "train", "gather", "cascade_inputs", "select",
+         "bundle", "register", "merge_cases", "plan_retraining", "promote")
 
 
 @pytest.mark.parametrize("name", STEPS)
@@ -33,8 +34,12 @@ def test_artifact_types():
     assert train.inputs["preprocessed"].type.startswith("system.Dataset")
     assert train.outputs["model"].type.startswith("system.Model")
     assert train.outputs["metrics"].type.startswith("system.Metrics")
+    assert train.inputs["previous_stage"].optional and train.inputs["pretrained"].optional
+    assert components.gather.component_spec.inputs["models"].is_artifact_list
+    assert components.cascade_inputs.component_spec.outputs["previous_stage"].type.startswith("system.Dataset")
     sel = components.select.component_spec
-    assert sel.inputs["models"].is_artifact_list
+    assert not sel.inputs["models"].is_artifact_list  # the gathered first wave
+    assert sel.inputs["cascade_models"].is_artifact_list and sel.inputs["cascade_models"].optional
     assert sel.outputs["summary"].type.startswith("system.HTML")
     assert components.plan.component_spec.outputs["summary"].type.startswith("system.Markdown")
     assert components.bundle.component_spec.outputs["bundle"].type.startswith("system.Model")
@@ -61,6 +66,9 @@ def test_fingerprint_and_plan_run_locally(tmp_path):
     assert task.output == [{"configuration": "3d_fullres", "fold": 0}, {"configuration": "3d_fullres", "fold": 2},
                            {"configuration": "2d", "fold": 0}, {"configuration": "2d", "fold": 2}]
     run_dir = next((tmp_path / "root").glob("fingerprint-plan-*"))
+    # output parameters beside the return value (OutputPath): files in the task folder
+    assert json.loads((run_dir / "plan" / "cascade_wave").read_text()) == []
+    assert json.loads((run_dir / "plan" / "preprocess_configurations").read_text()) == ["3d_fullres", "2d"]
     plans = json.loads((run_dir / "plan" / "plans").read_text())
     assert plans["plans_name"] == "kubesegSmallPlans"
     assert "| 2d |" in (run_dir / "plan" / "summary").read_text()

@@ -61,22 +61,71 @@ def test_gpu_cpu_memory_requests_on_training(spec):
     assert params["gpu_count"]["defaultValue"] == 1
 
 
-def test_fan_in_collects_every_model(spec):
-    name, _ = _loop(spec)
-    sel = _tasks(spec)["select"]
-    src = sel["inputs"]["artifacts"]["models"]["taskOutputArtifact"]
-    assert src["producerTask"] == name
-    assert spec["components"]["comp-select"]["inputDefinitions"]["artifacts"]["models"]["isArtifactList"]
+def _branches(spec):
+    """The two branches after the first wave: (cascade wave, no cascade), each a dict of its tasks."""
     tasks = _tasks(spec)
-    assert tasks["bundle"]["inputs"]["artifacts"]["selection"]["taskOutputArtifact"]["producerTask"] == "select"
-    assert tasks["register"]["inputs"]["artifacts"]["bundle"]["taskOutputArtifact"]["producerTask"] == "bundle"
+    branches = [n for n in tasks if n.startswith("condition-branches")]
+    assert len(branches) == 1
+    conds = spec["components"][tasks[branches[0]]["componentRef"]["name"]]["dag"]["tasks"]
+    assert len(conds) == 2
+    (if_name, if_task), (else_name, else_task) = sorted(conds.items(), key=lambda kv: int(kv[0].split("-")[-1]))
+    assert if_task["triggerPolicy"]["condition"] == \
+        "int(inputs.parameter_values['pipelinechannel--gather-Output']) > 0"
+    assert else_task["triggerPolicy"]["condition"].startswith("!(int(inputs.parameter_values["
+                                                               "'pipelinechannel--gather-Output']) > 0")
+    dag = lambda t: spec["components"][t["componentRef"]["name"]]["dag"]["tasks"]  # noqa: E731
+    return tasks[branches[0]], dag(if_task), dag(else_task)
+
+
+def test_fan_in_then_two_branches(spec):
+    """First wave → gather (Collected) → If(cascade planned): cascade inputs, second ParallelFor,
+    select over both waves; Else: select over the first wave. Each branch bundles and registers."""
+    name, _ = _loop(spec)
+    tasks = _tasks(spec)
+    gather = tasks["gather"]
+    assert gather["inputs"]["artifacts"]["models"]["taskOutputArtifact"]["producerTask"] == name
+    assert spec["components"]["comp-gather"]["inputDefinitions"]["artifacts"]["models"]["isArtifactList"]
+    assert gather["inputs"]["parameters"]["cascade_wave"]["taskOutputParameter"] == {
+        "producerTask": "plan", "outputParameterKey": "cascade_wave"}
+    branches, cascade, plain = _branches(spec)
+    assert "gather" in branches["dependentTasks"]
+
+    # the cascade branch: inputs from the gathered first wave, the second wave over what they return
+    assert {"cascade-inputs", "select", "bundle", "register"} <= set(cascade)
+    loops = [n for n in cascade if n.startswith("for-loop")]
+    assert len(loops) == 1
+    loop = cascade[loops[0]]
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("cascade-inputs-Output")
+    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert list(body) == ["train-2"]
+    train2 = body["train-2"]
+    assert train2["componentRef"]["name"] == "comp-train-2"
+    assert train2["inputs"]["artifacts"]["previous_stage"]["componentInputArtifact"].endswith(
+        "cascade-inputs-previous_stage")
+    assert train2["retryPolicy"]["maxRetryCount"] == 2
+    res = spec["deploymentSpec"]["executors"]["exec-train-2"]["container"]["resources"]
+    assert "gpu_type" in res["accelerator"]["resourceType"]
+    sel = cascade["select"]["inputs"]["artifacts"]
+    assert sel["cascade_models"]["taskOutputArtifact"]["producerTask"] == loops[0]
+    assert sel["models"]["componentInputArtifact"].endswith("gather-gathered")
+    assert cascade["bundle"]["inputs"]["artifacts"]["selection"]["taskOutputArtifact"]["producerTask"] == "select"
+    assert cascade["register"]["inputs"]["artifacts"]["bundle"]["taskOutputArtifact"]["producerTask"] == "bundle"
+
+    # no cascade: the same tail over the first wave alone
+    assert set(plain) == {"select-2", "bundle-2", "register-2"}
+    assert "cascade_models" not in plain["select-2"]["inputs"]["artifacts"]
+    assert plain["select-2"]["inputs"]["artifacts"]["models"]["componentInputArtifact"].endswith("gather-gathered")
+    assert plain["register-2"]["cachingOptions"] == {}
+    assert spec["components"]["comp-select"]["inputDefinitions"]["artifacts"]["cascade_models"]["isArtifactList"]
+    assert spec["components"]["comp-select"]["inputDefinitions"]["artifacts"]["cascade_models"]["isOptional"]
 
 
 def test_image_on_every_task_and_nothing_installed(spec):
     executors = spec["deploymentSpec"]["executors"]
     containers = {k: v["container"] for k, v in executors.items() if "container" in v}
-    assert {"exec-fingerprint", "exec-plan", "exec-preprocess", "exec-train", "exec-select", "exec-bundle",
-            "exec-register", "exec-open-run", "exec-close-run"} <= set(containers)
+    assert {"exec-fingerprint", "exec-plan", "exec-preprocess", "exec-train", "exec-gather", "exec-cascade-inputs",
+            "exec-train-2", "exec-select", "exec-bundle", "exec-register", "exec-open-run",
+            "exec-close-run"} <= set(containers)
     for name, c in containers.items():
         assert c["image"] == IMAGE, name
         assert "pip install" not in " ".join(c["command"]), f"{name} installs packages at start"
@@ -84,9 +133,11 @@ def test_image_on_every_task_and_nothing_installed(spec):
 
 def test_caching_off_only_where_runs_are_recorded(spec):
     tasks = _tasks(spec)
+    _, cascade, plain = _branches(spec)
     assert spec["root"]["dag"]["tasks"]["close-run"]["cachingOptions"] == {}
-    assert tasks["register"]["cachingOptions"] == {}
+    assert cascade["register"]["cachingOptions"] == {} and plain["register-2"]["cachingOptions"] == {}
     assert tasks["open-run"]["cachingOptions"] == {}
+    assert cascade["cascade-inputs"]["cachingOptions"]["enableCache"] is True
     assert tasks["fingerprint"]["cachingOptions"]["enableCache"] is True
 
 
@@ -97,7 +148,8 @@ def test_component_docstrings_are_their_descriptions(tmp_path):
 
     import components
 
-    for name in ("fingerprint", "plan", "preprocess", "train", "select", "bundle", "register", "open_run"):
+    for name in ("fingerprint", "plan", "preprocess", "train", "gather", "cascade_inputs", "select", "bundle",
+                 "register", "open_run", "merge_cases", "plan_retraining", "promote"):
         comp = getattr(components, name)
         assert len(comp.component_spec.description or "") > 40, name
     compiler.Compiler().compile(components.train, str(tmp_path / "train.yaml"))
@@ -113,7 +165,7 @@ def test_cli_compile_with_image(tmp_path):
     res = subprocess.run([sys.executable, "-m", "kubeseg.cli", "pipeline", "compile", "-o", str(out),
                           "--image", "registry.example/kubeseg:test"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert "upload it in the Kubeflow Pipelines UI" in res.stdout
+    assert "training pipeline spec written" in res.stdout and "upload it in the Kubeflow Pipelines UI" in res.stdout
     images = {line.strip() for line in out.read_text().splitlines() if line.strip().startswith("image:")}
     assert images == {"image: registry.example/kubeseg:test"}
 

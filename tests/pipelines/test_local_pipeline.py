@@ -15,7 +15,7 @@ pytest.importorskip("mlflow")
 from kubeseg.errors import KubesegError  # noqa: E402
 from kubeseg.registry import GateSettings, champion_history, load_version, promote, register_bundle, rollback  # noqa: E402
 from kubeseg.tracking import client  # noqa: E402
-from pipelines.run import run_local  # noqa: E402
+from pipelines.run import run_local, task_dir  # noqa: E402
 from tests.pipelines.helpers import MlflowServer, tiny_raw  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -69,11 +69,16 @@ def test_runs_metrics_artifacts(server, pipeline_run):
     # what the Kubeflow UI shows: metrics, the Markdown plans, the HTML summary, the bundle
     run_dir = pipeline_run["run_dir"]
     assert "| 3d_fullres |" in (run_dir / "plan" / "summary").read_text()
-    page = (run_dir / "select" / "summary").read_text()
+    select = task_dir(run_dir, "select")
+    page = (select / "summary").read_text()
     assert "data:image/png;base64" in page and "(selected)" in page
-    metrics = json.loads((run_dir / "select" / "executor_output.json").read_text())
+    metrics = json.loads((select / "executor_output.json").read_text())
     assert "cv.foreground_dice" in json.dumps(metrics)
-    assert (run_dir / "bundle" / "bundle" / "selection.json").is_file()
+    assert (Path(pipeline_run["result"]["bundle"]) / "selection.json").is_file()
+    # no cascade planned: the gather step says so, and the cascade branch did not run
+    gathered = json.loads((task_dir(run_dir, "gather") / "executor_output.json").read_text())
+    assert gathered["parameterValues"]["Output"] == 0
+    assert task_dir(run_dir, "cascade-inputs") is None and not list(run_dir.glob("*/train-2"))
 
 
 def test_model_lifecycle(server, pipeline_run, tmp_path, monkeypatch):
@@ -91,7 +96,7 @@ def test_model_lifecycle(server, pipeline_run, tmp_path, monkeypatch):
     promote(NAME, gate=holdout, uri=uri)
     assert _champion(server) == "1"
 
-    bundle = pipeline_run["run_dir"] / "bundle" / "bundle"
+    bundle = Path(pipeline_run["result"]["bundle"])
     v2 = register_bundle(bundle, NAME, uri, source_run="manual")
     assert v2.version == "2" and str(c.get_model_version_by_alias(NAME, "challenger").version) == "2"
     promote(NAME, gate=holdout, uri=uri)

@@ -89,3 +89,55 @@ def test_cv_tables():
     assert markdown_table(header, rows).count("\n") == 3
     assert "3d_fullres (selected)" in text_table(header, rows)
     json.dumps(rows)
+
+
+def _bundle(root, members, folds=("0", "1")):
+    """A bundle's layout with empty checkpoints: enough for planning and for finding weights."""
+    plans = {"plans_name": "P", "configurations": {
+        **PLANS["configurations"], "3d_fullres": {"data_identifier": "P_3d_fullres"}, "2d": {"data_identifier": "P_2d"},
+        "3d_lowres": {"inherits_from": "3d_fullres", "data_identifier": "P_3d_lowres"}}}
+    ds = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 4,
+          "file_ending": ".nii.gz"}
+    for conf in members:
+        for f in folds:
+            ckpt = root / f"nnUNetTrainer__P__{conf}" / f"fold_{f}" / "checkpoint_final.pth"
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            ckpt.write_text(f"{conf}{f}")
+    (root / "plans.json").write_text(json.dumps(plans))
+    (root / "dataset.json").write_text(json.dumps(ds))
+    (root / "selection.json").write_text(json.dumps({"members": [
+        {"configuration": c, "folder": f"nnUNetTrainer__P__{c}", "folds": list(folds)} for c in members]}))
+    return ds
+
+
+def test_pretrained_checkpoint_and_task_inputs(tmp_path):
+    from kubeseg.workflow import pretrained_checkpoint, task_inputs
+
+    _bundle(tmp_path, ["3d_fullres"], folds=("1", "3"))
+    ck = lambda f: pretrained_checkpoint(tmp_path, "3d_fullres", f)  # noqa: E731
+    assert ck(3).read_text() == "3d_fullres3" and ck(3.0).read_text() == "3d_fullres3"
+    assert ck(0).read_text() == "3d_fullres1"  # a fold the champion lacks starts from its first fold
+    assert pretrained_checkpoint(tmp_path, "2d", 0) is None  # not in the champion: from scratch
+    assert pretrained_checkpoint(tmp_path / "empty", "2d", 0) is None
+    assert task_inputs(tmp_path, "3d_fullres", 1) == (None, None)
+    assert task_inputs(tmp_path, "3d_fullres", 1, pretrained_root=tmp_path)[1] == ck(1)
+
+
+def test_finetune_plan(tmp_path):
+    from kubeseg.retraining import finetune_plan
+
+    bundle, raw = tmp_path / "bundle", tmp_path / "raw"
+    raw.mkdir()
+    ds = _bundle(bundle, ["2d", "3d_cascade_fullres"])
+    (raw / "dataset.json").write_text(json.dumps({**ds, "numTraining": 9}))
+    p = finetune_plan(bundle, raw)
+    assert p.mode == "finetune" and p.plans["plans_name"] == "P" and p.candidates == ["2d", "3d_cascade_fullres"]
+    assert p.preprocess_configurations == ["2d", "3d_lowres", "3d_cascade_fullres"]
+    assert p.first_wave == [{"configuration": "2d", "fold": 0}, {"configuration": "2d", "fold": 1}] + [
+        {"configuration": "3d_lowres", "fold": f} for f in range(5)]
+    assert p.cascade_wave == [{"configuration": "3d_cascade_fullres", "fold": f} for f in (0, 1)]
+    p = finetune_plan(bundle, raw, ["2d"], [4])
+    assert p.first_wave == [{"configuration": "2d", "fold": 4}] and p.cascade_wave == []
+    (raw / "dataset.json").write_text(json.dumps({**ds, "labels": {"background": 0, "organ": 1, "tumour": 2}}))
+    with pytest.raises(KubesegError, match="other channels or labels"):
+        finetune_plan(bundle, raw)
