@@ -1,0 +1,98 @@
+"""The retraining pipeline: new labelled cases → merged dataset → (fine-tune from the champion |
+retrain) → select → bundle → register as ``challenger`` → gated promotion.
+
+``mode`` (a run parameter):
+
+* ``finetune`` (default): the champion bundle is downloaded from the registry (checksums
+  verified); its plans are kept; its member configurations (a cascade member with its first
+  stage) × folds are trained on the merged dataset, each fold initialised from the champion's
+  weights of the same configuration and fold.
+* ``retrain``: the merged dataset is fingerprinted and planned anew and trained from scratch,
+  as the training pipeline does.
+
+The training part is the training pipeline's (:func:`pipelines.training.training_waves`: first
+wave, fan-in, cascade wave when planned); its tail adds a ``promote`` step after ``register``: the
+gate (CV Dice within ``tolerance`` of the champion's, sanity prediction of the held-out images:
+``holdout_uri``, default the dataset's ``imagesTs``) either moves ``champion`` or refuses; a
+refusal is the step's recorded outcome (JSON), not a pipeline failure.
+"""
+
+from typing import Callable
+
+from kfp import dsl
+
+from components import steps
+from pipelines.training import BuildOptions, RunKnobs, preprocess_task, selection_tail, training_waves
+
+PIPELINE_NAME = "kubeseg-retraining"
+
+
+def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = True) -> Callable:
+    """The retraining pipeline function; compile-time choices as :func:`pipelines.training.build_pipeline`."""
+    o = BuildOptions(parallelism, retries, resources)
+
+    @dsl.pipeline(name=PIPELINE_NAME,
+                  description="kubeseg retraining: add new labelled cases to the dataset, fine-tune from the "
+                              "champion (or retrain), register the result as challenger, gated promotion.")
+    def retraining(dataset_uri: str,
+                   new_cases_uri: str,
+                   model_name: str = "kubeseg-segmentation",
+                   mlflow_uri: str = "",
+                   mode: str = "finetune",
+                   configurations: list = [],  # noqa: B006 - KFP parameter default; [] = the champion's
+                   folds: list = [],  # noqa: B006 - [] = the champion's (finetune) or all five (retrain)
+                   schedule: str = "default",
+                   planner_preset: str = "default",
+                   device: str = "auto",
+                   gpu_type: str = "nvidia.com/gpu",
+                   gpu_count: int = 1,
+                   train_cpu: str = "8",
+                   train_memory: str = "32G",
+                   num_workers: int = -1,
+                   torch_threads: int = 0,
+                   validation_tta: bool = True,
+                   allow_ensembles: bool = True,
+                   experiment: str = "kubeseg",
+                   tolerance: float = 0.02,
+                   holdout_uri: str = ""):
+        closer = steps.close_run(mlflow_uri=mlflow_uri, experiment=experiment,
+                                 pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
+        closer.set_caching_options(False).set_display_name("close MLflow run")
+        with dsl.ExitHandler(closer, name="retraining"):
+            raw = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset, reimport=False)
+            raw.set_display_name("raw dataset")
+            new = dsl.importer(artifact_uri=new_cases_uri, artifact_class=dsl.Dataset, reimport=False)
+            new.set_display_name("new labelled cases")
+
+            run = steps.open_run(mlflow_uri=mlflow_uri, experiment=experiment, model_name=model_name,
+                                 dataset_uri=dataset_uri, configurations=configurations, folds=folds,
+                                 schedule=schedule, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kind="retraining",
+                                 new_cases_uri=new_cases_uri, mode=mode)
+            run.set_caching_options(False).set_display_name("open MLflow run")
+
+            merged = steps.merge_cases(raw=raw.output, new_cases=new.output, num_workers=num_workers)
+            merged.set_display_name("merge new cases")
+            fp = steps.fingerprint(raw=merged.outputs["merged"], num_workers=num_workers)
+            fp.set_display_name("fingerprint")
+            planned = steps.plan_retraining(raw=merged.outputs["merged"], fingerprint=fp.outputs["fingerprint"],
+                                            mode=mode, model_name=model_name, mlflow_uri=mlflow_uri,
+                                            preset=planner_preset, configurations=configurations, folds=folds)
+            planned.set_caching_options(False).set_display_name("plan (champion or new)")  # the champion moves
+            k = RunKnobs(planned.outputs["candidates"], schedule, device, gpu_type, gpu_count, train_cpu,
+                         train_memory, num_workers, torch_threads, validation_tta, allow_ensembles, mlflow_uri,
+                         experiment, model_name)
+            pre = preprocess_task(merged.outputs["merged"], planned, fp, k, o)
+
+            def tail(models, cascade_models):
+                reg = selection_tail(models, cascade_models, pre, fp, run, k, o)
+                gate = steps.promote(model_name=model_name, version=reg.output, tracking=run.outputs["tracking"],
+                                     dataset=merged.outputs["merged"], holdout_uri=holdout_uri, tolerance=tolerance,
+                                     device=device)
+                gate.set_caching_options(False).set_display_name("gated promotion")
+                if o.resources:
+                    gate.set_memory_limit(train_memory)
+                return gate
+
+            training_waves(planned, pre, run, k, o, tail, pretrained=planned.outputs["champion"])
+
+    return retraining
