@@ -142,6 +142,24 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, old)
 
 
+def _out_of_place_activations(network: torch.nn.Module) -> int:
+    """Make in-place activations (``nonlin_kwargs: {inplace: true}`` in the plans) out-of-place.
+
+    On the CPU, instance norm returns a *view* of its batch-norm result, so an in-place
+    LeakyReLU on it makes autograd copy the whole activation back into the base tensor in
+    the backward pass (CopySlices) and hands the next convolution a strided tensor to copy
+    again: about 4 % of a training step of nnU-Net's 3D U-Net. The results are identical;
+    the cost is one more activation tensor per block, which the GPU (where memory is what
+    limits the patch size) does not pay. Returns how many modules were changed."""
+    n = 0
+    for m in network.modules():
+        if isinstance(m, (torch.nn.LeakyReLU, torch.nn.ReLU, torch.nn.ReLU6, torch.nn.ELU, torch.nn.Hardtanh,
+                          torch.nn.SiLU, torch.nn.Mish)) and getattr(m, "inplace", False):
+            m.inplace = False
+            n += 1
+    return n
+
+
 class _RunLog:
     """Timestamped lines to ``training_log_<ts>.txt`` and (optionally) the console."""
 
@@ -256,6 +274,8 @@ class FoldTrainer:
             self.cfg.network_class_name, self.cfg.arch_kwargs, self.cfg.kw_requires_import,
             num_input_channels(self.cfg, self.labels), self.labels.num_segmentation_heads,
             deep_supervision=self.settings.enable_deep_supervision, initialize=True).to(self.device)
+        if self.device.type == "cpu":
+            _out_of_place_activations(self.network)
         self.optimizer = make_optimizer(self.network.parameters(), self.settings.optimizer)
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
         self.loss = build_loss(self.cfg.batch_dice, len(self.ds_scales) if self.ds_scales else None)

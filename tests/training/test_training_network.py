@@ -91,3 +91,26 @@ def test_locate_is_allow_listed():
     assert locate("torch.nn.LeakyReLU") is torch.nn.LeakyReLU
     with pytest.raises(ValueError):
         locate("os.system")
+
+
+def test_out_of_place_activations_give_identical_results():
+    """The CPU trainer turns in-place activations out-of-place (faster backward after instance
+    norm); outputs and gradients must not change."""
+    from kubeseg.training.trainer import _out_of_place_activations
+
+    plans, ds = tiny_plans(), tiny_dataset_json(10)
+    torch.manual_seed(0)
+    a = build_network_from_plans(plans, "3d_fullres", ds, deep_supervision=True)
+    b = copy.deepcopy(a)
+    assert _out_of_place_activations(b) > 0
+    assert not any(getattr(m, "inplace", False) for m in b.modules() if isinstance(m, torch.nn.LeakyReLU))
+    x = torch.randn(2, 1, 16, 32, 32)
+    outs = []
+    for net in (a, b):
+        out = net(x)
+        sum(o.square().mean() for o in out).backward()
+        outs.append((out, [p.grad.clone() for p in net.parameters()]))
+    for r, o in zip(outs[0][0], outs[1][0]):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
+    for r, o in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-7)
