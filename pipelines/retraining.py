@@ -71,7 +71,8 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
             run.set_caching_options(False).set_display_name("open MLflow run")
 
             merged = steps.merge_cases(raw=raw.output, new_cases=new.output, num_workers=num_workers)
-            merged.set_display_name("merge new cases")
+            # a drop folder keeps its URI while its cases change: never reuse an earlier merge
+            merged.set_caching_options(False).set_display_name("merge new cases")
             fp = steps.fingerprint(raw=merged.outputs["merged"], num_workers=num_workers)
             fp.set_display_name("fingerprint")
             planned = steps.plan_retraining(raw=merged.outputs["merged"], fingerprint=fp.outputs["fingerprint"],

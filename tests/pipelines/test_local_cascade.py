@@ -89,7 +89,7 @@ def test_selection_bundle_registry_predict(cascade_run, tmp_path):
     import SimpleITK as sitk
     case = sorted((cascade_run["raw"] / "imagesTs").glob("*_0000.nii.gz"))[0]
     assert main(["predict", "-i", str(case), "-o", str(tmp_path / "out"), "-m", str(bundle), "--disable-tta",
-                 "--device", "cpu"]) == 0
+                 "--step", "1", "--device", "cpu"]) == 0  # low-res stage, then the cascade on its segmentation
     out = sorted((tmp_path / "out").glob("*.nii.gz"))
     assert len(out) == 1
     img, seg = sitk.ReadImage(str(case)), sitk.ReadImage(str(out[0]))

@@ -44,6 +44,7 @@ def test_retraining_spec(spec):
     for t in ("fingerprint", "plan-retraining", "preprocess"):
         assert tasks[t]["inputs"]["artifacts"]["raw"]["taskOutputArtifact"]["producerTask"] == "merge-cases", t
     assert tasks["plan-retraining"]["cachingOptions"] == {}  # the champion moves between runs
+    assert tasks["merge-cases"]["cachingOptions"] == {}  # and the new cases' folder fills up
     assert tasks["preprocess"]["inputs"]["artifacts"]["plans"]["taskOutputArtifact"]["producerTask"] == \
         "plan-retraining"
     # every fold starts from the champion's weights (an empty artifact in retrain mode)
