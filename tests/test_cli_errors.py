@@ -29,7 +29,7 @@ CONFIGURATION = "3d_fullres"
 def kubeseg(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "kubeseg.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=180)
 
 
 def problem_lines(stderr: str) -> list[str]:

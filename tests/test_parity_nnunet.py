@@ -72,7 +72,7 @@ def dataset(request, tmp_path_factory):
            "--gpu-memory-gb", str(SMALL.gpu_memory_gb), "--base-features", str(SMALL.base_features),
            "--max-features-3d", str(SMALL.max_features_3d), "--max-features-2d", str(SMALL.max_features_2d),
            "--variant", variant, "--configs", "3d_fullres", "2d", "3d_lowres", "--cases", "synth_000", "-j", "2"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     fingerprint = extract_fingerprint(raw, num_workers=1, progress=False)
     return name, raw, root / "nnunet", fingerprint

@@ -184,7 +184,7 @@ def test_queries_are_valid_promql(queries, tmp_path):
         {"record": f"kubeseg:dashboard_query_{i}", "expr": e} for i, e in enumerate(exprs)]}]}
     path = tmp_path / "dashboards.rules.yaml"
     path.write_text(yaml.safe_dump(rules, width=1000))
-    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(exprs)} rules found" in result.stdout + result.stderr
 

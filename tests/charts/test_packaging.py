@@ -74,7 +74,7 @@ def test_bentofile_is_valid_for_bentoml_and_agrees_with_pyproject():
 
 def _make_image(engine: str) -> subprocess.CompletedProcess:
     return subprocess.run(["make", "-s", "image", f"CONTAINER_ENGINE={engine}"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, encoding="utf-8", errors="replace", timeout=60)
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")

@@ -57,7 +57,7 @@ SCENARIOS = {  # name: (configuration, folds, tta, fold_average)
 
 def _oracle(*args: str) -> None:
     done = subprocess.run([sys.executable, "-m", "tests.inference.nnunet_oracle", *args], cwd=REPO,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace")
     assert done.returncode == 0, done.stderr[-3000:]
 
 

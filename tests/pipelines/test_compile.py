@@ -163,7 +163,7 @@ def test_cli_compile_with_image(tmp_path):
 
     out = tmp_path / "training.yaml"
     res = subprocess.run([sys.executable, "-m", "kubeseg.cli", "pipeline", "compile", "-o", str(out),
-                          "--image", "registry.example/kubeseg:test"], capture_output=True, text=True, timeout=120)
+                          "--image", "registry.example/kubeseg:test"], capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert res.returncode == 0, res.stderr
     assert "training pipeline spec written" in res.stdout and "upload it in the Kubeflow Pipelines UI" in res.stdout
     images = {line.strip() for line in out.read_text().splitlines() if line.strip().startswith("image:")}
