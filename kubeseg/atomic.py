@@ -1,9 +1,10 @@
-"""Atomic file writes: readers see the old file or the whole new one, never half of it."""
+"""Atomic file and folder writes: readers see the old one or the whole new one, never half of it."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -39,3 +40,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def replace_folder(staging: str | Path, target: str | Path) -> Path:
+    """Put a completely written ``staging`` folder in place of ``target`` (which may exist).
+
+    Two renames: readers see the old folder or the new one; an old one is moved aside first
+    (a folder cannot be renamed over a non-empty one) and removed afterwards.
+    """
+    staging, target = Path(staging), Path(target)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        shutil.rmtree(old)
+    os.replace(staging, target)
+    return target

@@ -19,7 +19,6 @@ predicts. The bundle is assembled in a hidden sibling folder and renamed into pl
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from kubeseg.atomic import replace_folder
 from kubeseg.errors import KubesegError
 from kubeseg.inference.model import CHECKPOINT_NAME, available_folds
 from kubeseg.inference.run import SELECTION_FILENAME
@@ -142,11 +142,7 @@ def write_bundle(members: Sequence[BundleMember], out_dir: str | Path, postproce
         sel["folds"] = None
         sel["postprocessing"] = PP_FILENAME
         write_json(sel, staging / SELECTION_FILENAME)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            os.replace(out_dir, old)
-            shutil.rmtree(old)
-        os.replace(staging, out_dir)
+        replace_folder(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

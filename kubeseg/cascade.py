@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from kubeseg.atomic import default_mode
+from kubeseg.atomic import default_mode, replace_folder
 from kubeseg.errors import DatasetError, KubesegError
 from kubeseg.jsonio import read_json, write_json
 from kubeseg.parallel import map_cases
@@ -170,12 +170,7 @@ def export_cascade_inputs(previous_model_dir: str | Path, preprocessed_dir: str 
         write_json({"configuration": configuration, "previous_stage": prev, "previous_model": prev_dir.name,
                     "data_identifier": data_dir.name, "source_fold": source}, staging / MANIFEST)
         os.chmod(staging, default_mode(directory=True))
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            shutil.rmtree(old)
-        os.replace(staging, out_dir)
+        replace_folder(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -37,9 +37,9 @@ def new_cases(root: Path, cases: int = 2, loose: bool = False, prefix: str = "ne
     return out
 
 
-def tiny_bundle(root: Path) -> dict:
-    """Raw dataset → plans (small preset) → 3d_fullres fold 0 trained for 2 x 4 iterations →
-    selection → bundle. About 20 s on 2 cores."""
+def tiny_bundle(root: Path, schedule: tuple[int, int, int] = (2, 4, 1)) -> dict:
+    """Raw dataset → plans (small preset) → 3d_fullres fold 0 trained for ``schedule`` (epochs,
+    iterations, validation iterations; 2 x 4 by default, about 20 s on 2 cores) → selection → bundle."""
     from kubeseg.bundle import make_bundle
     from kubeseg.dataset import load_dataset_json
     from kubeseg.fingerprint import extract_fingerprint, write_fingerprint
@@ -59,7 +59,7 @@ def tiny_bundle(root: Path) -> dict:
     preprocess_dataset(raw, plans, "3d_fullres", pre, fp_path, 1, progress=False)
     fold_out = root / "train_out"
     train_fold(pre, pre / "plans.json", "3d_fullres", 0, fold_out / model_folder_name(plans, "3d_fullres"),
-               TrainSettings(device="cpu", schedule=Schedule(2, 4, 1, "test"), num_workers=0,
+               TrainSettings(device="cpu", schedule=Schedule(*schedule, "test"), num_workers=0,
                              validation_mirroring=False, progress_bar=False, log_to_console=False))
     select_from_folds([fold_out], pre, root / "selection")
     bundle = make_bundle(root / "selection", root / "bundle", fp_path)
