@@ -16,7 +16,7 @@ import SimpleITK as sitk
 
 from kubeseg.dataset import DatasetSpec, RawCase, list_test_cases, list_training_cases, load_dataset_json
 from kubeseg.errors import DatasetError, Problem
-from kubeseg.imageio import Geometry, read_sitk
+from kubeseg.imageio import Geometry, itk_error_reason, read_sitk
 from kubeseg.nifti_integrity import check_nifti
 from kubeseg.parallel import map_cases
 
@@ -41,9 +41,7 @@ def _read(path: Path, case: str, what: str, problems: list[Problem],
     try:
         image = read_sitk(path)
     except Exception as e:  # noqa: BLE001 - SimpleITK raises RuntimeError with ITK's text
-        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-        # ITK's first line is only "Exception thrown in ... <source file>:<line>:"; the reason follows.
-        why = next((ln.split("ERROR:", 1)[1].strip() for ln in lines if "ERROR:" in ln), lines[0] if lines else "")
+        why = itk_error_reason(e)
         problems.append(Problem(case, str(path), f"{what} cannot be read: {why or type(e).__name__}"))
         return None
     broken, n_nan, n_inf = check_nifti(path)

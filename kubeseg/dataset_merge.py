@@ -22,7 +22,6 @@ kubeseg's own record of the merge (sources, added cases, the original dataset na
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -33,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Optional
 
-from kubeseg.atomic import default_mode
+from kubeseg.atomic import default_mode, replace_folder
 from kubeseg.dataset import DatasetSpec, RawCase, list_test_cases, list_training_cases, load_dataset_json
 from kubeseg.dataset_check import load_case, require_valid_layout
 from kubeseg.errors import DatasetError, KubesegError, Problem
@@ -179,7 +178,7 @@ def merge_cases(raw_dir: str | Path, new_cases: str | Path, out_dir: str | Path,
             for c, f in enumerate(case.images):
                 shutil.copy2(f, target / "imagesTr" / f"{case.case_id}_{c:04d}{spec.file_ending}")
             shutil.copy2(case.label, target / "labelsTr" / f"{case.case_id}{spec.file_ending}")
-        ds = json.loads((raw_dir / "dataset.json").read_text())
+        ds = read_json(raw_dir / "dataset.json")
         ds["numTraining"] = len(old) + len(new)
         write_json(ds, target / "dataset.json")
         previous = read_json(raw_dir / RECORD) if (raw_dir / RECORD).is_file() else {}
@@ -191,10 +190,7 @@ def merge_cases(raw_dir: str | Path, new_cases: str | Path, out_dir: str | Path,
         require_valid_layout(target)
         for d in [target, *[p for p in target.rglob("*") if p.is_dir()]]:
             os.chmod(d, default_mode(directory=True))
-        if out_dir.exists():
-            old_dir = staging / "old"
-            os.replace(out_dir, old_dir)
-        os.replace(target, out_dir)
+        replace_folder(target, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("merged %d new case(s) into %s (%d training cases)", len(new), out_dir, len(old) + len(new))

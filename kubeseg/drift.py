@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kubeseg.preprocessing.cropping import bounding_box
+
 CHECKS = ("intensity", "spacing", "shape")
 _EPS = 1e-4  # PSI smoothing: an empty bin counts as this mass, so the index stays finite
 _MIN_FOREGROUND = 64  # fewer predicted-foreground voxels than this: score the nonzero region
@@ -101,7 +103,10 @@ def _outside(value, lo, hi, median) -> float:
 def drift_report(data: np.ndarray, spacing, cropped_shape, foreground: np.ndarray | None,
                  ref: DriftReference) -> DriftReport:
     """Scores of one input: ``data`` (C, z, y, x) raw intensities, ``spacing`` in array order,
-    ``cropped_shape`` after cropping to nonzero, ``foreground`` the predicted foreground mask."""
+    ``cropped_shape`` after cropping to nonzero (None: measured from ``data`` as the fingerprint
+    does), ``foreground`` the predicted foreground mask."""
+    if cropped_shape is None:
+        cropped_shape = [hi - lo for lo, hi in bounding_box(np.any(data != 0, axis=0))]
     if data.shape[0] != len(ref.channels):
         raise ValueError(f"input has {data.shape[0]} channels, the reference {len(ref.channels)}")
     mask, used = foreground, "foreground"

@@ -61,6 +61,12 @@ def read_sitk(path: str | Path) -> sitk.Image:
     return sitk.ReadImage(str(path))
 
 
+def itk_error_reason(error: Exception) -> str:
+    """The reason in an ITK exception's text (its first line only names the C++ source file)."""
+    lines = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()]
+    return next((ln.split("ERROR:", 1)[1].strip() for ln in lines if "ERROR:" in ln), lines[0] if lines else "")
+
+
 def read_image(paths: Sequence[str | Path]) -> tuple[np.ndarray, Geometry]:
     """Read the channel files of one case into a float32 ``(C, z, y, x)`` array.
 

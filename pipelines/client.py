@@ -174,19 +174,18 @@ def _start_local(request: RetrainRequest) -> RetrainRun:
 
 def write_status(path: str | Path, status: dict) -> dict:
     """Write (merge into) the status file atomically; returns what was written."""
-    from kubeseg.atomic import atomic_path
+    from kubeseg.jsonio import read_json, write_json
 
     path = Path(path)
     current = {}
     if path.is_file():
         try:
-            current = json.loads(path.read_text())
+            current = read_json(path)
         except ValueError:
             current = {}
     current.update(status)
     current["updated_at"] = _now()
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(current, indent=1))
+    write_json(current, path, indent=1)
     return current
 
 

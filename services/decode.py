@@ -29,7 +29,7 @@ import SimpleITK as sitk
 from kubeseg.dataset import DatasetSpec, RawCase
 from kubeseg.dataset_check import load_case
 from kubeseg.errors import DatasetError
-from kubeseg.imageio import Geometry
+from kubeseg.imageio import Geometry, itk_error_reason
 
 MAX_ZIP_ENTRIES = 4096
 ZIP_EXPANSION_LIMIT = 4  # a zip may expand to at most this many times the request size limit
@@ -64,7 +64,7 @@ class Limits:
 def sniff(path: Path) -> str:
     """The format of a file from its first bytes: nifti, nifti_gz, nrrd, mha, zip, or unknown."""
     with open(path, "rb") as f:
-        head = f.read(512)
+        head = f.read(4096)  # a MetaImage header names its ElementDataFile within the first lines
     if head[:4] == b"PK\x03\x04":
         return "zip"
     if head[:2] == b"\x1f\x8b":
@@ -79,14 +79,9 @@ def sniff(path: Path) -> str:
     if head.startswith(b"NRRD000"):
         return "nrrd"
     text = head.lstrip()
-    if text.startswith((b"ObjectType", b"NDims")) and b"ElementDataFile" in head + _tail_hint(path):
+    if text.startswith((b"ObjectType", b"NDims")) and b"ElementDataFile" in head:
         return "mha"
     return "unknown"
-
-
-def _tail_hint(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(4096)
 
 
 def _is_nifti(header: bytes) -> bool:
@@ -123,8 +118,8 @@ def _check_header(path: Path, name: str, limits: Limits) -> None:
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
-        why = next((ln.split("ERROR:", 1)[1].strip() for ln in str(e).splitlines() if "ERROR:" in ln), "")
-        raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: the header cannot be read ({why or 'corrupt file'})") from None
+        raise BadInput(HTTPStatus.BAD_REQUEST,
+                       f"{name}: the header cannot be read ({itk_error_reason(e) or 'corrupt file'})") from None
     size = reader.GetSize()
     _check_size(size, reader.GetDimension(), name, limits)
     if reader.GetNumberOfComponents() != 1:
@@ -207,12 +202,6 @@ def _dicom_series(folder: Path, name: str, limits: Limits) -> sitk.Image:
     return image
 
 
-def _zip_members(folder: Path) -> list[Path]:
-    """Image files inside an extracted zip (not DICOM), in channel order ``_0000``, ``_0001`` …"""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and sniff(p) in _ENDING)
-    return files
-
-
 def decode(uploads: Sequence[tuple[str, Path]], spec: DatasetSpec, limits: Limits, work_dir: Path) -> DecodedImage:
     """Read uploaded ``(file name, path)`` pairs as one case for the model described by ``spec``."""
     if not uploads:
@@ -234,8 +223,9 @@ def decode(uploads: Sequence[tuple[str, Path]], spec: DatasetSpec, limits: Limit
             extracted = work_dir / f"zip{i}"
             extracted.mkdir(parents=True)
             _safe_extract(path, name, extracted, limits)
-            members = _zip_members(extracted)
-            if members:  # channel files zipped together
+            # image files zipped together, in channel order by name (_0000, _0001 ...); else DICOM
+            members = sorted(p for p in extracted.rglob("*") if p.is_file() and sniff(p) in _ENDING)
+            if members:
                 for m in members:
                     channel_files.append(_placed(m, sniff(m), work_dir, len(channel_files)))
                     names.append(f"{name}:{m.relative_to(extracted)}")

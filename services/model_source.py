@@ -22,7 +22,7 @@ from typing import Callable, Optional
 from kubeseg.dataset import DatasetSpec
 from kubeseg.drift import DriftReference
 from kubeseg.inference.predictor import PredictSettings, Predictor
-from kubeseg.inference.run import build_predictors, resolve_model
+from kubeseg.inference.run import build_predictors, dataset_spec, resolve_model
 from kubeseg.jsonio import read_json
 from kubeseg.postprocessing import PostprocessingRule
 
@@ -59,9 +59,7 @@ def load_served_model(bundle: Path, settings: ServiceSettings, name: str, versio
                                        device=settings.device, progress=False)
     predictors = build_predictors(choice, predict_settings)
     dataset_json = predictors[0].model.dataset_json
-    channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
-    spec = DatasetSpec({int(k): v for k, v in channels.items()}, dict(dataset_json["labels"]),
-                       int(dataset_json.get("numTraining", 1)), dataset_json["file_ending"])
+    spec = dataset_spec(dataset_json)
     fingerprint = bundle / "dataset_fingerprint.json"
     reference = DriftReference.from_fingerprint(read_json(fingerprint)) if fingerprint.is_file() else None
     if reference is None:

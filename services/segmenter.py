@@ -9,7 +9,7 @@ shell around :func:`segment_request`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Optional, Sequence
@@ -52,18 +52,6 @@ class Outcome:
     drift: Optional[DriftReport]
 
 
-def _cropped_shape(data: np.ndarray) -> list[int]:
-    """Shape of the nonzero region (the fingerprint's ``shapes_after_crop`` for this input)."""
-    nonzero = np.any(data != 0, axis=0)
-    if not nonzero.any():
-        return [0] * (data.ndim - 1)
-    out = []
-    for axis in range(nonzero.ndim):
-        hit = np.flatnonzero(np.any(nonzero, axis=tuple(a for a in range(nonzero.ndim) if a != axis)))
-        out.append(int(hit[-1] - hit[0] + 1))
-    return out
-
-
 def segment_request(model: ServedModel, uploads: Sequence[tuple[str, Path]], options: RequestOptions,
                     limits: Limits, work_dir: Path) -> Outcome:
     """Run one request in ``work_dir`` (the caller removes it). Raises :class:`BadInput` for 4xx."""
@@ -92,8 +80,8 @@ def segment_request(model: ServedModel, uploads: Sequence[tuple[str, Path]], opt
     conf = confidence(result.probabilities, result.segmentation)
     drift = None
     if model.drift_reference is not None:
-        drift = drift_report(image.data, image.geometry.spacing, _cropped_shape(image.data),
-                             result.segmentation > 0, model.drift_reference)
+        drift = drift_report(image.data, image.geometry.spacing, None, result.segmentation > 0,
+                             model.drift_reference)
     summary = {
         "model": {"name": model.name, "version": model.version, "alias": model.alias},
         "input": {"source": image.source, "shape": list(image.data.shape[1:]), "channels": int(image.data.shape[0]),

@@ -12,7 +12,6 @@ import logging
 import re
 import shutil
 import tempfile
-import threading
 import time
 from http import HTTPStatus
 from pathlib import Path
@@ -135,7 +134,6 @@ class Segmentation:
             self.metrics.drift_threshold.labels(check).set(value)
         self.limits = Limits(SETTINGS.max_voxels, SETTINGS.min_size, SETTINGS.max_request_bytes)
         self._work_root = Path(tempfile.mkdtemp(prefix="kubeseg-requests-"))
-        self._inflight_lock = threading.Lock()
         self.holder = ModelHolder(SETTINGS, self._swapped, self._swap_failed)
         global _holder
         _holder = self.holder
@@ -199,10 +197,11 @@ class Segmentation:
         if outcome.drift is not None:
             window = self.window.add(outcome.drift.scores)
             thresholds = self.settings.drift.thresholds()
+            drifted = outcome.drift.drifted(thresholds)
             for check, score in outcome.drift.scores.items():
                 m.drift_score.labels(check).set(min(score, 1e6))
                 m.drift_window_score.labels(check).set(window[check])
-                m.drift_inputs.labels(check, "drifted" if score > thresholds[check] else "ok").inc()
+                m.drift_inputs.labels(check, "drifted" if drifted[check] else "ok").inc()
             outcome.summary["drift"]["window_scores"] = {k: round(v, 6) for k, v in window.items()}
             outcome.summary["drift"]["thresholds"] = thresholds
         self._gpu_memory()

@@ -167,7 +167,8 @@ def _ending_of(path: Path) -> str:
     return ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
 
 
-def _spec(dataset_json: dict) -> DatasetSpec:
+def dataset_spec(dataset_json: dict) -> DatasetSpec:
+    """The :class:`DatasetSpec` of a trained model's ``dataset.json`` (validated when it was trained)."""
     channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
     return DatasetSpec({int(k): v for k, v in channels.items()}, dict(dataset_json["labels"]),
                        int(dataset_json.get("numTraining", 1)), dataset_json["file_ending"])
@@ -234,7 +235,7 @@ def predict(input_path: str | Path, output: str | Path, model_dir: str | Path,
     log.info("predicting %d case(s) with %s%s", len(cases), " + ".join(m.name for m in choice.members),
              f", postprocessing {list(rule.steps)}" if rule.steps else "")
     written = []
-    spec = _spec(dataset_json)
+    spec = dataset_spec(dataset_json)
     for case in cases:
         started = time.perf_counter()
         loaded = load_case(case, spec, with_label=False)

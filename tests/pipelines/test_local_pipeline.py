@@ -16,16 +16,10 @@ from kubeseg.errors import KubesegError  # noqa: E402
 from kubeseg.registry import GateSettings, champion_history, load_version, promote, register_bundle, rollback  # noqa: E402
 from kubeseg.tracking import client  # noqa: E402
 from pipelines.run import run_local, task_dir  # noqa: E402
-from tests.pipelines.helpers import MlflowServer, tiny_raw  # noqa: E402
+from tests.pipelines.helpers import tiny_raw  # noqa: E402
 
 pytestmark = pytest.mark.integration
 NAME = "tiny-pipeline"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

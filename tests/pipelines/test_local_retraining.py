@@ -23,17 +23,11 @@ from kubeseg.registry import GateSettings, get_version, promote, register_bundle
 from kubeseg.tracking import client  # noqa: E402
 from pipelines.client import RetrainRequest, read_status, start_retraining  # noqa: E402
 from pipelines.run import run_local, task_dir  # noqa: E402
-from tests.pipelines.helpers import MlflowServer, new_cases, tiny_bundle  # noqa: E402
+from tests.pipelines.helpers import new_cases, tiny_bundle  # noqa: E402
 
 pytestmark = pytest.mark.integration
 NAME = "tiny-retraining"
 QUICK = {"schedule": "2x3x1", "device": "cpu", "num_workers": 0, "torch_threads": 1, "validation_tta": False}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with MlflowServer(tmp_path_factory.mktemp("mlflow")) as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """Service settings from the environment, the rolling drift window, and the model holder's failure path."""
-from pathlib import Path
 
 import pytest
 
