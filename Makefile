@@ -6,8 +6,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 DEMO_DIR ?= demo_out
+# nnunetv2, the parity oracle, in a venv of its own: it must not hide a dependency that kubeseg
+# forgot to declare (it brings acvl-utils, scikit-image, ... along). Tests run it in a subprocess.
+ORACLE_VENV ?= .venv-oracle
+ORACLE_PY := $(ORACLE_VENV)/bin/python
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install oracle clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,16 +31,24 @@ $(VENV)/.test: $(VENV)/.base pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[test,pipelines,registry,serving,deploy]'
 	touch $@
 
+$(ORACLE_VENV)/.oracle: oracle-requirements.txt constraints.txt
+	$(PYTHON) -m venv $(ORACLE_VENV)
+	$(ORACLE_PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(ORACLE_PY) -m pip install -q --disable-pip-version-check -c constraints.txt -r oracle-requirements.txt
+	touch $@
+
 install: $(VENV)/.base
+
+oracle: $(ORACLE_VENV)/.oracle
 
 demo: $(VENV)/.demo
 	$(VENV)/bin/kubeseg demo --out-dir $(DEMO_DIR)
 
-test: $(VENV)/.test
-	$(PY) -m pytest -q
+test: $(VENV)/.test $(ORACLE_VENV)/.oracle
+	KUBESEG_ORACLE_PYTHON=$(abspath $(ORACLE_PY)) $(PY) -m pytest -q
 
-bench: $(VENV)/.test
-	$(PY) benchmarks/preprocess.py
+bench: $(VENV)/.test $(ORACLE_VENV)/.oracle
+	KUBESEG_ORACLE_PYTHON=$(abspath $(ORACLE_PY)) $(PY) benchmarks/preprocess.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

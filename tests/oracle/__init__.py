@@ -14,14 +14,14 @@ import os
 import subprocess
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ORACLE = REPO / ".venv-oracle" / "bin" / "python"
 
 
 def oracle_python() -> Path:
     """The interpreter that has nnunetv2, or skip/fail (under CI) saying how to get one."""
+    import pytest  # lazily: the oracle's interpreter imports this package too, and has no pytest
+
     path = Path(os.environ.get("KUBESEG_ORACLE_PYTHON") or DEFAULT_ORACLE)
     if not path.exists():
         msg = (f"nnunetv2 oracle interpreter {path} is missing: run `make oracle` "
@@ -35,6 +35,8 @@ def oracle_python() -> Path:
 def run_oracle(*args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``oracle_python() *args`` from the repository root (so ``-m tests.…`` modules resolve)
     and fail the test with the oracle's stderr when it exits non-zero."""
+    import pytest
+
     run_env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
     done = subprocess.run([str(oracle_python()), *args], cwd=REPO, capture_output=True, text=True,
                           encoding="utf-8", errors="replace", timeout=timeout, env=run_env)

@@ -1,4 +1,6 @@
 """Patch sampling: foreground oversampling, padding, 2D slices, DS target shapes."""
+import json
+
 import numpy as np
 import pytest
 
@@ -6,6 +8,7 @@ from kubeseg.training.augmentation import configure_augmentation, get_validation
 from kubeseg.training.data import PatchLoader, PreprocessedDataset, crop_and_pad, force_foreground
 from kubeseg.training.plans import deep_supervision_scales
 
+from tests.oracle import run_oracle
 from tiny_dataset import tiny_arch_kwargs
 
 
@@ -50,12 +53,15 @@ def test_initial_patch_is_padded_with_minus_one(tiny_pre):
     np.testing.assert_array_equal(out[:, 1:, :2], arr[:, :3, 2:])
 
 
-def test_initial_patch_size_matches_nnunet():
-    oracle = pytest.importorskip("nnunetv2.training.data_augmentation.compute_initial_patch_size")
-    for patch in [(16, 32, 32), (64, 128, 128), (20, 192, 160)]:
-        aug = configure_augmentation(patch)
-        r = aug.rotation_x
-        ref = oracle.get_patch_size(patch, r, aug.rotation_y, aug.rotation_z, (0.85, 1.25))
+@pytest.mark.integration
+def test_initial_patch_size_matches_nnunet(tmp_path):
+    patches = [(16, 32, 32), (64, 128, 128), (20, 192, 160)]
+    augs = [configure_augmentation(p) for p in patches]
+    jobs = [{"patch": list(p), "rot_x": list(a.rotation_x), "rot_y": list(a.rotation_y),
+             "rot_z": list(a.rotation_z)} for p, a in zip(patches, augs)]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    run_oracle("-m", "tests.oracle.nnunet_calls", "patch-size", str(tmp_path / "jobs.json"), str(tmp_path / "out.json"))
+    for patch, aug, ref in zip(patches, augs, json.loads((tmp_path / "out.json").read_text())):
         if aug.do_dummy_2d:
             ref[0] = patch[0]
         assert aug.initial_patch_size == tuple(int(i) for i in ref)

@@ -119,17 +119,16 @@ def test_missing_validation_is_redone_without_training(trained):
 
 
 @pytest.mark.integration
-def test_nnunetv2_predictor_loads_kubeseg_model(trained):
-    predict = pytest.importorskip("nnunetv2.inference.predict_from_raw_data")
+def test_nnunetv2_predictor_loads_kubeseg_model(trained, tmp_path):
     from kubeseg.network import build_network_from_plans, load_network_weights
     from kubeseg.inference.sliding_window import SlidingWindowSettings, predict_logits
+    from tests.oracle import run_oracle
 
     out = trained["root"] / "OUT"
-    p = predict.nnUNetPredictor(tile_step_size=0.5, use_gaussian=False, use_mirroring=False,
-                                device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
-    p.initialize_from_trained_model_folder(str(out), use_folds=(0,), checkpoint_name="checkpoint_final.pth")
-    data = np.load(trained["pre"] / "nnUNetPlans_3d_fullres" / "case_000.npy")
-    ref = p.predict_sliding_window_return_logits(torch.from_numpy(data)).float()
+    case = trained["pre"] / "nnUNetPlans_3d_fullres" / "case_000.npy"
+    run_oracle("-m", "tests.oracle.nnunet_calls", "predict-logits", str(out), str(case), str(tmp_path / "ref.pt"))
+    ref = torch.load(tmp_path / "ref.pt", weights_only=True)["logits"]
+    data = np.load(case)
     net = build_network_from_plans(json.loads((out / "plans.json").read_text()), "3d_fullres",
                                    json.loads((out / "dataset.json").read_text()), deep_supervision=False)
     load_network_weights(net, out / "fold_0" / "checkpoint_final.pth")

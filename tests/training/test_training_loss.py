@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kubeseg.training.loss import DiceCELoss, build_loss, deep_supervision_weights
+from tests.oracle import run_oracle
 
 
 def test_perfect_prediction_is_low_and_wrong_is_high():
@@ -17,24 +18,21 @@ def test_perfect_prediction_is_low_and_wrong_is_high():
     assert wrong.item() > 10
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("batch_dice", [True, False])
-def test_matches_nnunet_dc_and_ce(batch_dice):
-    compound = pytest.importorskip("nnunetv2.training.loss.compound_losses")
-    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-
+def test_matches_nnunet_dc_and_ce(batch_dice, tmp_path):
     torch.manual_seed(1)
-    ref = compound.DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                                  weight_ce=1, weight_dice=1, ignore_label=None,
-                                  dice_class=MemoryEfficientSoftDiceLoss)
     x = torch.randn(2, 3, 8, 16, 16)
     y = torch.randint(0, 3, (2, 1, 8, 16, 16)).float()
-    torch.testing.assert_close(DiceCELoss(batch_dice)(x, y), ref(x, y))
-
     w = deep_supervision_weights(3)
     outs = [x, x[:, :, ::2, ::2, ::2], x[:, :, ::4, ::4, ::4]]
     tgts = [y, y[:, :, ::2, ::2, ::2], y[:, :, ::4, ::4, ::4]]
-    torch.testing.assert_close(build_loss(batch_dice, 3)(outs, tgts), DeepSupervisionWrapper(ref, w)(outs, tgts))
+    torch.save({"outputs": outs, "targets": tgts, "weights": torch.as_tensor(w)}, tmp_path / "in.pt")
+    run_oracle("-m", "tests.oracle.nnunet_calls", "loss", str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
+               "--batch-dice", str(int(batch_dice)))
+    ref = torch.load(tmp_path / "out.pt", weights_only=True)
+    torch.testing.assert_close(DiceCELoss(batch_dice)(x, y), ref["plain"])
+    torch.testing.assert_close(build_loss(batch_dice, 3)(outs, tgts), ref["deep_supervision"])
 
 
 def test_deep_supervision_weights():

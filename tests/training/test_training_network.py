@@ -1,5 +1,6 @@
 """Network building from plans, and loading nnU-Net v2 checkpoints (nnunetv2 as oracle)."""
 import copy
+import json
 
 import pytest
 import torch
@@ -8,31 +9,28 @@ from kubeseg.network import (build_network_from_plans, load_network_weights, loc
                              set_deep_supervision)
 from kubeseg.training.plans import ConfigurationView, LabelInfo, num_input_channels, resolve_configuration
 
+from tests.oracle import run_oracle
 from tiny_dataset import tiny_dataset_json, tiny_plans
 
 
-def _oracle_network(plans, configuration, dataset_json, deep_supervision):
-    nn_plans = pytest.importorskip("nnunetv2.utilities.plans_handling.plans_handler")
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
-
-    pm = nn_plans.PlansManager(copy.deepcopy(plans))
-    cm = pm.get_configuration(configuration)
-    n_in = determine_num_input_channels(pm, cm, dataset_json)
-    n_out = pm.get_label_manager(dataset_json).num_segmentation_heads
-    net = get_network_from_plans(cm.network_arch_class_name, cm.network_arch_init_kwargs,
-                                 cm.network_arch_init_kwargs_req_import, n_in, n_out,
-                                 allow_init=True, deep_supervision=deep_supervision)
-    return net, n_in, n_out
+def _oracle_network(tmp_path, plans, configuration, dataset_json, deep_supervision) -> dict:
+    """nnunetv2 builds the network from the plans (in its own venv): its weights, input and logits."""
+    job = {"plans": plans, "configuration": configuration, "dataset_json": dataset_json,
+           "deep_supervision": deep_supervision, "batch": 2}
+    (tmp_path / "network.json").write_text(json.dumps(job))
+    run_oracle("-m", "tests.oracle.nnunet_calls", "network", str(tmp_path / "network.json"),
+               str(tmp_path / "network.pt"))
+    return torch.load(tmp_path / "network.pt", weights_only=True)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("configuration", ["3d_fullres", "2d", "3d_cascade_fullres"])
 def test_nnunet_checkpoint_loads_and_gives_same_logits(tmp_path, configuration):
     plans, ds = tiny_plans(), tiny_dataset_json(10)
-    torch.manual_seed(0)
-    oracle, n_in, n_out = _oracle_network(plans, configuration, ds, deep_supervision=True)
+    oracle = _oracle_network(tmp_path, plans, configuration, ds, deep_supervision=True)
+    n_in, n_out = oracle["n_in"], oracle["n_out"]
     # a checkpoint as nnUNetTrainer.save_checkpoint writes it (state dict of the plain module)
-    ckpt = {"network_weights": oracle.state_dict(), "optimizer_state": {}, "grad_scaler_state": None,
+    ckpt = {"network_weights": oracle["state_dict"], "optimizer_state": {}, "grad_scaler_state": None,
             "logging": {}, "_best_ema": 0.5, "current_epoch": 3, "trainer_name": "nnUNetTrainer",
             "init_args": {"configuration": configuration, "fold": 0},
             "inference_allowed_mirroring_axes": (0, 1, 2)}
@@ -41,17 +39,18 @@ def test_nnunet_checkpoint_loads_and_gives_same_logits(tmp_path, configuration):
 
     torch.manual_seed(123)  # different init: the weights must come from the checkpoint
     net = build_network_from_plans(plans, configuration, ds, deep_supervision=True)
-    assert list(net.state_dict()) == list(oracle.state_dict())
+    assert list(net.state_dict()) == oracle["keys"]
     load_network_weights(net, path)
 
     cfg = ConfigurationView.from_plans(plans, configuration)
     assert n_in == num_input_channels(cfg, LabelInfo.from_dataset_json(ds))
     if configuration == "3d_cascade_fullres":
         assert n_in == 1 + 1  # image + one-hot of the one foreground label
-    x = torch.randn(2, n_in, *cfg.patch_size)
-    oracle.eval(), net.eval()
+    x = oracle["x"]
+    assert tuple(x.shape) == (2, n_in, *cfg.patch_size)
+    net.eval()
     with torch.no_grad():
-        ref, out = oracle(x), net(x)
+        ref, out = oracle["logits"], net(x)
     assert len(ref) == len(out) == len(cfg.pool_op_kernel_sizes) - 1
     for r, o in zip(ref, out):
         assert o.shape[1] == n_out

@@ -5,15 +5,16 @@ import numpy as np
 import pytest
 
 from kubeseg.training.splits import generate_crossval_split, load_or_create_splits, select_fold
+from tests.oracle import run_oracle
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("n", [5, 6, 9, 10, 23, 101])
-def test_matches_nnunet(n):
-    oracle = pytest.importorskip("nnunetv2.utilities.crossval_split")
+def test_matches_nnunet(n, tmp_path):
     keys = sorted(f"case_{i:04d}" for i in range(n))
     ours = generate_crossval_split(keys, seed=12345, n_splits=5)
-    ref = oracle.generate_crossval_split(keys, seed=12345, n_splits=5)
-    assert ours == [{"train": [str(k) for k in s["train"]], "val": [str(k) for k in s["val"]]} for s in ref]
+    run_oracle("-m", "tests.oracle.nnunet_calls", "splits", str(n), str(tmp_path / "ref.json"))
+    assert ours == json.loads((tmp_path / "ref.json").read_text())
     # every case validated exactly once
     assert sorted(k for s in ours for k in s["val"]) == keys
 
