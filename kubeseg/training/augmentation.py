@@ -307,6 +307,11 @@ def make_augmenter(loader, transform, num_workers: int, *, num_cached: Optional[
     return aug
 
 
+def worker_processes(aug: Optional[Augmenter]) -> list:
+    """The ``multiprocessing.Process`` objects of an augmenter's workers (none in-process)."""
+    return list(getattr(aug, "_processes", None) or [])
+
+
 def shutdown_augmenter(aug: Optional[Augmenter]) -> None:
     """Stop an augmenter's worker processes (no-op for the single-process one)."""
     if aug is None:

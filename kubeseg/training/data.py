@@ -25,12 +25,15 @@ patch is read.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 from batchgenerators.dataloading.data_loader import DataLoader
+
+from kubeseg.training.watchdog import init_worker
 
 PathLike = Union[str, Path]
 
@@ -138,9 +141,17 @@ class PatchLoader(DataLoader):
         self.final_patch_size = tuple(int(i) for i in final_patch_size)
         self.need_to_pad = np.array(self.patch_size) - np.array(self.final_patch_size)
         self.oversample_foreground_percent = oversample_foreground_percent
+        self._trainer_pid = os.getpid()
         self.is_2d = len(self.patch_size) == 2
 
     # -- bbox sampling ---------------------------------------------------------------
+
+    def set_thread_id(self, thread_id):
+        """batchgenerators calls this first thing in each augmentation worker: the worker dies
+        with the trainer and obeys SIGTERM (:func:`kubeseg.training.watchdog.init_worker`)."""
+        super().set_thread_id(thread_id)
+        if os.getpid() != self._trainer_pid:
+            init_worker(self._trainer_pid)
     def get_bbox(self, data_shape: Sequence[int], force_fg: bool,
                  class_locations: Optional[dict[int, np.ndarray]],
                  overwrite_class: Optional[int] = None) -> tuple[list[int], list[int]]:

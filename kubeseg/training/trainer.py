@@ -36,10 +36,11 @@ import torch
 from tqdm import tqdm
 
 from kubeseg.network import build_network, load_network_weights, set_deep_supervision
-from kubeseg.training.augmentation import (configure_augmentation, default_num_workers,
+from kubeseg.training.augmentation import (configure_augmentation, default_num_workers, worker_processes,
                                            get_training_transforms, get_validation_transforms,
                                            running_augmenter)
 from kubeseg.training.callbacks import CallbackList
+from kubeseg.training.watchdog import TrainingWatchdog
 from kubeseg.training.checkpoint import (atomic_torch_save, load_checkpoint, load_pretrained_weights,
                                          make_checkpoint)
 from kubeseg.training.data import PatchLoader, PreprocessedDataset, list_case_identifiers
@@ -126,14 +127,15 @@ def _settings_summary(s: TrainSettings, schedule: Schedule) -> dict:
 
 
 @contextlib.contextmanager
-def _sigterm_raises():
-    """Turn SIGTERM (Kubernetes pod deletion) into an exception so workers are shut down."""
+def _sigterm_raises(reason=lambda: None):
+    """Turn SIGTERM (Kubernetes pod deletion, or the watchdog) into ``SystemExit`` so workers are
+    shut down; the exit message is ``reason()`` (the watchdog's) or the signal."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum, frame):
-        raise SystemExit(f"received signal {signum}")
+        raise SystemExit(f"training stopped: {reason() or f'received signal {signal.Signals(signum).name}'}")
 
     old = signal.signal(signal.SIGTERM, handler)
     try:
@@ -424,20 +426,31 @@ class FoldTrainer:
         base_seed = (s.seed + 7919 * start) % (2 ** 31 - 100)
         pin = self.device.type == "cuda"
 
-        with _sigterm_raises(), contextlib.ExitStack() as stack:
+        workers: list = []  # a snapshot: batchgenerators forgets its processes when it shuts them down
+        watchdog = TrainingWatchdog(lambda: workers)
+        with _sigterm_raises(lambda: watchdog.reason), watchdog, contextlib.ExitStack() as stack:
             gen_tr = stack.enter_context(running_augmenter(
                 dl_tr, tr_t, n_tr, seeds=[base_seed + i for i in range(n_tr)] if n_tr else None,
                 pin_memory=pin, deterministic=s.deterministic_workers))
             gen_val = stack.enter_context(running_augmenter(
                 dl_val, val_t, n_val, seeds=[base_seed + 1000 + i for i in range(n_val)] if n_val else None,
                 num_cached=max(3, n_tr // 4), pin_memory=pin, deterministic=s.deterministic_workers))
+            workers += worker_processes(gen_tr) + worker_processes(gen_val)
+            stack.callback(watchdog.pause_workers)  # runs first on exit: shutting workers down is no fault
             self.callbacks.on_train_start({
                 "fold": self.fold, "configuration": self.configuration, "start_epoch": start,
                 "num_epochs": self.schedule.num_epochs, "device": str(self.device),
                 "fold_dir": str(self.fold_dir), "train_cases": len(tr_keys), "val_cases": len(val_keys),
                 "settings": _settings_summary(s, self.schedule), "resumed": start > 0})
-            for epoch in range(start, self.schedule.num_epochs):
-                self.run_epoch(epoch, gen_tr, gen_val)
+            try:
+                for epoch in range(start, self.schedule.num_epochs):
+                    self.run_epoch(epoch, gen_tr, gen_val)
+            except RuntimeError as e:  # batchgenerators noticed a dead worker before the watchdog did
+                fault = watchdog.check()
+                if fault is None:
+                    raise
+                rl(fault)
+                raise SystemExit(f"training stopped: {fault}") from e
 
         self.save_checkpoint(self.final_path, self.schedule.num_epochs)
         if self.latest_path.is_file():
