@@ -81,6 +81,11 @@ class SynthSettings:
     seed: int = 0
     dataset_name: str | None = None
     oblique: bool = False
+    # CT lesions (defaults: weak contrast, small, 15 % of cases without one). The demo asks for
+    # a dataset whose every label a few CPU minutes of training can learn (see pipelines/demo.py).
+    lesion_contrast_hu: tuple[float, float] = (20.0, 40.0)
+    lesion_size: tuple[float, float] = (0.15, 0.35)
+    min_lesions: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in _CHANNELS:
@@ -266,9 +271,9 @@ def _partial_volume_blur(image: np.ndarray, spacing: np.ndarray, fwhm_mm: float)
 # --------------------------------------------------------------------------- CT
 
 
-def _ct_case(rng: np.random.Generator, median_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, Vec3]:
+def _ct_case(rng: np.random.Generator, settings: SynthSettings) -> tuple[np.ndarray, np.ndarray, Vec3]:
     """One abdomen-like CT volume (int16 HU) with its label map and (z, y, x) spacing."""
-    shape = _jitter_shape(rng, median_shape)
+    shape = _jitter_shape(rng, settings.shape)
     in_plane = round(rng.uniform(0.6, 0.95), 3)
     spacing = (round(rng.uniform(2.0, 5.0), 3), in_plane, in_plane)
     grid = _Grid(shape, spacing)
@@ -302,14 +307,14 @@ def _ct_case(rng: np.random.Generator, median_shape: tuple[int, int, int]) -> tu
     organ_hu = rng.uniform(60.0, 120.0)
 
     # lesions: 0-3 small blobs inside the organ, darker (mostly) or brighter by 20-40 HU
-    num_lesions = int(rng.choice(4, p=[0.15, 0.4, 0.3, 0.15]))
+    num_lesions = max(int(rng.choice(4, p=[0.15, 0.4, 0.3, 0.15])), settings.min_lesions)
     lesions = []
     for _ in range(num_lesions):
         center = _point_inside(rng, organ_c, organ_r, organ_rot, 0.6)
-        radii = np.maximum(rng.uniform(0.15, 0.35, size=3) * organ_r.min(), grid.spacing)
+        radii = np.maximum(rng.uniform(*settings.lesion_size, size=3) * organ_r.min(), grid.spacing)
         mask = _blob(grid, rng, center, radii, _random_orientation(rng, 90.0), wobble=0.3) & organ
         sign = -1.0 if rng.uniform() < 0.7 else 1.0
-        lesions.append((mask, organ_hu + sign * rng.uniform(20.0, 40.0)))
+        lesions.append((mask, organ_hu + sign * rng.uniform(*settings.lesion_contrast_hu)))
 
     # intensities: piecewise tissue values plus texture, then point-spread blur and noise
     texture = 0.75 * _smooth_field(rng, shape, grid.spacing, 12.0) + 0.35 * _smooth_field(rng, shape, grid.spacing, 4.0)
@@ -429,7 +434,7 @@ def generate_case(settings: SynthSettings, index: int, *, test: bool = False) ->
     """
     rng = _case_rng(settings.seed, index, test)
     if settings.kind == "ct":
-        image, label, spacing = _ct_case(rng, settings.shape)
+        image, label, spacing = _ct_case(rng, settings)
         images: tuple[np.ndarray, ...] = (image,)
     else:
         images, label, spacing = _mri_case(rng, settings.shape)

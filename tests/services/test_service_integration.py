@@ -104,23 +104,39 @@ def stack(tmp_path_factory):
                 bentoml_server(root, service_env) as service, \
                 prometheus_server(root, {"kubeseg": service.url, "kubeseg-trigger": trigger.url},
                                   alertmanager.url) as prometheus:
-            yield {"gate": gate, "root": root, "raw": made["raw"], "bundle": made["bundle"], "mlflow": mlflow.uri,
-                   "service": service, "trigger": trigger, "alertmanager": alertmanager, "prometheus": prometheus,
-                   "audit": root / "audit.jsonl"}
-            _stop_retraining_runs(root / "audit.jsonl")
+            try:
+                yield {"gate": gate, "root": root, "raw": made["raw"], "bundle": made["bundle"],
+                       "mlflow": mlflow.uri, "service": service, "trigger": trigger, "alertmanager": alertmanager,
+                       "prometheus": prometheus, "audit": root / "audit.jsonl"}
+            finally:
+                _stop_retraining_runs(root / "audit.jsonl")
 
 
 def _stop_retraining_runs(audit: Path) -> None:
     """The retraining run started by the trigger goes on in the background; end it with the tests."""
     if not audit.is_file():
         return
-    for line in audit.read_text().splitlines():
-        pid = (json.loads(line).get("run") or {}).get("pid")
-        if pid:
+    groups = [int(pid) for line in audit.read_text().splitlines()
+              if (pid := (json.loads(line).get("run") or {}).get("pid"))]
+    for sig, grace in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 5.0)):
+        for pgid in groups:
             try:
-                os.killpg(int(pid), signal.SIGTERM)
+                os.killpg(pgid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+        deadline = time.time() + grace
+        while time.time() < deadline and any(_group_alive(g) for g in groups):
+            time.sleep(0.5)
+        if not any(_group_alive(g) for g in groups):
+            return
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def _metric(service_url: str, name: str, labels: str = "") -> float | None:
