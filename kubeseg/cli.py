@@ -313,7 +313,8 @@ def cmd_models_promote(a) -> int:
     from kubeseg.registry import GateSettings, promote
 
     gate = GateSettings(tolerance=a.tolerance, holdout=a.holdout, holdout_labels=a.holdout_labels,
-                        min_dice=a.min_dice, device=a.device)
+                        min_dice=a.min_dice, device=a.device,
+                        **({"label_floor": a.label_floor} if a.label_floor is not None else {}))
     p = promote(a.name, a.version, gate, a.tracking_uri)
     print(f"{a.name} version {p.version} is the champion (previous: {p.previous or 'none'}): " + "; ".join(p.reasons))
     return 0
@@ -589,6 +590,8 @@ def _pipeline_parsers(sub) -> None:
     p.add_argument("--holdout", required=True, help="held-out images (folder of raw cases) for the sanity prediction")
     p.add_argument("--holdout-labels", default=None, help="their reference labels (checks --min-dice)")
     p.add_argument("--min-dice", type=float, default=0.0)
+    p.add_argument("--label-floor", type=float, default=None,
+                   help="every label's CV (and held-out) Dice must reach this (default: GateSettings', 0.1)")
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="how far below the champion's CV foreground Dice the challenger may be")
     p.add_argument("--device", default=_env("DEVICE", "auto"))

@@ -61,14 +61,18 @@ class ModelVersion:
 @dataclass(frozen=True)
 class GateSettings:
     """Promotion gate. ``tolerance``: how far (absolute CV foreground Dice) the challenger may fall
-    below the champion. Sanity prediction on ``holdout`` images (a folder of raw cases or one
-    image): every output must have the input's geometry, labels of the dataset only, and some
-    foreground; with ``holdout_labels``, each case's foreground Dice must reach ``min_dice``."""
+    below the champion. ``label_floor``: every foreground label's CV Dice must reach it (a model
+    that misses a label is never promoted, whatever its mean). Sanity prediction on ``holdout``
+    images (a folder of raw cases or one image): every output must have the input's geometry,
+    labels of the dataset only, and some foreground; with ``holdout_labels``, each case's
+    foreground Dice must reach ``min_dice``, every label present in the references must be
+    predicted somewhere, and its mean held-out Dice must reach ``label_floor``."""
 
     tolerance: float = 0.02
     holdout: Optional[str] = None
     holdout_labels: Optional[str] = None
     min_dice: float = 0.0
+    label_floor: float = 0.1
     device: str = "auto"
 
 
@@ -283,8 +287,11 @@ def sanity_check(bundle: str | Path, gate: GateSettings) -> list[str]:
     holdout = Path(gate.holdout)
     if not holdout.exists():
         return [f"held-out cases {holdout} do not exist"]
-    labels = {int(v) for v in read_json(Path(bundle) / "dataset.json")["labels"].values()}
+    names = label_names(read_json(Path(bundle) / "dataset.json"))
+    labels = {0, *names}
     problems = []
+    per_label: dict[int, list[float]] = {lab: [] for lab in names}  # held-out Dice where the label occurs
+    predicted: set[int] = set()
     with tempfile.TemporaryDirectory() as tmp:
         try:
             written = predict(holdout, Path(tmp) / "pred", bundle,
@@ -303,6 +310,7 @@ def sanity_check(bundle: str | Path, gate: GateSettings) -> list[str]:
                 if ref_img.GetSize() != seg.GetSize() or not np.allclose(ref_img.GetSpacing(), seg.GetSpacing()):
                     problems.append(f"{case}: output geometry {seg.GetSize()} differs from input {ref_img.GetSize()}")
             found = set(np.unique(arr).tolist())
+            predicted |= found
             if not found <= labels:
                 problems.append(f"{case}: unknown label(s) {sorted(found - labels)}")
             if not (arr > 0).any():
@@ -312,13 +320,43 @@ def sanity_check(bundle: str | Path, gate: GateSettings) -> list[str]:
                 if ref_file.is_file():
                     ref = sitk.GetArrayFromImage(sitk.ReadImage(str(ref_file)))
                     dices = []
-                    for lab in sorted(labels - {0}):
+                    for lab in sorted(names):
                         a, b = arr == lab, ref == lab
                         if a.any() or b.any():
                             dices.append(2 * (a & b).sum() / (a.sum() + b.sum()))
+                        if b.any():
+                            per_label[lab].append(float(dices[-1]))
                     d = float(np.mean(dices)) if dices else float("nan")
                     if not d >= gate.min_dice:
                         problems.append(f"{case}: foreground Dice {d:.3f} below {gate.min_dice}")
+    for lab, dices in per_label.items():
+        if not dices:
+            continue
+        if lab not in predicted:
+            problems.append(f"label {names[lab]!r} ({lab}) is in the references of {len(dices)} held-out case(s) "
+                            f"but never predicted")
+        elif not float(np.mean(dices)) >= gate.label_floor:
+            problems.append(f"label {names[lab]!r} ({lab}): held-out Dice {np.mean(dices):.3f} under the floor "
+                            f"{gate.label_floor}")
+    return problems
+
+
+def label_names(dataset_json: dict) -> dict[int, str]:
+    """Foreground label value -> name, from nnU-Net's ``labels`` (name -> value)."""
+    return {int(v): str(k) for k, v in dataset_json["labels"].items() if int(v) != 0}
+
+
+def cv_label_problems(version: ModelVersion, names: dict[int, str], floor: float) -> list[str]:
+    """Every foreground label must reach ``floor`` in cross-validation. A label with no CV Dice at
+    all (NaN: neither in the validation references nor predicted) cannot be judged and passes;
+    one that is in the references but never predicted scores 0 and is refused."""
+    problems = []
+    for lab, name in sorted(names.items()):
+        dice = version.cv_dice.get(str(lab))
+        if dice is None or dice != dice:
+            continue
+        if not dice >= floor:
+            problems.append(f"label {name!r} ({lab}): CV Dice {dice:.3f} under the floor {floor}")
     return problems
 
 
@@ -346,16 +384,27 @@ def promote(name: str, version: Optional[str] = None, gate: GateSettings = GateS
                        f"(tolerance {gate.tolerance})")
     else:
         reasons.append(f"no champion yet; CV foreground Dice {cand.cv_foreground_dice:.4f}")
+    from kubeseg.jsonio import read_json
+
     with tempfile.TemporaryDirectory() as tmp:
         try:
             bundle = load_version(name, cand.version, tmp, uri)
         except KubesegError as e:
             raise KubesegError(f"refusing to promote {name} version {cand.version}: {e}; champion unchanged") from None
+        names = label_names(read_json(Path(bundle) / "dataset.json"))
+        missed = cv_label_problems(cand, names, gate.label_floor)
+        if missed:
+            raise KubesegError(f"refusing to promote {name} version {cand.version}: it misses label(s): "
+                               + "; ".join(missed) + "; champion unchanged")
+        reasons.append(f"every label's CV Dice reaches {gate.label_floor}: "
+                       + ", ".join(f"{names[k]} {cand.cv_dice[str(k)]:.3f}" for k in sorted(names)
+                                   if str(k) in cand.cv_dice))
         problems = sanity_check(bundle, gate)
     if problems:
         raise KubesegError(f"refusing to promote {name} version {cand.version}: the sanity prediction failed: "
                            + "; ".join(problems) + "; champion unchanged")
-    reasons.append(f"sanity prediction passed on {gate.holdout}")
+    reasons.append(f"sanity prediction passed on {gate.holdout}"
+                   + (f" (references {gate.holdout_labels})" if gate.holdout_labels else ""))
 
     history = _history(rm)
     c.set_registered_model_alias(name, CHAMPION, cand.version)

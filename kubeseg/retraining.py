@@ -157,7 +157,7 @@ class PromotionOutcome:
 
 def gated_promotion(name: str, version: str, uri: str, holdout: Optional[str], tolerance: float = 0.02,
                     holdout_labels: Optional[str] = None, min_dice: float = 0.0,
-                    device: str = "auto") -> PromotionOutcome:
+                    device: str = "auto", label_floor: Optional[float] = None) -> PromotionOutcome:
     """Promote ``version`` through the gate (:func:`kubeseg.registry.promote`). A refusal (CV Dice
     below the champion's beyond the tolerance, a failed sanity prediction) is returned as
     ``promoted=False`` with the reason; the champion is then unchanged."""
@@ -171,7 +171,8 @@ def gated_promotion(name: str, version: str, uri: str, holdout: Optional[str], t
 
     before = champion()
     gate = GateSettings(tolerance=tolerance, holdout=holdout or None, holdout_labels=holdout_labels,
-                        min_dice=min_dice, device=device)
+                        min_dice=min_dice, device=device,
+                        **({"label_floor": label_floor} if label_floor is not None else {}))
     try:
         p = promote(name, str(version), gate, uri)
     except KubesegError as e:

@@ -86,6 +86,8 @@ class SynthSettings:
     lesion_contrast_hu: tuple[float, float] = (20.0, 40.0)
     lesion_size: tuple[float, float] = (0.15, 0.35)
     min_lesions: int = 0
+    # also write the test cases' references to labelsTs (for a held-out check of a model)
+    test_labels: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in _CHANNELS:
@@ -430,7 +432,8 @@ def _world_geometry(rng: np.random.Generator, shape: tuple[int, int, int], spaci
 def generate_case(settings: SynthSettings, index: int, *, test: bool = False) -> SynthCase:
     """Generate case ``index`` in memory (deterministic for the settings' seed).
 
-    Test cases (``test=True``) come from a separate random stream and have no label.
+    Test cases (``test=True``) come from a separate random stream and have no label unless
+    ``settings.test_labels``.
     """
     rng = _case_rng(settings.seed, index, test)
     if settings.kind == "ct":
@@ -439,7 +442,8 @@ def generate_case(settings: SynthSettings, index: int, *, test: bool = False) ->
     else:
         images, label, spacing = _mri_case(rng, settings.shape)
     origin, direction = _world_geometry(rng, label.shape, spacing, settings.oblique)
-    return SynthCase(settings.case_id(index), images, None if test else label, spacing, origin, direction)
+    keep_label = not test or settings.test_labels
+    return SynthCase(settings.case_id(index), images, label if keep_label else None, spacing, origin, direction)
 
 
 def _to_sitk(array: np.ndarray, case: SynthCase) -> sitk.Image:
@@ -488,7 +492,8 @@ def _dataset_json(settings: SynthSettings) -> dict:
 def _write_dataset(root: Path, settings: SynthSettings, staging: Path) -> set[Path]:
     """Write every case and dataset.json under ``root``; returns the image/label files written."""
     written: set[Path] = set()
-    folders = {name: root / name for name in ("imagesTr", "labelsTr", "imagesTs")}
+    folders = {name: root / name for name in ("imagesTr", "labelsTr", "imagesTs")
+               + (("labelsTs",) if settings.test_labels else ())}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
     jobs = [(i, False) for i in range(settings.num_cases)]
@@ -501,7 +506,7 @@ def _write_dataset(root: Path, settings: SynthSettings, staging: Path) -> set[Pa
             _write_atomic(_to_sitk(array, case), target, staging)
             written.add(target)
         if case.label is not None:
-            target = folders["labelsTr"] / f"{case.case_id}{FILE_ENDING}"
+            target = folders["labelsTs" if test else "labelsTr"] / f"{case.case_id}{FILE_ENDING}"
             _write_atomic(_to_sitk(case.label, case), target, staging)
             written.add(target)
     _write_json_atomic(_dataset_json(settings), root / "dataset.json", staging)
@@ -510,7 +515,7 @@ def _write_dataset(root: Path, settings: SynthSettings, staging: Path) -> set[Pa
 
 def _remove_stale_cases(root: Path, keep: set[Path]) -> None:
     """Drop synth_* files left by an earlier, larger run, so the folder matches dataset.json."""
-    for name in ("imagesTr", "labelsTr", "imagesTs"):
+    for name in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         for path in (root / name).glob(f"synth_*{FILE_ENDING}"):
             if path not in keep:
                 path.unlink()

@@ -62,16 +62,18 @@ def test_register_tags_and_verified_download(trained, uri, tmp_path):
 
 
 def test_promote_gate_and_rollback(trained, uri, tmp_path):
+    # label_floor=0: this test is about the mean, the sanity prediction and rollback (the tiny
+    # model misses the lesion; the per-label floor has its own test below)
     holdout = str(trained["raw"] / "imagesTs")
     register_bundle(trained["bundle"], NAME, uri)
     # no held-out cases: refused, nothing changes
     with pytest.raises(KubesegError, match="no held-out cases"):
-        promote(NAME, gate=GateSettings(), uri=uri)
+        promote(NAME, gate=GateSettings(label_floor=0.0), uri=uri)
     assert _aliases(uri) == {"challenger": "1"}
     with pytest.raises(KubesegError, match="no champion to roll back"):
         rollback(NAME, uri)
 
-    p = promote(NAME, gate=GateSettings(holdout=holdout, device="cpu"), uri=uri)
+    p = promote(NAME, gate=GateSettings(holdout=holdout, device="cpu", label_floor=0.0), uri=uri)
     assert (p.version, p.previous) == ("1", None)
     assert _aliases(uri) == {"champion": "1"}
     with pytest.raises(KubesegError, match="no previous champion"):
@@ -81,18 +83,18 @@ def test_promote_gate_and_rollback(trained, uri, tmp_path):
     # a worse challenger is refused by the CV gate, and says why
     worse = register_bundle(trained["bundle"], NAME, uri, tags={"cv_foreground_dice": "-1.0"})
     with pytest.raises(KubesegError, match=r"CV foreground Dice -1.0000 is below the champion's \(version 1"):
-        promote(NAME, gate=GateSettings(holdout=holdout, device="cpu"), uri=uri)
+        promote(NAME, gate=GateSettings(holdout=holdout, device="cpu", label_floor=0.0), uri=uri)
     assert _aliases(uri) == {"champion": "1", "challenger": worse.version}
     # ... and by the sanity prediction when the held-out cases cannot be segmented
     with pytest.raises(KubesegError, match="sanity prediction failed"):
-        promote(NAME, worse.version, GateSettings(tolerance=5, holdout=str(tmp_path / "missing")), uri)
+        promote(NAME, worse.version, GateSettings(tolerance=5, holdout=str(tmp_path / "missing"), label_floor=0.0), uri)
     assert _aliases(uri) == {"champion": "1", "challenger": worse.version}
 
-    p = promote(NAME, worse.version, GateSettings(tolerance=5, holdout=holdout, device="cpu"), uri)
+    p = promote(NAME, worse.version, GateSettings(tolerance=5, holdout=holdout, device="cpu", label_floor=0.0), uri)
     assert (p.version, p.previous) == ("2", "1")
     assert _aliases(uri) == {"champion": "2"} and champion_history(NAME, uri) == ["1", "2"]
     with pytest.raises(KubesegError, match="already the champion"):
-        promote(NAME, "2", GateSettings(holdout=holdout), uri)
+        promote(NAME, "2", GateSettings(holdout=holdout, label_floor=0.0), uri)
 
     r = rollback(NAME, uri)
     assert (r.version, r.previous) == ("1", "2")
@@ -108,11 +110,49 @@ def test_cli_models(trained, uri, capsys):
     assert "version 1 (alias challenger)" in capsys.readouterr().out
     assert main(["models", "rollback", "--name", NAME, "--tracking-uri", uri]) == 2
     assert "no champion to roll back" in capsys.readouterr().err
-    assert main(["models", "promote", "--name", NAME, "--tracking-uri", uri, "--device", "cpu",
-                 "--holdout", str(trained["raw"] / "imagesTs")]) == 0
+    promote_args = ["models", "promote", "--name", NAME, "--tracking-uri", uri, "--device", "cpu",
+                    "--holdout", str(trained["raw"] / "imagesTs")]
+    assert main(promote_args) == 2  # the tiny model misses the lesion: the default floor refuses it
+    assert "misses label(s)" in capsys.readouterr().err
+    assert main(promote_args + ["--label-floor", "0"]) == 0
     assert "version 1 is the champion" in capsys.readouterr().out
     assert main(["models", "list", "--name", NAME, "--tracking-uri", uri]) == 0
     out = capsys.readouterr().out
     assert "champion" in out and "champion history: ['1']" in out
     assert main(["models", "list", "--name", "nope", "--tracking-uri", uri]) == 2
     assert "no registered model 'nope'" in capsys.readouterr().err
+
+
+def test_a_model_that_misses_a_label_is_never_promoted(trained, uri, tmp_path):
+    import numpy as np
+    import SimpleITK as sitk
+
+    from kubeseg.inference import PredictSettings, predict
+
+    holdout = trained["raw"] / "imagesTs"
+    # CV: one label at 0.0 refuses promotion, naming it, whatever the foreground mean
+    v = register_bundle(trained["bundle"], NAME, uri, tags={"cv_dice.1": "0.9", "cv_dice.2": "0.9",
+                                                                  "cv_dice.3": "0.000000", "cv_foreground_dice": "0.9"})
+    with pytest.raises(KubesegError, match=r"misses label\(s\): label '\w+' \(3\): CV Dice 0.000 under the floor 0.5; champion"):
+        promote(NAME, v.version, GateSettings(holdout=str(holdout), device="cpu", label_floor=0.5), uri)
+    assert get_version(NAME, "challenger", uri).version == v.version and "champion" not in _aliases(uri)
+
+    # held out: references in which label 2 lies where the model never predicts it
+    ok = register_bundle(trained["bundle"], NAME, uri, tags={f"cv_dice.{k}": "0.9" for k in (1, 2, 3)})
+    written = predict(holdout, tmp_path / "pred", trained["bundle"], PredictSettings(device="cpu",
+                                                                                    use_mirroring=False))
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for out in written:
+        pred = sitk.ReadImage(str(out))
+        arr = sitk.GetArrayFromImage(pred)
+        ref = np.zeros_like(arr)
+        ref[arr != 2] = 2  # disjoint from the prediction of label 2
+        img = sitk.GetImageFromArray(ref)
+        img.CopyInformation(pred)
+        sitk.WriteImage(img, str(refs / out.name))
+    gate = GateSettings(holdout=str(holdout), holdout_labels=str(refs), device="cpu", label_floor=0.1)
+    with pytest.raises(KubesegError, match=r"label '\w+' \(2\)(: held-out Dice 0.000 under the floor| is in the "
+                                           r"references of \d+ held-out case\(s\) but never predicted)"):
+        promote(NAME, ok.version, gate, uri)
+    assert "champion" not in _aliases(uri)
