@@ -12,7 +12,7 @@ import html
 import math
 import shutil
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from kubeseg.errors import KubesegError
 from kubeseg.jsonio import read_json
@@ -238,11 +238,14 @@ def _fmt(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
 
 
-def cv_table_rows(selection: dict) -> tuple[list[str], list[list[str]]]:
-    """Cross-validation Dice per candidate and label (header, rows); the selected one is marked."""
+def cv_table_rows(selection: dict, label_names: Optional[dict] = None) -> tuple[list[str], list[list[str]]]:
+    """Cross-validation Dice per candidate and label (header, rows); the selected one is marked.
+    ``label_names``: dataset.json's ``labels`` (name -> value), to head the columns by name."""
     labels = sorted({k for c in selection["candidates"] for k in c["dice"]}, key=int)
+    names = {str(v): str(k) for k, v in (label_names or {}).items()}
     chosen = " + ".join(m["configuration"] for m in selection["members"])
-    header = ["candidate"] + [f"Dice {lab}" for lab in labels] + ["foreground mean"]
+    header = ["candidate"] + [f"{names[lab]} ({lab})" if lab in names else f"Dice {lab}" for lab in labels] \
+        + ["foreground mean"]
     rows = [[c["name"] + (" (selected)" if c["name"] == chosen else "")]
             + [_fmt(c["dice"].get(lab)) for lab in labels] + [_fmt(c["foreground_dice"])]
             for c in selection["candidates"]]
@@ -258,6 +261,15 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _label_names(model_dirs: Sequence[str | Path]) -> Optional[dict]:
+    """dataset.json's ``labels`` of the first model folder that has one."""
+    for d in model_dirs:
+        f = Path(d) / "dataset.json"
+        if f.is_file():
+            return read_json(f).get("labels")
+    return None
 
 
 def summary_html(plans: dict, selection: dict, model_dirs: Sequence[str | Path]) -> str:
@@ -276,7 +288,7 @@ def summary_html(plans: dict, selection: dict, model_dirs: Sequence[str | Path])
              f"<h2>{html.escape(str(plans.get('dataset_name', '')))} — {html.escape(str(plans.get('plans_name', '')))}</h2>",
              "<h3>Plans</h3>", table(COLUMNS, plans_rows(plans)),
              "<h3>Cross-validation (mean Dice over out-of-fold cases, image geometry)</h3>",
-             table(*cv_table_rows(selection)),
+             table(*cv_table_rows(selection, _label_names(model_dirs))),
              f"<p>selected: <b>{html.escape(' + '.join(m['configuration'] for m in selection['members']))}</b>, "
              f"foreground Dice {_fmt(selection['expected_foreground_dice'])} "
              f"({_fmt(selection.get('expected_foreground_dice_after_postprocessing'))} after postprocessing), "
