@@ -132,7 +132,7 @@ class Segmentation:
         self.window = RollingWindow(SETTINGS.drift.window)
         for check, value in SETTINGS.drift.thresholds().items():
             self.metrics.drift_threshold.labels(check).set(value)
-        self.limits = Limits(SETTINGS.max_voxels, SETTINGS.min_size, SETTINGS.max_request_bytes)
+        self.limits = Limits.of(SETTINGS)
         self._work_root = Path(tempfile.mkdtemp(prefix="kubeseg-requests-"))
         self.holder = ModelHolder(SETTINGS, self._swapped, self._swap_failed)
         global _holder
