@@ -194,7 +194,12 @@ class Segmentation:
         for label, volume in outcome.volumes_ml.items():
             m.predicted_volume.labels(label).observe(volume)
         m.confidence.observe(outcome.confidence)
-        if outcome.drift is not None:
+        if outcome.drift is not None and outcome.drift.degenerate:  # counted apart, kept out of the window
+            for check in outcome.drift.scores:
+                m.drift_inputs.labels(check, "degenerate").inc()
+            outcome.summary["drift"]["window_scores"] = {
+                k: round(v, 6) for k, v in self.window.means(outcome.drift.scores).items()}
+        elif outcome.drift is not None:
             window = self.window.add(outcome.drift.scores)
             thresholds = self.settings.drift.thresholds()
             drifted = outcome.drift.drifted(thresholds)
