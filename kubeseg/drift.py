@@ -121,7 +121,9 @@ def drift_report(data: np.ndarray, spacing, cropped_shape, foreground: np.ndarra
         mask, used = np.any(data != 0, axis=0), "nonzero"
     degenerate = None
     if not mask.any():
-        mask, used, degenerate = np.ones(data.shape[1:], bool), "all", "all voxels are zero"
+        mask, used = np.ones(data.shape[1:], bool), "all"
+    if not np.any(data):
+        degenerate = "all voxels are zero"
     per_channel = []
     for c, (channel, r) in enumerate(zip(data, ref.channels)):
         values = channel[mask]

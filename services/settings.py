@@ -172,6 +172,16 @@ class TriggerSettings:
             raise SettingsError("KUBESEG_TRIGGER_COOLDOWN_SECONDS must not be negative")
 
 
+def tmp_bytes_needed(s: ServiceSettings) -> int:
+    """The most one pod's requests can write under /tmp at once, the chart's emptyDir sizeLimit
+    must be at least this (README, "Bounded work per request"). Per request: the upload twice
+    (the multipart spool and BentoML's saved file), the zip expansion budget, a DICOM series
+    converted to NIfTI (at most ``max_voxels`` float32) and the segmentation (one byte a voxel);
+    times ``max_concurrency``, plus 1 GiB for BentoML's home and metrics files."""
+    per_request = 2 * s.max_request_bytes + s.max_expanded_bytes + 5 * s.max_voxels
+    return s.max_concurrency * per_request + 2 ** 30
+
+
 def describe(settings) -> dict:
     """Settings as plain JSON (for logs and /readyz), paths as strings."""
     out = {}
