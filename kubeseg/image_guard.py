@@ -119,7 +119,7 @@ def _check_content(head: bytes, name: str, size: int | None) -> str:
     if stripped[:8].lower().startswith(b"numdim"):
         raise UnsafeImageError(name, f"a Stimulate header (its voxels are read from a separate .sdt file); "
                                      f"{_SELF_CONTAINED}")
-    if _looks_like_metaimage(stripped):
+    if looks_like_metaimage(stripped):
         _check_metaimage(head, name, size)
         return "metaimage"
     return "other"
@@ -173,7 +173,7 @@ _META_KEYS = {"objecttype", "ndims", "dimsize", "elementtype", "elementspacing",
               "elementbyteordermsb", "elementmin", "elementmax", "modality", "sequenceid", "orientation", "rotation"}
 
 
-def _looks_like_metaimage(head: bytes) -> bool:
+def looks_like_metaimage(head: bytes) -> bool:
     first = _lines(head[:512])[0]
     m = re.match(r"\s*([A-Za-z][A-Za-z0-9_ \-]*?)\s*[=:]", first)
     return bool(m) and _norm_key(m.group(1)) in _META_KEYS

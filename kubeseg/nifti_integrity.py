@@ -9,7 +9,6 @@ cheaply, from the gzip trailer or the file size.
 
 from __future__ import annotations
 
-import gzip
 import zlib
 from pathlib import Path
 

@@ -17,7 +17,6 @@ same checks (truncated or corrupt files, NaN/inf, channel geometry) as for train
 from __future__ import annotations
 
 import gzip
-import shutil
 import stat
 import zipfile
 import zlib
@@ -33,7 +32,7 @@ import SimpleITK as sitk
 from kubeseg.dataset import DatasetSpec, RawCase
 from kubeseg.dataset_check import load_case
 from kubeseg.errors import DatasetError
-from kubeseg.image_guard import UnsafeImageError, check_gzip_nifti_expansion, check_image_file
+from kubeseg.image_guard import UnsafeImageError, check_gzip_nifti_expansion, check_image_file, looks_like_metaimage
 from kubeseg.imageio import Geometry, itk_error_reason
 from kubeseg.input_budget import DEFAULT_MAX_RESAMPLED_VOXELS, GridStage, InputRefused, check_resampled_grid
 
@@ -103,9 +102,7 @@ def sniff(path: Path) -> str:
     text = head.lstrip()
     if text.startswith((b"ObjectType", b"NDims")) and b"ElementDataFile" in head:
         return "mha"
-    from kubeseg.image_guard import _looks_like_metaimage
-
-    if _looks_like_metaimage(text):
+    if looks_like_metaimage(text):
         return "mha"  # an unusual MetaImage header: the guard below judges it
     return "unknown"
 
