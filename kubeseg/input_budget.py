@@ -25,13 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-import SimpleITK as sitk
-
 from kubeseg.errors import KubesegError
 from kubeseg.image_guard import check_image_file
-from kubeseg.imageio import itk_error_reason
-from kubeseg.planning.plans import configuration as resolve_configuration
-from kubeseg.preprocessing.preprocess import target_spacing
+
+# SimpleITK and the preprocessing code are imported where they are used: services.settings imports
+# this module for its default, and the trigger (which reads the same settings module) needs neither.
 
 DEFAULT_MAX_RESAMPLED_VOXELS = 2 ** 29
 BYTES_PER_VOXEL_CHANNEL = 4  # float32 network input
@@ -59,6 +57,8 @@ class GridStage:
 
     @classmethod
     def from_plans(cls, plans: dict, configuration: str, channels: int, classes: int) -> "GridStage":
+        from kubeseg.planning.plans import configuration as resolve_configuration
+
         config = resolve_configuration(plans, configuration)
         return cls(configuration, tuple(int(a) for a in plans["transpose_forward"]),
                    tuple(float(s) for s in config["spacing"]), int(channels), int(classes))
@@ -97,6 +97,8 @@ def resampled_grid(shape: Sequence[int], spacing: Sequence[float], stage: GridSt
     Computed in floating point first, so absurd spacings (10³⁰ mm) give an honest huge number
     instead of an overflow; each axis is rounded as preprocessing rounds it.
     """
+    from kubeseg.preprocessing.preprocess import target_spacing
+
     shape_t = [int(shape[a]) for a in stage.transpose]
     spacing_t = [float(spacing[a]) for a in stage.transpose]
     new_spacing = target_spacing({"spacing": list(stage.spacing)}, spacing_t)
@@ -166,6 +168,10 @@ class HeaderInfo:
 
 def read_header(path: str | Path, name: Optional[str] = None) -> HeaderInfo:
     """The header of one image file, after :func:`~kubeseg.image_guard.check_image_file`."""
+    import SimpleITK as sitk
+
+    from kubeseg.imageio import itk_error_reason
+
     name = name or str(path)
     check_image_file(path, name)
     reader = sitk.ImageFileReader()
