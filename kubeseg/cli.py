@@ -139,7 +139,7 @@ def cmd_predict(a) -> int:
     settings = PredictSettings(use_mirroring=not a.disable_tta, step=a.step, device=a.device,
                                batch_size=a.batch_size, fold_average=a.fold_average)
     written = predict(a.input, a.output, a.model, settings, a.configuration, a.folds, a.save_probabilities,
-                      postprocess=not a.no_postprocessing)
+                      postprocess=not a.no_postprocessing, max_resampled_voxels=a.max_resampled_voxels)
     print(f"{len(written)} segmentation(s) written to {a.output}")
     return 0
 
@@ -437,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network inputs per forward call, mirrored copies included")
     p.add_argument("--fold-average", choices=("probabilities", "logits"), default="probabilities",
                    help="how folds are combined ('logits' is nnU-Net v2's)")
+    p.add_argument("--max-resampled-voxels", type=int, default=_env("MAX_RESAMPLED_VOXELS", 2 ** 29, int),
+                   help="refuse an input whose header implies a larger grid after resampling, in any "
+                        "configuration (default 2^29; KUBESEG_MAX_RESAMPLED_VOXELS)")
     p.set_defaults(fn=cmd_predict)
 
     p = sub.add_parser("select", help="pick the best configuration or pairwise ensemble by CV Dice")

@@ -12,6 +12,12 @@ Three checks, each a score that is 0 for an input that looks like the training d
   to the training median (0.1 = 10 % beyond the largest or smallest training spacing).
 * ``shape`` — the same for the shape after cropping to the nonzero region.
 
+Every score is finite, whatever the input. An input with no intensity distribution to compare
+(all zero, or one constant value inside the mask) is *degenerate*: its report says why
+(``degenerate``), its intensity score is the PSI of what it has (finite, usually large), and the
+service counts it apart and keeps it out of the rolling window, so that one blank upload can
+neither fire the drift alert nor hide real drift.
+
 Pure numpy; the service turns these numbers into metrics and alerts.
 """
 
@@ -74,7 +80,8 @@ class DriftReport:
 
     scores: dict[str, float]
     intensity_per_channel: list[float] = field(default_factory=list)
-    mask: str = "foreground"  # which voxels the intensity check used: foreground | nonzero
+    mask: str = "foreground"  # which voxels the intensity check used: foreground | nonzero | all
+    degenerate: str | None = None  # why the input has no distribution to compare (None: it has one)
 
     def drifted(self, thresholds: dict[str, float]) -> dict[str, bool]:
         return {k: bool(self.scores[k] > thresholds[k]) for k in CHECKS}
@@ -82,7 +89,7 @@ class DriftReport:
     def to_json(self) -> dict:
         return {"scores": {k: round(v, 6) for k, v in self.scores.items()},
                 "intensity_psi_per_channel": [round(v, 6) for v in self.intensity_per_channel],
-                "intensity_mask": self.mask}
+                "intensity_mask": self.mask, "degenerate": self.degenerate}
 
 
 def psi(values: np.ndarray, ref: ChannelReference) -> float:
@@ -112,10 +119,30 @@ def drift_report(data: np.ndarray, spacing, cropped_shape, foreground: np.ndarra
     mask, used = foreground, "foreground"
     if mask is None or int(mask.sum()) < _MIN_FOREGROUND:
         mask, used = np.any(data != 0, axis=0), "nonzero"
-    per_channel = [psi(channel[mask], r) if mask.any() else float("inf") for channel, r in zip(data, ref.channels)]
+    degenerate = None
+    if not mask.any():
+        mask, used = np.ones(data.shape[1:], bool), "all"
+    if not np.any(data):
+        degenerate = "all voxels are zero"
+    per_channel = []
+    for c, (channel, r) in enumerate(zip(data, ref.channels)):
+        values = channel[mask]
+        lo, hi = float(values.min()), float(values.max())
+        if degenerate is None and lo == hi:
+            degenerate = f"channel {c} is constant ({lo:g}) in the {used} region"
+        per_channel.append(_finite(psi(values, r)))
     scores = {
         "intensity": max(per_channel),
-        "spacing": _outside(np.asarray(spacing, float), ref.spacing_min, ref.spacing_max, ref.spacing_median),
-        "shape": _outside(np.asarray(cropped_shape, float), ref.shape_min, ref.shape_max, ref.shape_median),
+        "spacing": _finite(_outside(np.asarray(spacing, float), ref.spacing_min, ref.spacing_max, ref.spacing_median)),
+        "shape": _finite(_outside(np.asarray(cropped_shape, float), ref.shape_min, ref.shape_max, ref.shape_median)),
     }
-    return DriftReport(scores, per_channel, used)
+    return DriftReport(scores, per_channel, used, degenerate)
+
+
+_MAX_SCORE = 1e6
+
+
+def _finite(value: float) -> float:
+    """Scores are finite and capped: an absurd spacing must not put inf or NaN into a metric."""
+    v = float(value)
+    return _MAX_SCORE if np.isnan(v) or v > _MAX_SCORE else max(v, 0.0)

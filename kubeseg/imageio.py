@@ -49,8 +49,15 @@ class Geometry:
 
 
 def read_sitk(path: str | Path) -> sitk.Image:
-    """Read one image file (any format SimpleITK reads; a folder is read as a DICOM series)."""
+    """Read one image file (any format SimpleITK reads; a folder is read as a DICOM series).
+
+    Files whose header points at other files (MetaImage ``ElementDataFile``, detached NRRD,
+    .hdr/.img pairs ...) are refused before ITK opens them (:mod:`kubeseg.image_guard`).
+    """
+    from kubeseg.image_guard import check_image_file
+
     path = Path(path)
+    check_image_file(path)
     if path.is_dir():
         reader = sitk.ImageSeriesReader()
         names = reader.GetGDCMSeriesFileNames(str(path))

@@ -9,7 +9,6 @@ cheaply, from the gzip trailer or the file size.
 
 from __future__ import annotations
 
-import gzip
 import zlib
 from pathlib import Path
 
@@ -18,14 +17,17 @@ import numpy as np
 
 
 def _complete_gzip(path: Path, expected: int) -> bool:
-    """gzip stores the uncompressed length (mod 2^32) in its last 4 bytes; decompress only on a mismatch."""
+    """gzip stores the uncompressed length (mod 2^32) in its last 4 bytes; decompress only on a
+    mismatch, and then never more than ``expected`` bytes (a stream that goes on is a bomb's
+    business, not ours: nothing reads past what the header declares)."""
+    from kubeseg.image_guard import bounded_gzip_size
+
     with open(path, "rb") as f:
         f.seek(-4, 2)
         if int.from_bytes(f.read(4), "little") == expected % 2**32:
             return True
     try:
-        with gzip.open(path, "rb") as f:
-            return sum(len(chunk) for chunk in iter(lambda: f.read(1 << 24), b"")) >= expected
+        return bounded_gzip_size(path, max(expected - 1, 0)) >= expected
     except (OSError, EOFError, zlib.error):
         return False
 

@@ -5,7 +5,11 @@ per channel, in the order of the model's ``dataset.json`` ``channel_names`` (a z
 hold ``<case>_0000.nii.gz`` … files). The format is recognised from the bytes, not the name.
 
 Everything that can be known before reading voxels is checked from the header first (dimension,
-size, voxel count), so an absurdly large image is refused without allocating it. Reading then
+size, voxel count, the grid each of the model's configurations would resample it to), so an
+absurdly large image is refused without allocating it. Headers that point at other files
+(MetaImage ``ElementDataFile``, detached NRRD, .hdr/.img pairs) are refused before ITK opens
+them (:mod:`kubeseg.image_guard`); a ``.nii.gz`` may not inflate beyond what its header declares,
+and a zip may not expand beyond :attr:`Limits.max_expanded_bytes` (README, "Bounded work per request"). Reading then
 goes through :func:`kubeseg.dataset_check.load_case`, the engine's one door for images: the
 same checks (truncated or corrupt files, NaN/inf, channel geometry) as for training data.
 """
@@ -13,7 +17,6 @@ same checks (truncated or corrupt files, NaN/inf, channel geometry) as for train
 from __future__ import annotations
 
 import gzip
-import shutil
 import stat
 import zipfile
 import zlib
@@ -29,10 +32,13 @@ import SimpleITK as sitk
 from kubeseg.dataset import DatasetSpec, RawCase
 from kubeseg.dataset_check import load_case
 from kubeseg.errors import DatasetError
+from kubeseg.image_guard import UnsafeImageError, check_gzip_nifti_expansion, check_image_file, looks_like_metaimage
 from kubeseg.imageio import Geometry, itk_error_reason
+from kubeseg.input_budget import DEFAULT_MAX_RESAMPLED_VOXELS, GridStage, InputRefused, check_resampled_grid
 
 MAX_ZIP_ENTRIES = 4096
-ZIP_EXPANSION_LIMIT = 4  # a zip may expand to at most this many times the request size limit
+ZIP_EXPANSION_LIMIT = 4  # default expansion budget: this many times the request size limit
+MAX_ZIP_RATIO = 200  # per entry: uncompressed / compressed (DICOM and CT NIfTI compress 2-20x; bombs ~1000x)
 
 
 class BadInput(Exception):
@@ -56,9 +62,24 @@ class DecodedImage:
 
 @dataclass(frozen=True)
 class Limits:
+    """How much one request may ask for: input voxels, edge size, upload bytes, resampled voxels
+    (any configuration), and bytes a zip may expand to (None: ``ZIP_EXPANSION_LIMIT`` x ``max_bytes``)."""
+
     max_voxels: int
     min_size: int
     max_bytes: int
+    max_resampled_voxels: int = DEFAULT_MAX_RESAMPLED_VOXELS
+    max_expanded_bytes: int | None = None
+
+    @property
+    def expansion_budget(self) -> int:
+        return self.max_expanded_bytes if self.max_expanded_bytes is not None else self.max_bytes * ZIP_EXPANSION_LIMIT
+
+    @classmethod
+    def of(cls, settings) -> "Limits":
+        """From :class:`services.settings.ServiceSettings`."""
+        return cls(settings.max_voxels, settings.min_size, settings.max_request_bytes, settings.max_resampled_voxels,
+                   settings.max_expanded_bytes)
 
 
 def sniff(path: Path) -> str:
@@ -81,6 +102,8 @@ def sniff(path: Path) -> str:
     text = head.lstrip()
     if text.startswith((b"ObjectType", b"NDims")) and b"ElementDataFile" in head:
         return "mha"
+    if looks_like_metaimage(text):
+        return "mha"  # an unusual MetaImage header: the guard below judges it
     return "unknown"
 
 
@@ -89,7 +112,7 @@ def _is_nifti(header: bytes) -> bool:
         return False
     size_le = int.from_bytes(header[:4], "little")
     size_be = int.from_bytes(header[:4], "big")
-    return (size_le == 348 or size_be == 348) and header[344:347] in (b"n+1", b"ni1")
+    return (size_le == 348 or size_be == 348) and header[344:347] in (b"n+1", b"ni1")  # ni1: refused by the guard
 
 
 _ENDING = {"nifti": ".nii", "nifti_gz": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha"}
@@ -104,8 +127,32 @@ def _unsupported(name: str, kind: str) -> BadInput:
                     f"{name}: {what}; send NIfTI (.nii/.nii.gz), NRRD, MHA, or a zip of one DICOM series")
 
 
-def _check_header(path: Path, name: str, limits: Limits) -> None:
-    """Dimension, size and voxel count from the header alone."""
+def _guard(path: Path, name: str) -> None:
+    """Refuse headers that reference other files (before ITK opens them), and gzip bombs."""
+    try:
+        kind = check_image_file(path, name)
+        if kind == "nifti_gz":
+            check_gzip_nifti_expansion(path, name)
+    except UnsafeImageError as e:
+        status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE if "inflates" in e.problem else HTTPStatus.UNPROCESSABLE_ENTITY
+        raise BadInput(status, str(e)) from None
+
+
+def check_grid(name: str, size_xyz, spacing_xyz, stages: Sequence[GridStage], limits: Limits) -> None:
+    """The resampled-grid bound (:func:`kubeseg.input_budget.check_resampled_grid`) for a header's
+    size and spacing in ITK order (x, y, z), as a :class:`BadInput` (413 over the limit, 422 for an
+    unusable spacing). Every input format goes through it; DICOM readers call it from the first
+    file's header."""
+    try:
+        check_resampled_grid(name, tuple(size_xyz)[::-1], tuple(spacing_xyz)[::-1], stages,
+                             limits.max_resampled_voxels)
+    except InputRefused as e:
+        raise BadInput(HTTPStatus.REQUEST_ENTITY_TOO_LARGE if e.too_large else HTTPStatus.UNPROCESSABLE_ENTITY,
+                       f"{e} (KUBESEG_MAX_RESAMPLED_VOXELS)" if e.too_large else str(e)) from None
+
+
+def _check_header(path: Path, name: str, limits: Limits, stages: Sequence[GridStage] = ()) -> None:
+    """Dimension, size, voxel count and the resampled grid from the header alone."""
     if path.name.endswith((".nii", ".nii.gz")):  # ITK only says "not recognized" for a zero dimension
         try:
             shape = nib.load(path).header.get_data_shape()
@@ -126,6 +173,7 @@ def _check_header(path: Path, name: str, limits: Limits) -> None:
         raise BadInput(HTTPStatus.UNPROCESSABLE_ENTITY,
                        f"{name}: {reader.GetNumberOfComponents()} components per voxel (a vector or RGB image); "
                        "send one scalar image per channel")
+    check_grid(name, size, reader.GetSpacing(), stages, limits)
 
 
 def _check_size(size, dimension: int, name: str, limits: Limits) -> None:
@@ -144,11 +192,14 @@ def _check_size(size, dimension: int, name: str, limits: Limits) -> None:
 
 
 def _safe_extract(zip_path: Path, name: str, dest: Path, limits: Limits) -> None:
-    """Extract a zip, refusing path traversal, links, too many entries and zip bombs."""
+    """Extract a zip within the expansion budget: no path traversal, links, encrypted entries or
+    nested archives; at most ``MAX_ZIP_ENTRIES`` entries, ``MAX_ZIP_RATIO`` per entry, and
+    ``limits.expansion_budget`` bytes in all, counted while writing (the sizes a zip declares may lie)."""
     try:
         zf = zipfile.ZipFile(zip_path)
-    except zipfile.BadZipFile:
+    except (zipfile.BadZipFile, OSError, ValueError):
         raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: not a readable zip archive (corrupt or truncated)") from None
+    budget = limits.expansion_budget
     with zf:
         infos = zf.infolist()
         if len(infos) > MAX_ZIP_ENTRIES:
@@ -156,25 +207,46 @@ def _safe_extract(zip_path: Path, name: str, dest: Path, limits: Limits) -> None
         total = 0
         for info in infos:
             p = PurePosixPath(info.filename.replace("\\", "/"))
-            if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]):
+            if p.is_absolute() or ".." in p.parts or (p.parts and ":" in p.parts[0]) or "\0" in info.filename:
                 raise BadInput(HTTPStatus.BAD_REQUEST,
                                f"{name}: entry {info.filename!r} points outside the archive (path traversal)")
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: entry {info.filename!r} is a symbolic link")
+            if info.flag_bits & 0x1:
+                raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: entry {info.filename!r} is encrypted")
+            if info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1) and info.file_size > 1 << 20:
+                raise BadInput(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               f"{name}: entry {info.filename!r} expands {info.file_size // max(info.compress_size, 1)}"
+                               f"x (limit {MAX_ZIP_RATIO}x per entry; a zip bomb?)")
             total += info.file_size
-        if total > limits.max_bytes * ZIP_EXPANSION_LIMIT:
+        if total > budget:
             raise BadInput(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                           f"{name}: expands to {total} bytes, over {ZIP_EXPANSION_LIMIT}x the request limit")
+                           f"{name}: expands to {total} bytes, over the budget of {budget} (KUBESEG_MAX_EXPANDED_BYTES)")
+        written = 0
         for info in infos:
             if info.is_dir():
                 continue
             target = dest / PurePosixPath(info.filename.replace("\\", "/"))
-            target.parent.mkdir(parents=True, exist_ok=True)
             try:
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out)
-            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                    entry = 0
+                    while chunk := src.read(1 << 20):
+                        entry += len(chunk)
+                        written += len(chunk)
+                        if entry > info.file_size or written > budget:
+                            raise BadInput(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                                           f"{name}: entry {info.filename!r} expands beyond the size the zip declares "
+                                           f"or beyond the budget of {budget} bytes (KUBESEG_MAX_EXPANDED_BYTES)")
+                        out.write(chunk)
+            except BadInput:
+                raise
+            except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError,
+                    zlib.error) as e:
                 raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: entry {info.filename!r} cannot be extracted ({e})") from None
+            if sniff(target) in ("zip", "gzip_other"):
+                raise BadInput(HTTPStatus.UNPROCESSABLE_ENTITY,
+                               f"{name}: entry {info.filename!r} is itself an archive; nested archives are not opened")
 
 
 def _dicom_series(folder: Path, name: str, limits: Limits) -> sitk.Image:
@@ -202,8 +274,10 @@ def _dicom_series(folder: Path, name: str, limits: Limits) -> sitk.Image:
     return image
 
 
-def decode(uploads: Sequence[tuple[str, Path]], spec: DatasetSpec, limits: Limits, work_dir: Path) -> DecodedImage:
-    """Read uploaded ``(file name, path)`` pairs as one case for the model described by ``spec``."""
+def decode(uploads: Sequence[tuple[str, Path]], spec: DatasetSpec, limits: Limits, work_dir: Path,
+           stages: Sequence[GridStage] = ()) -> DecodedImage:
+    """Read uploaded ``(file name, path)`` pairs as one case for the model described by ``spec``;
+    ``stages`` (:func:`kubeseg.input_budget.stages_of` the model's predictors) bound the resampled grid."""
     if not uploads:
         raise BadInput(HTTPStatus.BAD_REQUEST, "no image file in the request (send the image as form field 'images')")
     channel_files: list[Path] = []
@@ -217,6 +291,8 @@ def decode(uploads: Sequence[tuple[str, Path]], spec: DatasetSpec, limits: Limit
         if size > limits.max_bytes:
             raise BadInput(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{name}: {size} bytes exceed the limit of {limits.max_bytes}")
         kind = sniff(path)
+        if kind != "zip":
+            _guard(path, name)
         if kind == "zip":
             if len(uploads) > 1:
                 raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: send a zip alone, not beside other files")
@@ -224,6 +300,8 @@ def decode(uploads: Sequence[tuple[str, Path]], spec: DatasetSpec, limits: Limit
             extracted.mkdir(parents=True)
             _safe_extract(path, name, extracted, limits)
             # image files zipped together, in channel order by name (_0000, _0001 ...); else DICOM
+            for m in sorted(p for p in extracted.rglob("*") if p.is_file()):
+                _guard(m, f"{name}:{m.relative_to(extracted)}")
             members = sorted(p for p in extracted.rglob("*") if p.is_file() and sniff(p) in _ENDING)
             if members:
                 for m in members:
@@ -232,6 +310,7 @@ def decode(uploads: Sequence[tuple[str, Path]], spec: DatasetSpec, limits: Limit
                 ending = ending or _ENDING[sniff(members[0])]
                 continue
             image = _dicom_series(extracted, name, limits)
+            check_grid(f"{name} (DICOM series)", image.GetSize(), image.GetSpacing(), stages, limits)
             target = work_dir / f"channel_{len(channel_files):04d}.nii.gz"
             sitk.WriteImage(image, str(target))
             channel_files.append(target)
@@ -249,7 +328,7 @@ def decode(uploads: Sequence[tuple[str, Path]], spec: DatasetSpec, limits: Limit
                        f"the model needs {spec.num_channels} channel(s) ({wanted}), one file each in this order; "
                        f"got {len(channel_files)}")
     for f, n in zip(channel_files, names):
-        _check_header(f, n, limits)
+        _check_header(f, n, limits, stages)
     try:
         loaded = load_case(RawCase("input", tuple(channel_files), None), spec, with_label=False)
     except DatasetError as e:

@@ -70,7 +70,8 @@ def service_metrics() -> ServiceMetrics:
                                          ["check"], multiprocess_mode="mostrecent"),
                 drift_threshold=Gauge("kubeseg_drift_threshold", "Drift score above which an input counts as drifted",
                                       ["check"], multiprocess_mode="max"),
-                drift_inputs=Counter("kubeseg_drift_inputs_total", "Inputs per drift check and result (ok|drifted)",
+                drift_inputs=Counter("kubeseg_drift_inputs_total", "Inputs per drift check and result (ok|drifted|degenerate: "
+                                     "no distribution to compare, kept out of the window)",
                                      ["check", "result"]),
                 model_info=Gauge("kubeseg_model_info", "1 for the model version being served",
                                  ["name", "version", "alias"], multiprocess_mode="livemostrecent"),
@@ -95,11 +96,23 @@ class RollingWindow:
         self._lock = threading.Lock()
 
     def add(self, scores: dict[str, float]) -> dict[str, float]:
-        """Record one input's scores; returns the window means after it."""
+        """Record one input's scores; returns the window means after it. A non-finite score is
+        not recorded (kubeseg.drift never gives one; a window mean must never become inf/NaN)."""
         with self._lock:
-            out = {}
             for check, value in scores.items():
-                q = self._values.setdefault(check, deque(maxlen=self.size))
-                q.append(min(float(value), 1e6))  # an infinite score (no voxels to compare) counts as huge
-                out[check] = sum(q) / len(q)
-            return out
+                v = float(value)
+                if v == v and abs(v) != float("inf"):
+                    self._values.setdefault(check, deque(maxlen=self.size)).append(min(v, 1e6))
+            return self._means(scores)
+
+    def means(self, checks) -> dict[str, float]:
+        """The window means now, without recording anything (0 for a check with no input yet)."""
+        with self._lock:
+            return self._means(checks)
+
+    def _means(self, checks) -> dict[str, float]:
+        out = {}
+        for check in checks:
+            q = self._values.get(check)
+            out[check] = sum(q) / len(q) if q else 0.0
+        return out

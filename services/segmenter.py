@@ -21,6 +21,7 @@ from kubeseg.errors import KubesegError
 from kubeseg.imageio import write_image
 from kubeseg.inference.quality import confidence, label_volumes_ml
 from kubeseg.inference.run import segment_case
+from kubeseg.input_budget import stages_of
 
 from services.decode import BadInput, DecodedImage, Limits, decode
 from services.model_source import ServedModel
@@ -57,7 +58,7 @@ def segment_request(model: ServedModel, uploads: Sequence[tuple[str, Path]], opt
     """Run one request in ``work_dir`` (the caller removes it). Raises :class:`BadInput` for 4xx."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    image: DecodedImage = decode(uploads, model.spec, limits, work_dir)
+    image: DecodedImage = decode(uploads, model.spec, limits, work_dir, stages_of(model.predictors))
     timings["decode"] = time.perf_counter() - started
     if options.folds is not None:
         unknown = [f for f in options.folds if f not in model.folds]

@@ -132,7 +132,7 @@ class Segmentation:
         self.window = RollingWindow(SETTINGS.drift.window)
         for check, value in SETTINGS.drift.thresholds().items():
             self.metrics.drift_threshold.labels(check).set(value)
-        self.limits = Limits(SETTINGS.max_voxels, SETTINGS.min_size, SETTINGS.max_request_bytes)
+        self.limits = Limits.of(SETTINGS)
         self._work_root = Path(tempfile.mkdtemp(prefix="kubeseg-requests-"))
         self.holder = ModelHolder(SETTINGS, self._swapped, self._swap_failed)
         global _holder
@@ -194,7 +194,12 @@ class Segmentation:
         for label, volume in outcome.volumes_ml.items():
             m.predicted_volume.labels(label).observe(volume)
         m.confidence.observe(outcome.confidence)
-        if outcome.drift is not None:
+        if outcome.drift is not None and outcome.drift.degenerate:  # counted apart, kept out of the window
+            for check in outcome.drift.scores:
+                m.drift_inputs.labels(check, "degenerate").inc()
+            outcome.summary["drift"]["window_scores"] = {
+                k: round(v, 6) for k, v in self.window.means(outcome.drift.scores).items()}
+        elif outcome.drift is not None:
             window = self.window.add(outcome.drift.scores)
             thresholds = self.settings.drift.thresholds()
             drifted = outcome.drift.drifted(thresholds)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+from kubeseg.input_budget import DEFAULT_MAX_RESAMPLED_VOXELS
+
 
 class SettingsError(ValueError):
     """A setting has a value that cannot be used; the message names the variable."""
@@ -64,6 +66,9 @@ class ServiceSettings:
     max_request_bytes: int = 512 * 1024 * 1024
     max_voxels: int = 512 * 512 * 1024  # per channel; larger images get HTTP 413
     min_size: int = 2  # voxels per axis below which an image is refused
+    # the grid any configuration resamples an input to (from its header; kubeseg.input_budget says why)
+    max_resampled_voxels: int = DEFAULT_MAX_RESAMPLED_VOXELS
+    max_expanded_bytes: int = 4 * 512 * 1024 * 1024  # a zip upload may expand to this much (in /tmp)
     registry_poll_seconds: float = 30.0  # how often the alias is looked up; 0 = never
     cache_dir: Path = Path(os.environ.get("TMPDIR", "/tmp")) / "kubeseg-models"
     use_mirroring: bool = True  # default of the per-request ``tta`` option
@@ -84,6 +89,10 @@ class ServiceSettings:
             max_request_bytes=_env("KUBESEG_MAX_REQUEST_BYTES", d.max_request_bytes, int),
             max_voxels=_env("KUBESEG_MAX_VOXELS", d.max_voxels, int),
             min_size=_env("KUBESEG_MIN_SIZE", d.min_size, int),
+            max_resampled_voxels=_env("KUBESEG_MAX_RESAMPLED_VOXELS", d.max_resampled_voxels, int),
+            # default: 4x the request limit (services.decode.ZIP_EXPANSION_LIMIT); README sizes /tmp for it
+            max_expanded_bytes=_env("KUBESEG_MAX_EXPANDED_BYTES",
+                                    4 * _env("KUBESEG_MAX_REQUEST_BYTES", d.max_request_bytes, int), int),
             registry_poll_seconds=_env("KUBESEG_REGISTRY_POLL_SECONDS", d.registry_poll_seconds, float),
             cache_dir=Path(_env("KUBESEG_CACHE_DIR", str(d.cache_dir), str)),
             use_mirroring=_env("KUBESEG_TTA", d.use_mirroring, _bool),
@@ -103,7 +112,8 @@ class ServiceSettings:
             raise SettingsError("set KUBESEG_MODEL_BUNDLE (a bundle folder) or KUBESEG_MODEL_NAME (a registered model)")
         if self.model_bundle is not None and self.model_name:
             raise SettingsError("set only one of KUBESEG_MODEL_BUNDLE and KUBESEG_MODEL_NAME")
-        for f in ("max_concurrency", "max_request_bytes", "max_voxels", "min_size"):
+        for f in ("max_concurrency", "max_request_bytes", "max_voxels", "min_size", "max_resampled_voxels",
+                  "max_expanded_bytes"):
             if getattr(self, f) < 1:
                 raise SettingsError(f"KUBESEG_{f.upper()} must be at least 1")
         if self.drift.window < 1:
@@ -160,6 +170,16 @@ class TriggerSettings:
                 raise SettingsError(f"the trigger needs {name}")
         if self.cooldown_seconds < 0:
             raise SettingsError("KUBESEG_TRIGGER_COOLDOWN_SECONDS must not be negative")
+
+
+def tmp_bytes_needed(s: ServiceSettings) -> int:
+    """The most one pod's requests can write under /tmp at once, the chart's emptyDir sizeLimit
+    must be at least this (README, "Bounded work per request"). Per request: the upload twice
+    (the multipart spool and BentoML's saved file), the zip expansion budget, a DICOM series
+    converted to NIfTI (at most ``max_voxels`` float32) and the segmentation (one byte a voxel);
+    times ``max_concurrency``, plus 1 GiB for BentoML's home and metrics files."""
+    per_request = 2 * s.max_request_bytes + s.max_expanded_bytes + 5 * s.max_voxels
+    return s.max_concurrency * per_request + 2 ** 30
 
 
 def describe(settings) -> dict:

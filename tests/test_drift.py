@@ -57,3 +57,39 @@ def test_psi_counts_values_beyond_the_training_range(ref):
     assert psi(np.full(1000, 1e6), ref.channels[0]) > 5
     with pytest.raises(ValueError, match="channels"):
         drift_report(np.zeros((2, 4, 4, 4), np.float32), [1, 1, 1], [4, 4, 4], None, ref)
+
+
+@pytest.mark.parametrize("data, why", [
+    (np.zeros((1, 20, 30, 30), np.float32), "all voxels are zero"),
+    (np.full((1, 20, 30, 30), 7.0, np.float32), "constant"),
+    (np.full((1, 20, 30, 30), -3e38, np.float32), "constant"),
+])
+def test_degenerate_inputs_score_finite_and_say_why(ref, data, why):
+    """An all-zero or constant image has no distribution to compare: finite scores, flagged."""
+    for mask in (None, np.zeros(data.shape[1:], bool), np.ones(data.shape[1:], bool)):
+        r = drift_report(data, [3.5, 0.9, 0.9], None, mask, ref)
+        assert all(np.isfinite(v) for v in r.scores.values()), r.scores
+        assert all(np.isfinite(v) for v in r.intensity_per_channel)
+        assert r.degenerate and why in r.degenerate
+        assert r.to_json()["degenerate"] == r.degenerate
+
+
+def test_extreme_but_real_distributions_are_not_degenerate(ref):
+    rng = np.random.default_rng(4)
+    data = (rng.normal(0, 1, (1, 20, 30, 30)) * 1e37).astype(np.float32)
+    r = drift_report(data, [1e6, 1e-6, 0.9], None, None, ref)
+    assert r.degenerate is None
+    assert all(np.isfinite(v) for v in r.scores.values()) and r.scores["intensity"] > 1.0
+    assert r.scores["spacing"] <= 1e6
+
+
+def test_rolling_window_ignores_degenerate_and_non_finite_scores():
+    from services.metrics import RollingWindow
+
+    w = RollingWindow(3)
+    assert w.means(["intensity"]) == {"intensity": 0.0}
+    w.add({"intensity": 0.1})
+    assert w.add({"intensity": float("inf")}) == {"intensity": pytest.approx(0.1)}
+    assert w.add({"intensity": float("nan")}) == {"intensity": pytest.approx(0.1)}
+    w.add({"intensity": 0.3})
+    assert w.means(["intensity"]) == {"intensity": pytest.approx(0.2)}

@@ -34,6 +34,7 @@ from kubeseg.imageio import write_image
 from kubeseg.inference.export import probabilities_to_segmentation
 from kubeseg.inference.model import load_trained_model
 from kubeseg.inference.predictor import PredictSettings, Predictor
+from kubeseg.input_budget import DEFAULT_MAX_RESAMPLED_VOXELS, check_file_grid, stages_of
 from kubeseg.jsonio import read_json
 from kubeseg.postprocessing import (FILENAME as PP_FILENAME, PostprocessingRule, apply_postprocessing,
                                     folder_postprocessing, load_postprocessing)
@@ -214,10 +215,13 @@ def segment_case(predictors: Sequence[Predictor], data: np.ndarray, geometry, ru
 def predict(input_path: str | Path, output: str | Path, model_dir: str | Path,
             settings: PredictSettings = PredictSettings(), configurations: Optional[Sequence[str]] = None,
             folds: Optional[Sequence[str]] = None, save_probabilities: bool = False,
-            postprocess: bool = True) -> list[Path]:
+            postprocess: bool = True, max_resampled_voxels: int = DEFAULT_MAX_RESAMPLED_VOXELS) -> list[Path]:
     """Predict every case of ``input_path`` into ``output``; returns the segmentation files written.
 
     ``output`` is a folder, or, for one input file, a file name with an image suffix (its format).
+    Every input is judged from its header first: files that point at other files, and inputs
+    whose resampled grid exceeds ``max_resampled_voxels`` in any configuration, are refused
+    (:class:`~kubeseg.input_budget.InputRefused`, naming the file) before their voxels are read.
     """
     choice = resolve_model(model_dir, configurations, folds)
     predictors = build_predictors(choice, settings)
@@ -236,6 +240,11 @@ def predict(input_path: str | Path, output: str | Path, model_dir: str | Path,
              f", postprocessing {list(rule.steps)}" if rule.steps else "")
     written = []
     spec = dataset_spec(dataset_json)
+    stages = stages_of(predictors)
+    for case in cases:
+        for f in case.images:
+            if f is not None:
+                check_file_grid(f, stages, max_resampled_voxels)
     for case in cases:
         started = time.perf_counter()
         loaded = load_case(case, spec, with_label=False)

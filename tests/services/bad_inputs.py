@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import stat
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,15 @@ import SimpleITK as sitk
 MAX_VOXELS = 2_000_000
 MAX_REQUEST_BYTES = 3_000_000
 LIMITS = {"KUBESEG_MAX_VOXELS": str(MAX_VOXELS), "KUBESEG_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES)}
+
+
+def grid_stages():
+    """A model's configurations for decode() without a model: the test bundles' 1 mm-ish 3d_fullres
+    and a coarser cascade first stage (the service under test uses its own model's plans)."""
+    from kubeseg.input_budget import GridStage
+
+    return [GridStage("3d_fullres", (0, 1, 2), (1.0, 1.0, 1.0), 1, 4),
+            GridStage("3d_lowres", (0, 1, 2), (2.0, 2.0, 2.0), 1, 4)]
 
 
 @dataclass
@@ -73,6 +83,107 @@ def dicom_zip(image: sitk.Image, series: int = 1) -> bytes:
     return buf.getvalue()
 
 
+def raw_nifti(shape=(16, 16, 16), pixdim=(1.0, 1.0, 1.0), units: str | None = None, magic: bytes = b"n+1",
+              payload: bytes | None = None, gz: bool = True) -> bytes:
+    """A NIfTI-1 file written byte by byte: the header says what the test wants, whatever the data."""
+    h = nib.Nifti1Header()
+    h.set_data_shape(shape)
+    h.set_data_dtype(np.int16)
+    h["magic"], h["vox_offset"] = magic, 352
+    h["pixdim"][1:4] = pixdim
+    h["qform_code"], h["sform_code"] = 1, 1
+    h["srow_x"], h["srow_y"], h["srow_z"] = [pixdim[0], 0, 0, 0], [0, pixdim[1], 0, 0], [0, 0, pixdim[2], 0]
+    if units:
+        h.set_xyzt_units(units, "sec")
+    rng = np.random.default_rng(0)
+    data = payload if payload is not None else rng.integers(0, 500, int(np.prod(shape)), dtype=np.int16).tobytes()
+    raw = h.binaryblock + b"\0" * 4 + data
+    return gzip.compress(raw, 1) if gz else raw
+
+
+def _meta(data_file: str, extra: str = "", key: str = "ElementDataFile") -> bytes:
+    return (f"ObjectType = Image\nNDims = 3\nDimSize = 24 24 12\nElementType = MET_SHORT\n"
+            f"ElementSpacing = 1 1 1\n{extra}{key} = {data_file}\n").encode()
+
+
+def _nrrd(field: str, sizes: str = "24 24 12", data: bytes = b"") -> bytes:
+    return (f"NRRD0004\ntype: short\ndimension: 3\nsizes: {sizes}\nencoding: raw\nendian: little\n"
+            f"{field}\n").encode() + data
+
+
+def _zip(entries: list[tuple[str | zipfile.ZipInfo, bytes]], method=zipfile.ZIP_STORED) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", method) as zf:
+        for name, data in entries:
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def hostile_requests(good: bytes) -> list[BadRequest]:
+    """Headers that point at other files, lying sizes, bombs, absurd geometry (issue 12).
+
+    ``good`` is a good single-channel .nii.gz. Every one must be refused before its voxels (or
+    a file it points to) are read, with a status and the file's name.
+    """
+    link = zipfile.ZipInfo("scan.nii.gz")
+    link.external_attr = (stat.S_IFLNK | 0o777) << 16
+    inner_zip = _zip([("case_0000.nii.gz", good)])
+    mhd = _meta("LOCAL").replace(b"ElementDataFile = LOCAL\n", b"ElementDataFile = scan.raw\n")
+    z, y, x = 12, 24, 24
+    return [
+        BadRequest("400 mm spacing (resampled grid of 10^11 voxels)",
+                   [("giant.nii.gz", raw_nifti(pixdim=(400.0, 400.0, 400.0)))], 413, "resamples to"),
+        BadRequest("spacing in metres", [("metres.nii.gz", raw_nifti(pixdim=(1.0, 1.0, 1.0), units="meter"))], 413,
+                   "resamples to"),
+        BadRequest("spacing in micrometres (1 um per voxel: no voxels left after resampling)",
+                   [("microns.nii.gz", raw_nifti(pixdim=(1.0, 1.0, 1.0), units="micron"))], 422,
+                   "no voxels along an axis"),
+        BadRequest("spacing 1e30 mm", [("overflow.nii.gz", raw_nifti(pixdim=(1e30, 1.0, 1.0)))], 413, "resamples to"),
+        BadRequest("micrometre spacing (no voxels after resampling)",
+                   [("tiny.nii.gz", raw_nifti(pixdim=(1e-6, 1e-6, 1e-6)))], 422, "no voxels along an axis"),
+        BadRequest("negative spacing", [("negative.nii.gz", raw_nifti(pixdim=(-2.0, 1.0, 1.0)))], 422,
+                   "not positive"),
+        BadRequest("MetaImage ElementDataFile = /etc/passwd", [("scan.mhd", _meta("/etc/passwd"))], 422,
+                   "ElementDataFile"),
+        BadRequest("MetaImage ElementDataFile=../x.raw", [("scan.mha", _meta("../x.raw").replace(b" = ../", b"=../"))],
+                   422, "ElementDataFile"),
+        BadRequest("MetaImage ElementDataFile = LIST", [("list.mhd", _meta("LIST") + b"/etc/passwd\n/etc/hosts\n")],
+                   422, "ElementDataFile"),
+        BadRequest("MetaImage file pattern", [("pattern.mhd", _meta("/proc/self/fd/%d 0 9 1"))], 422,
+                   "ElementDataFile"),
+        BadRequest("MetaImage 'element data file' spelling",
+                   [("spaced.mha", _meta("/etc/passwd", key="Element Data File"))], 422, "ElementDataFile"),
+        BadRequest("MetaImage lying CompressedDataSize",
+                   [("lying.mha", _meta("LOCAL", "CompressedData = True\nCompressedDataSize = 999999999999\n")
+                     + b"x\x9c" + b"\0" * 64)], 422, "CompressedDataSize"),
+        BadRequest("detached NRRD (data file: /proc/self/environ)",
+                   [("detached.nrrd", _nrrd("data file: /proc/self/environ") + b"\n")], 422, "detached NRRD"),
+        BadRequest("detached NRRD (datafile: LIST)",
+                   [("list.nhdr", _nrrd("DataFile: LIST") + b"\n/etc/passwd\n")], 422, "detached NRRD"),
+        BadRequest("NRRD with huge sizes and tiny data",
+                   [("huge.nrrd", _nrrd("", sizes="100000 100000 100000", data=b"\0" * 64))], 413, "exceed the limit"),
+        BadRequest("NIfTI header-only file (ni1, data in a .img)", [("pair.nii", raw_nifti(magic=b"ni1", payload=b"",
+                                                                                       gz=False))], 422, "header-only"),
+        BadRequest("a .hdr upload", [("scan.hdr", raw_nifti(gz=False))], 422, "header-only"),
+        BadRequest("gzip'd NIfTI pair header", [("pair.nii.gz", raw_nifti(magic=b"ni1", payload=b""))], 422,
+                   "header-only"),
+        BadRequest("Analyze 7.5 header", [("analyze.nii", raw_nifti(magic=b"\0\0\0", payload=b"", gz=False))], 422,
+                   "Analyze"),
+        BadRequest("HDF5 file", [("scan.h5", b"\x89HDF\r\n\x1a\n" + b"\0" * 2000)], 422, "HDF5"),
+        BadRequest("gzip bomb (.nii.gz inflating far past its header)",
+                   [("bomb.nii.gz", raw_nifti(payload=b"\0" * (16 ** 3 * 2) + b"\0" * (48 << 20)))], 413, "inflates"),
+        BadRequest("zip bomb (one entry, 1000x)", [("bomb.zip", _zip([("case_0000.nii", b"\0" * (40 << 20))],
+                                                                     zipfile.ZIP_DEFLATED))], 413, "zip bomb"),
+        BadRequest("zip with too many entries", [("many.zip", _zip([(f"f{i}.dcm", b"") for i in range(4100)]))], 413,
+                   "entries"),
+        BadRequest("nested zip", [("nested.zip", _zip([("inner.zip", inner_zip)]))], 422, "nested"),
+        BadRequest("symlink in zip", [("link.zip", _zip([(link, b"/etc/passwd")]))], 400, "symbolic link"),
+        BadRequest("MetaImage .mhd/.raw pair in a zip", [("pair.zip", _zip([("scan.mhd", mhd),
+                                                                            ("scan.raw", b"\0" * (z * y * x * 2))]))],
+                   422, "ElementDataFile"),
+    ]
+
+
 def bad_requests(good_case: Path) -> list[BadRequest]:
     """At least twelve kinds of bad request, each from the good case ``good_case`` (.nii.gz)."""
     good = good_case.read_bytes()
@@ -121,5 +232,6 @@ def bad_requests(good_case: Path) -> list[BadRequest]:
         BadRequest("DICOM zip with two series", [("study.zip", dicom_zip(image, series=2))], 422, "2 DICOM series"),
         BadRequest("zip with path traversal", [("evil.zip", traversal.getvalue())], 400, "path traversal"),
         BadRequest("zip without images", [("nothing.zip", empty_zip.getvalue())], 422, "no DICOM series"),
+        *hostile_requests(good),
         BadRequest("unknown fold", [("ok.nii.gz", good)], 400, "not in model", {"folds": "7"}),
     ]

@@ -10,7 +10,7 @@ from kubeseg.dataset import DatasetSpec
 from kubeseg.synth import SynthSettings, synthesize
 from services.decode import BadInput, Limits, decode, sniff
 
-from tests.services.bad_inputs import MAX_REQUEST_BYTES, MAX_VOXELS, bad_requests, dicom_zip
+from tests.services.bad_inputs import MAX_REQUEST_BYTES, MAX_VOXELS, bad_requests, dicom_zip, grid_stages
 
 SPEC = DatasetSpec({0: "CT"}, {"background": 0, "body": 1}, 1, ".nii.gz")
 LIMITS = Limits(MAX_VOXELS, 2, MAX_REQUEST_BYTES)
@@ -39,7 +39,7 @@ def test_bad_inputs_are_refused_with_status_and_message(good_case, tmp_path):
         work = tmp_path / f"w{i}"
         work.mkdir()
         with pytest.raises(BadInput) as e:
-            decode(_write(work, bad.files), SPEC, LIMITS, work)
+            decode(_write(work, bad.files), SPEC, LIMITS, work, grid_stages())
         assert int(e.value.status) == bad.status, (bad.kind, e.value.message)
         assert bad.message.lower() in e.value.message.lower(), (bad.kind, e.value.message)
         # the message names the file the client sent

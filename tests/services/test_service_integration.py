@@ -172,6 +172,18 @@ def test_bad_inputs_get_4xx_and_the_service_keeps_serving(stack):
     r = _post(f"{url}/segment_summary", [("study.zip", dicom_zip(image))])
     assert r.status_code == 200, r.text[:300]
     assert r.json()["model"] == {"name": NAME, "version": "1", "alias": "champion"}
+    window = r.json()["drift"]["window_scores"]
+    # a blank scan is segmented, flagged degenerate, and kept out of the drift window (finite everywhere)
+    blank = sitk.Image(image.GetSize(), sitk.sitkInt16)
+    blank.CopyInformation(image)
+    out_blank = stack["root"] / "blank.nii.gz"
+    sitk.WriteImage(blank, str(out_blank))
+    r = _post(f"{url}/segment_summary", [("blank.nii.gz", out_blank.read_bytes())])
+    assert r.status_code == 200, r.text[:300]
+    drift = r.json()["drift"]
+    assert drift["degenerate"] == "all voxels are zero" and drift["window_scores"] == window
+    assert all(np.isfinite(v) for v in drift["scores"].values())
+    assert _metric(url, "kubeseg_drift_inputs_total", 'check="intensity",result="degenerate"') == 1
     assert _metric(url, "kubeseg_requests_total", 'endpoint="segment",status="422"') >= 5
     assert _metric(url, "kubeseg_requests_total", 'endpoint="segment",status="413"') >= 2
 
