@@ -201,7 +201,7 @@ def map_series_to_channels(series: Sequence[Series], channel_names: Mapping[int,
     """
     channels = [channel_names[c] for c in sorted(channel_names)]
     if not series:
-        raise DicomInputError("unprocessable", "no DICOM image series in the upload")
+        raise DicomInputError("unprocessable", "no DICOM series (no DICOM image) in the upload")
     chosen: list[Series] = []
     for index, name in enumerate(channels):
         want = None
@@ -225,7 +225,7 @@ def map_series_to_channels(series: Sequence[Series], channel_names: Mapping[int,
             found = "; ".join(s.label() for s in series)
             how = f"the mapping's {want!r}" if want is not None else f"channel name {name!r}"
             raise DicomInputError("unprocessable",
-                                  f"{'no' if not hits else len(hits)} series match {how} for channel {index}; the "
+                                  f"{'no' if not hits else len(hits)} DICOM series match {how} for channel {index}; the "
                                   f"upload holds: {found}. Name the series per channel (option 'series')")
         if hits[0] in chosen:
             raise DicomInputError("unprocessable", f"{hits[0].label()} matches two channels")

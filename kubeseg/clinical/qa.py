@@ -78,9 +78,20 @@ class QAReport:
         return bool(self.flags)
 
     def to_json(self) -> dict:
-        return {"flagged": self.flagged, "flags": [f.to_json() for f in self.flags],
-                "per_label_confidence": {k: round(v, 6) for k, v in self.per_label_confidence.items()},
-                "reference": self.reference_metrics, "not_checked": self.not_checked}
+        """JSON-ready: an infinite distance (a label on one side only) is written as null."""
+        return _finite({"flagged": self.flagged, "flags": [f.to_json() for f in self.flags],
+                        "per_label_confidence": {k: round(v, 6) for k, v in self.per_label_confidence.items()},
+                        "reference": self.reference_metrics, "not_checked": self.not_checked})
+
+
+def _finite(x):
+    if isinstance(x, float):
+        return x if np.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
 
 
 def per_label_confidence(probabilities: np.ndarray, segmentation: np.ndarray,
