@@ -5,6 +5,7 @@ nnU-Net's tools both find their way)::
 
     BUNDLE/selection.json            what to run (members, folds), expected Dice per class
     BUNDLE/postprocessing.json       largest-component rule (JSON, never a pickle)
+    BUNDLE/label_codes.json          coded concept per label (DICOM-SEG, FHIR; kubeseg.clinical.label_codes)
     BUNDLE/dataset.json  plans.json  [dataset_fingerprint.json]
     BUNDLE/<Trainer>__<Plans>__<configuration>/
         dataset.json  plans.json  [dataset_fingerprint.json]

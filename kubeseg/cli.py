@@ -161,8 +161,8 @@ def _predict_dicom(a, settings) -> int:
     """A folder of DICOM series: label map, DICOM-SEG, summary, FHIR report (kubeseg.clinical)."""
     from kubeseg.clinical.dicom_predict import parse_mapping
 
-    out = _dicom_segmenter(a, settings).run(Path(a.input), Path(a.output), parse_mapping(a.series),
-                                            saliency=a.saliency)
+    mapping = parse_mapping(a.series)  # a bad mapping is refused before the model loads
+    out = _dicom_segmenter(a, settings).run(Path(a.input), Path(a.output), mapping, saliency=a.saliency)
     flags = [f["flag"] for f in out.summary_json["qa"]["flags"]]
     print(f"DICOM input: {out.segmentation.name}, {out.dicom_seg.name}, {out.summary.name}, {out.report.name}"
           f"{', saliency' if out.saliency else ''} written to {out.folder}; QA flags: {', '.join(flags) or 'none'}")
@@ -178,8 +178,9 @@ def cmd_pacs_segment(a) -> int:
     settings = PredictSettings(use_mirroring=not a.disable_tta, device=a.device, progress=False)
     a.configuration, a.folds, a.no_postprocessing = None, None, False
     client = DicomWebClient(a.url, timeout=a.timeout)
+    mapping = parse_mapping(a.series)
     res = segment_study(client, _dicom_segmenter(a, settings), a.study, Path(a.output),
-                        a.series_uid, parse_mapping(a.series), saliency=a.saliency, store=not a.no_store)
+                        a.series_uid, mapping, saliency=a.saliency, store=not a.no_store)
     print(f"study {a.study}: series {', '.join(res.fetched_series)} segmented; DICOM-SEG "
           f"{res.outputs.seg_series_uid} {'stored' if not a.no_store else 'written'}; outputs in {res.outputs.folder}")
     return 0

@@ -11,6 +11,8 @@ Out-of-fold predictions are read from ``MODEL/fold_*/validation/<case>.npz`` (``
 kubeseg's trainer stores them on the network's grid; they are brought back to the image grid
 with the case's preprocessing properties (``PRE/<data_identifier>/<case>.json``), as at
 prediction time. Predictions already on the image grid (nnU-Net's) are used as they are.
+``selection.json`` also keeps each label's volume range over the reference labels
+(``label_volumes_ml``), which the QA flags of later predictions compare with (:mod:`kubeseg.clinical.qa`).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from kubeseg.clinical.dicom_seg import write_segmentation
 from kubeseg.clinical.fhir_report import ReportAttachment, ReportInput, build_report
 from kubeseg.clinical.products import ModelCard, assess, identifiers, source_series
 from kubeseg.clinical.qa import QASettings, most_uncertain_label
+from kubeseg.errors import KubesegError
 from kubeseg.imageio import write_image
 from kubeseg.inference.predictor import PredictSettings, Predictor
 from kubeseg.inference.quality import confidence, label_volumes_ml
@@ -163,7 +164,7 @@ def parse_mapping(items: Optional[Sequence[str]]) -> Optional[dict[str, str]]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
-            raise ValueError(f"series mapping {item!r} is not CHANNEL=SERIES (channel index or name; series UID, "
+            raise KubesegError(f"series mapping {item!r} is not CHANNEL=SERIES (channel index or name; series UID, "
                              "description or modality)")
         out[key.strip()] = value.strip()
     return out
