@@ -21,7 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import numpy as np
 
@@ -31,9 +31,11 @@ from kubeseg.clinical.products import ModelCard, assess, identifiers, source_ser
 from kubeseg.clinical.qa import QAReport, QASettings, most_uncertain_label
 
 from services.decode import _ENDING, BadInput, sniff
-from services.model_source import ServedModel
 from services.review_queue import ReviewQueue
-from services.segmenter import Outcome
+
+if TYPE_CHECKING:  # type names only: importing them pulls the registry client
+    from services.model_source import ServedModel
+    from services.segmenter import Outcome
 
 DICOM_MEDIA_TYPE = "application/dicom"
 OUTPUTS = ("nifti", "dicom-seg")
