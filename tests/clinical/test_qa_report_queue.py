@@ -91,3 +91,12 @@ def test_review_queue_is_bounded_and_persistent(tmp_path):
     q.put({"case": 5})
     assert [e["case"] for e in q.items()] == [4, 5]
     assert json.loads((tmp_path / "q" / "queue.jsonl").read_text().splitlines()[0])["case"] == 4
+
+
+def test_hd95_takes_the_worse_direction():
+    a = np.zeros((30, 30, 30), bool)
+    a[10:20, 10:20, 10:20] = True
+    b = a.copy()
+    b[10:20, 10:20, 20:28] = True  # b grows 8 voxels beyond a on one side: a→b is 0, b→a is up to 8
+    assert hd95(a, b, (1, 1, 1)) == pytest.approx(hd95(b, a, (1, 1, 1)))
+    assert hd95(a, b, (1, 1, 1)) > 4.0
