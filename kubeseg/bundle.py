@@ -5,6 +5,7 @@ nnU-Net's tools both find their way)::
 
     BUNDLE/selection.json            what to run (members, folds), expected Dice per class
     BUNDLE/postprocessing.json       largest-component rule (JSON, never a pickle)
+    BUNDLE/label_codes.json          coded concept per label (DICOM-SEG, FHIR; kubeseg.clinical.label_codes)
     BUNDLE/dataset.json  plans.json  [dataset_fingerprint.json]
     BUNDLE/<Trainer>__<Plans>__<configuration>/
         dataset.json  plans.json  [dataset_fingerprint.json]
@@ -28,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from kubeseg.atomic import replace_folder
+from kubeseg.clinical.label_codes import FILENAME as LABEL_CODES_FILENAME, label_codes_json
 from kubeseg.errors import KubesegError
 from kubeseg.inference.model import CHECKPOINT_NAME, available_folds
 from kubeseg.inference.run import SELECTION_FILENAME
@@ -134,6 +136,9 @@ def write_bundle(members: Sequence[BundleMember], out_dir: str | Path, postproce
             if (first / f).is_file():
                 shutil.copyfile(first / f, staging / f)
         save_postprocessing(postprocessing, staging / PP_FILENAME)
+        # coded concept per label for DICOM-SEG and FHIR (defaults; a person may edit the file)
+        labels = read_json(first / "dataset.json")["labels"]
+        write_json(label_codes_json(labels), staging / LABEL_CODES_FILENAME)
         sel = dict(selection)
         sel["members"] = [{"configuration": m.configuration, "folder": name, "folds": folds}
                           for m, name, folds in entries if m.role == "member"]

@@ -138,9 +138,51 @@ def cmd_predict(a) -> int:
 
     settings = PredictSettings(use_mirroring=not a.disable_tta, step=a.step, device=a.device,
                                batch_size=a.batch_size, fold_average=a.fold_average)
+    from kubeseg.clinical.dicom_predict import is_dicom_folder
+
+    if is_dicom_folder(a.input):
+        return _predict_dicom(a, settings)
     written = predict(a.input, a.output, a.model, settings, a.configuration, a.folds, a.save_probabilities,
                       postprocess=not a.no_postprocessing, max_resampled_voxels=a.max_resampled_voxels)
     print(f"{len(written)} segmentation(s) written to {a.output}")
+    return 0
+
+
+def _dicom_segmenter(a, settings):
+    from kubeseg.clinical.dicom_predict import DicomSegmenter
+    from kubeseg.clinical.qa import QASettings
+    from services.settings import DriftSettings
+
+    return DicomSegmenter(a.model, settings, a.configuration, a.folds, postprocess=not a.no_postprocessing,
+                          qa=QASettings.from_env(), drift_thresholds=DriftSettings().thresholds())
+
+
+def _predict_dicom(a, settings) -> int:
+    """A folder of DICOM series: label map, DICOM-SEG, summary, FHIR report (kubeseg.clinical)."""
+    from kubeseg.clinical.dicom_predict import parse_mapping
+
+    mapping = parse_mapping(a.series)  # a bad mapping is refused before the model loads
+    out = _dicom_segmenter(a, settings).run(Path(a.input), Path(a.output), mapping, saliency=a.saliency)
+    flags = [f["flag"] for f in out.summary_json["qa"]["flags"]]
+    print(f"DICOM input: {out.segmentation.name}, {out.dicom_seg.name}, {out.summary.name}, {out.report.name}"
+          f"{', saliency' if out.saliency else ''} written to {out.folder}; QA flags: {', '.join(flags) or 'none'}")
+    return 0
+
+
+def cmd_pacs_segment(a) -> int:
+    from kubeseg.clinical.dicom_predict import parse_mapping
+    from kubeseg.clinical.dicomweb import DicomWebClient
+    from kubeseg.clinical.pacs import segment_study
+    from kubeseg.inference import PredictSettings
+
+    settings = PredictSettings(use_mirroring=not a.disable_tta, device=a.device, progress=False)
+    a.configuration, a.folds, a.no_postprocessing = None, None, False
+    client = DicomWebClient(a.url, timeout=a.timeout)
+    mapping = parse_mapping(a.series)
+    res = segment_study(client, _dicom_segmenter(a, settings), a.study, Path(a.output),
+                        a.series_uid, mapping, saliency=a.saliency, store=not a.no_store)
+    print(f"study {a.study}: series {', '.join(res.fetched_series)} segmented; DICOM-SEG "
+          f"{res.outputs.seg_series_uid} {'stored' if not a.no_store else 'written'}; outputs in {res.outputs.folder}")
     return 0
 
 
@@ -440,7 +482,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-resampled-voxels", type=int, default=_env("MAX_RESAMPLED_VOXELS", 2 ** 29, int),
                    help="refuse an input whose header implies a larger grid after resampling, in any "
                         "configuration (default 2^29; KUBESEG_MAX_RESAMPLED_VOXELS)")
+    p.add_argument("--series", nargs="+", metavar="CHANNEL=SERIES",
+                   help="DICOM input: which series feeds which channel (channel index or name = series UID, "
+                        "description or modality); default: by description, then modality")
+    p.add_argument("--saliency", action="store_true",
+                   help="DICOM input: also write a Grad-CAM++ map of the most uncertain label (NIfTI + PNG)")
+>>>>>>> clinical
     p.set_defaults(fn=cmd_predict)
+
+    pacs = sub.add_parser("pacs", help="segment studies from a PACS over DICOMweb").add_subparsers(dest="pacs_cmd",
+                                                                                                  required=True)
+    p = pacs.add_parser("segment", help="fetch a study (WADO-RS), segment it, store the DICOM-SEG (STOW-RS)")
+    p.add_argument("--url", required=True, help="DICOMweb root, e.g. http://orthanc:8042/dicom-web")
+    p.add_argument("--study", required=True, help="StudyInstanceUID")
+    p.add_argument("--series-uid", nargs="+", help="series to fetch (default: every image series of the study)")
+    p.add_argument("--series", nargs="+", metavar="CHANNEL=SERIES", help="channel mapping, as for predict")
+    p.add_argument("-m", "--model", required=True, help="bundle")
+    p.add_argument("-o", "--output", required=True, help="folder for the NIfTI, DICOM-SEG, summary and FHIR report")
+    p.add_argument("--saliency", action="store_true", help="also a Grad-CAM++ map of the most uncertain label")
+    p.add_argument("--no-store", action="store_true", help="do not store the DICOM-SEG back (dry run)")
+    p.add_argument("--disable-tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("--device", default=_env("DEVICE", "auto"), help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per DICOMweb request")
+    p.set_defaults(fn=cmd_pacs_segment)
 
     p = sub.add_parser("select", help="pick the best configuration or pairwise ensemble by CV Dice")
     p.add_argument("model_dirs", nargs="+", help="training output folders, one per configuration")

@@ -11,6 +11,8 @@ Out-of-fold predictions are read from ``MODEL/fold_*/validation/<case>.npz`` (``
 kubeseg's trainer stores them on the network's grid; they are brought back to the image grid
 with the case's preprocessing properties (``PRE/<data_identifier>/<case>.json``), as at
 prediction time. Predictions already on the image grid (nnU-Net's) are used as they are.
+``selection.json`` also keeps each label's volume range over the reference labels
+(``label_volumes_ml``), which the QA flags of later predictions compare with (:mod:`kubeseg.clinical.qa`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
+from kubeseg.clinical.qa import VOLUME_RANGES_KEY, label_volume_ranges
 from kubeseg.errors import KubesegError
 from kubeseg.imageio import read_label
 from kubeseg.inference.export import log_probabilities_to_original, probabilities_to_segmentation
@@ -174,10 +177,20 @@ def select_model(model_dirs: Sequence[str | Path], preprocessed_dir: str | Path,
         "expected_foreground_dice_after_postprocessing": report["foreground_dice_after"],
         "num_cases": len(cases),
         "candidates": scores,
+        # training volume range per label, for the QA flags of every later prediction
+        VOLUME_RANGES_KEY: _volume_ranges(pre, cases, ending, models[0].dataset_json["labels"]),
     }
     write_json(selection, out_dir / SELECTION_FILENAME)
     log.info("selection written to %s", out_dir / SELECTION_FILENAME)
     return selection
+
+
+def _volume_ranges(pre: Path, cases: list[str], ending: str, labels: dict) -> dict:
+    refs = []
+    for case in cases:
+        array, geometry = read_label(pre / "gt_segmentations" / f"{case}{ending}")
+        refs.append((array[0], geometry.spacing))
+    return label_volume_ranges(refs, {n: v for n, v in labels.items() if isinstance(v, int)})
 
 
 def _nanmean(values: list[float]) -> float:

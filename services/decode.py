@@ -1,8 +1,9 @@
 """Uploaded files → the model's input, or a :class:`BadInput` that says what is wrong.
 
-Accepted: NIfTI (``.nii``, ``.nii.gz``), NRRD, MHA, and a zip holding one DICOM series; one file
-per channel, in the order of the model's ``dataset.json`` ``channel_names`` (a zip may instead
-hold ``<case>_0000.nii.gz`` … files). The format is recognised from the bytes, not the name.
+Accepted: NIfTI (``.nii``, ``.nii.gz``), NRRD, MHA, one file per channel in the order of the
+model's ``dataset.json`` ``channel_names`` (a zip may instead hold ``<case>_0000.nii.gz`` … files);
+or DICOM: a zip of one or more series, or the DICOM files themselves, one series per channel
+(mapped by :mod:`kubeseg.clinical.dicom_io`). The format is recognised from the bytes, not the name.
 
 Everything that can be known before reading voxels is checked from the header first (dimension,
 size, voxel count, the grid each of the model's configurations would resample it to), so an
@@ -23,12 +24,13 @@ import zlib
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path, PurePosixPath
-from typing import Sequence
+from typing import Mapping, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from kubeseg.clinical.dicom_io import DicomInputError, DicomLimits, DicomStudyInput, read_dicom_input
 from kubeseg.dataset import DatasetSpec, RawCase
 from kubeseg.dataset_check import load_case
 from kubeseg.errors import DatasetError
@@ -58,6 +60,7 @@ class DecodedImage:
     geometry: Geometry
     ending: str  # file ending of the answer: the input's format (.nii.gz for DICOM input)
     source: str  # a short description for logs: file names and format
+    dicom: Optional[DicomStudyInput] = None  # DICOM input: the source series (for DICOM-SEG and reports)
 
 
 @dataclass(frozen=True)
@@ -83,11 +86,13 @@ class Limits:
 
 
 def sniff(path: Path) -> str:
-    """The format of a file from its first bytes: nifti, nifti_gz, nrrd, mha, zip, or unknown."""
+    """The format of a file from its first bytes: nifti, nifti_gz, nrrd, mha, zip, dicom, or unknown."""
     with open(path, "rb") as f:
         head = f.read(4096)  # a MetaImage header names its ElementDataFile within the first lines
     if head[:4] == b"PK\x03\x04":
         return "zip"
+    if head[128:132] == b"DICM":
+        return "dicom"
     if head[:2] == b"\x1f\x8b":
         try:
             with gzip.open(path, "rb") as g:
@@ -249,35 +254,29 @@ def _safe_extract(zip_path: Path, name: str, dest: Path, limits: Limits) -> None
                                f"{name}: entry {info.filename!r} is itself an archive; nested archives are not opened")
 
 
-def _dicom_series(folder: Path, name: str, limits: Limits) -> sitk.Image:
-    """The one DICOM series in a folder tree, read; several or none is refused."""
-    found: dict[str, list[str]] = {}
-    for d in sorted({p.parent for p in folder.rglob("*") if p.is_file()} | {folder}):
-        for sid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(d)) or ():
-            found.setdefault(sid, []).extend(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(d), sid))
-    if not found:
-        raise BadInput(HTTPStatus.UNPROCESSABLE_ENTITY, f"{name}: the zip holds no DICOM series (and no image files)")
-    if len(found) > 1:
-        raise BadInput(HTTPStatus.UNPROCESSABLE_ENTITY,
-                       f"{name}: the zip holds {len(found)} DICOM series ({', '.join(sorted(found)[:4])}); send one")
-    files = next(iter(found.values()))
-    if len(files) < limits.min_size:
-        raise BadInput(HTTPStatus.UNPROCESSABLE_ENTITY,
-                       f"{name}: the DICOM series has {len(files)} slice(s); the model segments 3D volumes")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
+_DICOM_STATUS = {"invalid": HTTPStatus.BAD_REQUEST, "unsupported": HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                 "too_large": HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "unprocessable": HTTPStatus.UNPROCESSABLE_ENTITY}
+
+
+def _decode_dicom(folder: Path, name: str, spec: DatasetSpec, limits: Limits,
+                  series_mapping: Optional[Mapping[str, str]]) -> DecodedImage:
+    """DICOM series (one per channel) through :mod:`kubeseg.clinical.dicom_io`: headers first, then pixels."""
     try:
-        image = reader.Execute()
-    except RuntimeError as e:
-        raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: the DICOM series cannot be read ({str(e).splitlines()[-1]})") from None
-    _check_size(image.GetSize(), image.GetDimension(), name, limits)
-    return image
+        study = read_dicom_input(folder, spec.channel_names, DicomLimits(limits.max_voxels, limits.min_size),
+                                 series_mapping)
+    except DicomInputError as e:
+        raise BadInput(_DICOM_STATUS.get(e.kind, HTTPStatus.UNPROCESSABLE_ENTITY), f"{name}: {e.message}") from None
+    source = ", ".join(f"{name} (DICOM series {v.series.uid})" for v in study.volumes)
+    return DecodedImage(study.data, study.geometry, ".nii.gz", source, dicom=study)
 
 
 def decode(uploads: Sequence[tuple[str, Path]], spec: DatasetSpec, limits: Limits, work_dir: Path,
-           stages: Sequence[GridStage] = ()) -> DecodedImage:
+           stages: Sequence[GridStage] = (), series_mapping: Optional[Mapping[str, str]] = None) -> DecodedImage:
     """Read uploaded ``(file name, path)`` pairs as one case for the model described by ``spec``;
-    ``stages`` (:func:`kubeseg.input_budget.stages_of` the model's predictors) bound the resampled grid."""
+    ``stages`` (:func:`kubeseg.input_budget.stages_of` the model's predictors) bound the resampled grid.
+
+    ``series_mapping`` (DICOM only): channel → series UID, description or modality
+    (:func:`kubeseg.clinical.dicom_io.map_series_to_channels`)."""
     if not uploads:
         raise BadInput(HTTPStatus.BAD_REQUEST, "no image file in the request (send the image as form field 'images')")
     channel_files: list[Path] = []
@@ -309,14 +308,15 @@ def decode(uploads: Sequence[tuple[str, Path]], spec: DatasetSpec, limits: Limit
                     names.append(f"{name}:{m.relative_to(extracted)}")
                 ending = ending or _ENDING[sniff(members[0])]
                 continue
-            image = _dicom_series(extracted, name, limits)
-            check_grid(f"{name} (DICOM series)", image.GetSize(), image.GetSpacing(), stages, limits)
-            target = work_dir / f"channel_{len(channel_files):04d}.nii.gz"
-            sitk.WriteImage(image, str(target))
-            channel_files.append(target)
-            names.append(f"{name} (DICOM series)")
-            ending = ending or ".nii.gz"
-            continue
+            return _decode_dicom(extracted, name, spec, limits, series_mapping, stages)
+        if kind == "dicom":  # loose DICOM files: all uploads together are the study
+            if any(sniff(p) != "dicom" for _, p in uploads):
+                raise BadInput(HTTPStatus.BAD_REQUEST, f"{name}: send DICOM files alone, not beside other formats")
+            folder = work_dir / "dicom"
+            folder.mkdir(parents=True, exist_ok=True)
+            for j, (_, p) in enumerate(uploads):
+                (folder / f"{j:05d}.dcm").symlink_to(p.resolve())
+            return _decode_dicom(folder, f"{len(uploads)} DICOM file(s)", spec, limits, series_mapping, stages)
         if kind not in _ENDING:
             raise _unsupported(name, kind)
         channel_files.append(_placed(path, kind, work_dir, len(channel_files)))

@@ -36,6 +36,8 @@ class ServiceMetrics:
     model_swaps: object
     inflight: object
     gpu_memory: object
+    qa_flags: object
+    review_queued: object
 
 
 _lock = threading.Lock()
@@ -83,6 +85,9 @@ def service_metrics() -> ServiceMetrics:
                                multiprocess_mode="livesum"),
                 gpu_memory=Gauge("kubeseg_gpu_memory_bytes", "GPU memory held by the service (allocated|reserved)",
                                  ["device", "kind"], multiprocess_mode="livesum"),
+                qa_flags=Counter("kubeseg_qa_flags_total", "QA flags raised, by flag (kubeseg.clinical.qa.FLAGS)",
+                                 ["flag"]),
+                review_queued=Counter("kubeseg_review_queued_total", "Flagged cases put on the review queue"),
             )
         return _metrics
 

@@ -33,6 +33,7 @@ class RequestOptions:
 
     tta: Optional[bool] = None
     folds: Optional[tuple[str, ...]] = None
+    series: Optional[dict[str, str]] = None  # DICOM: channel → series (UID, description or modality)
 
     @classmethod
     def parse(cls, tta: Optional[bool], folds: str) -> "RequestOptions":
@@ -51,6 +52,9 @@ class Outcome:
     volumes_ml: dict[str, float]
     confidence: float
     drift: Optional[DriftReport]
+    image: Optional[DecodedImage] = None  # the decoded input (its DICOM sources, for DICOM-SEG and reports)
+    segmentation: Optional[np.ndarray] = None  # (z, y, x) label map on the input's grid
+    probabilities: Optional[np.ndarray] = None  # (classes, z, y, x), for QA and saliency
 
 
 def segment_request(model: ServedModel, uploads: Sequence[tuple[str, Path]], options: RequestOptions,
@@ -58,7 +62,7 @@ def segment_request(model: ServedModel, uploads: Sequence[tuple[str, Path]], opt
     """Run one request in ``work_dir`` (the caller removes it). Raises :class:`BadInput` for 4xx."""
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    image: DecodedImage = decode(uploads, model.spec, limits, work_dir, stages_of(model.predictors))
+    image: DecodedImage = decode(uploads, model.spec, limits, work_dir, stages_of(model.predictors), options.series)
     timings["decode"] = time.perf_counter() - started
     if options.folds is not None:
         unknown = [f for f in options.folds if f not in model.folds]
@@ -93,4 +97,5 @@ def segment_request(model: ServedModel, uploads: Sequence[tuple[str, Path]], opt
         "options": {"tta": options.tta, "folds": list(options.folds) if options.folds else model.folds},
         "timings_seconds": {k: round(v, 4) for k, v in timings.items()},
     }
-    return Outcome(target, summary, timings, int(np.prod(image.data.shape[1:])), volumes, conf, drift)
+    return Outcome(target, summary, timings, int(np.prod(image.data.shape[1:])), volumes, conf, drift,
+                   image, result.segmentation, result.probabilities)

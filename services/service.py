@@ -1,7 +1,8 @@
 """The kubeseg segmentation service: ``bentoml serve services.service:Segmentation``.
 
 Endpoints: ``POST /segment`` (image files in, the segmentation file out, in the input's format
-and geometry), ``POST /segment_summary`` (the same work, a JSON summary out), and BentoML's
+and geometry, or a DICOM-SEG for DICOM input), ``POST /segment_summary`` (the same work, a JSON
+summary out), ``POST /segment_report`` (a FHIR Bundle out; :mod:`services.clinical`), and BentoML's
 ``/livez``, ``/readyz`` (503 until a model is loaded) and ``/metrics``. Settings come from
 ``KUBESEG_*`` environment variables (:mod:`services.settings`); README lists them and the metrics.
 """
@@ -20,6 +21,7 @@ from typing import Any, Optional, Union
 import bentoml
 from bentoml.exceptions import BentoMLException
 
+from services.clinical import Clinical, ClinicalSettings, parse_series, read_reference, wants_dicom_seg, zip_files
 from services.decode import BadInput, Limits
 from services.metrics import STAGES, RollingWindow, service_metrics
 from services.model_source import ModelHolder, ServedModel
@@ -28,6 +30,7 @@ from services.settings import ServiceSettings, describe
 
 log = logging.getLogger("kubeseg.service")
 SETTINGS = ServiceSettings.from_env()  # at import: a bad setting stops `bentoml serve` with its name
+CLINICAL = ClinicalSettings.from_env()  # QA thresholds and the review queue (services.clinical)
 _TMP_PREFIX = re.compile(r"^tmp[A-Za-z0-9_]{8}")
 
 
@@ -104,6 +107,8 @@ class ReadyWithVersion:
 
 
 Folds = Optional[Union[str, int, list[Union[int, str]]]]  # "0,2", 0 or [0, 2]: form fields arrive as JSON
+Series = Optional[Union[str, dict[str, str]]]  # DICOM channel mapping: "0=T2,1=ADC" or {"0": "T2", ...}
+References = list[Path]  # an optional file: BentoML 1.4 infers no schema for Optional[Path], so a list of 0 or 1
 
 
 def _fold_text(folds: Folds) -> str:
@@ -135,6 +140,7 @@ class Segmentation:
         self.limits = Limits.of(SETTINGS)
         self._work_root = Path(tempfile.mkdtemp(prefix="kubeseg-requests-"))
         self.holder = ModelHolder(SETTINGS, self._swapped, self._swap_failed)
+        self.clinical = Clinical(CLINICAL, self.metrics)
         global _holder
         _holder = self.holder
         log.info("kubeseg service settings: %s", describe(SETTINGS))
@@ -157,7 +163,7 @@ class Segmentation:
 
     # -- requests -------------------------------------------------------------------------------------
     def _run(self, endpoint: str, images: list[Path], tta: Optional[bool], folds: "Folds",
-             ctx: bentoml.Context) -> Outcome:
+             ctx: bentoml.Context, series=None, references: Optional[list[Path]] = None, then=None):
         started = time.perf_counter()
         status = "500"
         self.metrics.inflight.inc()
@@ -170,10 +176,18 @@ class Segmentation:
                 raise BentoMLException(f"no model loaded yet ({self.holder.last_error or 'loading'})",
                                        error_code=HTTPStatus.SERVICE_UNAVAILABLE)
             uploads = [(_upload_name(p), p) for p in images or []]
-            outcome = segment_request(model, uploads, RequestOptions.parse(tta, _fold_text(folds)), self.limits, work)
+            options = RequestOptions.parse(tta, _fold_text(folds))
+            if series is not None:
+                options = RequestOptions(options.tta, options.folds, parse_series(series))
+            if references and len(references) > 1:
+                raise BadInput(HTTPStatus.BAD_REQUEST, f"send one reference segmentation, not {len(references)}")
+            ref = read_reference(references[0], _upload_name(references[0]), work) if references else None
+            outcome = segment_request(model, uploads, options, self.limits, work)
             self._record(outcome)
+            self.clinical.assess(outcome, model, self.settings.drift.thresholds(), ref, endpoint)
+            answer = then(outcome, model, work) if then is not None else outcome
             status = "200"
-            return outcome
+            return answer
         except BadInput as e:
             status = str(int(e.status))
             log.info("%s refused (%s): %s", endpoint, status, e.message)
@@ -221,18 +235,47 @@ class Segmentation:
 
     @bentoml.api(route="/segment")
     def segment(self, images: list[Path], tta: Optional[bool] = None, folds: Folds = None,
+                output: Optional[str] = None, saliency: Optional[bool] = None, series: Series = None,
                 ctx: bentoml.Context = None) -> Path:
-        """Segment one scan: one image file per channel (NIfTI, NRRD, MHA, or a zip of one DICOM
-        series). Returns the label map in the input's format and geometry (NIfTI for DICOM).
-        Options: ``tta`` (test-time mirroring, default on), ``folds`` (e.g. ``"0,2"``; default all)."""
-        return self._run("segment", images, tta, folds, ctx).segmentation_file
+        """Segment one scan: one image file per channel (NIfTI, NRRD, MHA), or DICOM (a zip of the
+        series, or the files; one series per channel). Returns the label map in the input's format
+        and geometry (NIfTI for DICOM); for DICOM input a DICOM-SEG with ``output=dicom-seg`` or
+        ``Accept: application/dicom``. Options: ``tta`` (test-time mirroring, default on), ``folds``
+        (e.g. ``"0,2"``; default all), ``series`` (DICOM channel mapping, ``"0=T2,1=ADC"`` or JSON),
+        ``saliency`` (a zip: segmentation, Grad-CAM++ NIfTI and PNG, summary.json)."""
+        accept = ctx.request.headers.get("accept") if ctx is not None and ctx.request is not None else None
+
+        def answer(outcome, model, work) -> Path:
+            seg = outcome.segmentation_file
+            dicom_in = outcome.image is not None and outcome.image.dicom is not None
+            if wants_dicom_seg(output, accept) and (dicom_in or output or "*/*" not in (accept or "")):
+                seg = self.clinical.dicom_seg(outcome, model, work)
+            if not saliency:
+                return seg
+            made = self.clinical.saliency(outcome, model, work)
+            return zip_files([seg, *(made[:2] if made else [])], outcome.summary, work / "segmentation.zip")
+
+        return self._run("segment", images, tta, folds, ctx, series, then=answer)
 
     @bentoml.api(route="/segment_summary")
     def segment_summary(self, images: list[Path], tta: Optional[bool] = None, folds: Folds = None,
+                        series: Series = None, reference: References = [],  # noqa: B006 (BentoML copies it)
                         ctx: bentoml.Context = None) -> dict[str, Any]:
         """The same work as ``/segment``; answers with volume per label (ml), confidence, drift
-        scores, the model's name and version, and the seconds spent per stage."""
-        return self._run("segment_summary", images, tta, folds, ctx).summary
+        scores, QA flags, the model's name and version, and the seconds spent per stage.
+        ``reference``: a reference label map (adds Dice/HD95 per label and their QA flags)."""
+        return self._run("segment_summary", images, tta, folds, ctx, series, reference).summary
+
+    @bentoml.api(route="/segment_report")
+    def segment_report(self, images: list[Path], tta: Optional[bool] = None, folds: Folds = None,
+                       series: Series = None, reference: References = [],  # noqa: B006
+                       saliency: Optional[bool] = None,
+                       ctx: bentoml.Context = None) -> dict[str, Any]:
+        """The same work as ``/segment``; answers with a FHIR R4(B) Bundle: DiagnosticReport (patient
+        and study from the DICOM header), volume Observations (mL), confidence and QA flags, the
+        DICOM-SEG (DICOM input) and, with ``saliency``, the Grad-CAM++ NIfTI and PNG as attachments."""
+        return self._run("segment_report", images, tta, folds, ctx, series, reference,
+                         then=lambda outcome, model, work: self.clinical.report(outcome, model, work, bool(saliency)))
 
     @bentoml.api(route="/model")
     def model(self) -> dict[str, Any]:
@@ -244,4 +287,4 @@ class Segmentation:
 
 Segmentation.add_asgi_middleware(ReadyWithVersion)
 Segmentation.add_asgi_middleware(RequestBodyLimit, max_bytes=SETTINGS.max_request_bytes,
-                                  paths=("/segment", "/segment_summary"))
+                                  paths=("/segment", "/segment_summary", "/segment_report"))
