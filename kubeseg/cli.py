@@ -487,7 +487,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "description or modality); default: by description, then modality")
     p.add_argument("--saliency", action="store_true",
                    help="DICOM input: also write a Grad-CAM++ map of the most uncertain label (NIfTI + PNG)")
->>>>>>> clinical
     p.set_defaults(fn=cmd_predict)
 
     pacs = sub.add_parser("pacs", help="segment studies from a PACS over DICOMweb").add_subparsers(dest="pacs_cmd",

@@ -259,13 +259,17 @@ _DICOM_STATUS = {"invalid": HTTPStatus.BAD_REQUEST, "unsupported": HTTPStatus.UN
 
 
 def _decode_dicom(folder: Path, name: str, spec: DatasetSpec, limits: Limits,
-                  series_mapping: Optional[Mapping[str, str]]) -> DecodedImage:
-    """DICOM series (one per channel) through :mod:`kubeseg.clinical.dicom_io`: headers first, then pixels."""
+                  series_mapping: Optional[Mapping[str, str]], stages: Sequence[GridStage] = ()) -> DecodedImage:
+    """DICOM series (one per channel) through :mod:`kubeseg.clinical.dicom_io`: headers first (size,
+    frames, transfer syntax: the voxel count is bounded before pixels are decoded), then pixels;
+    then the resampled-grid bound on the series' geometry, before any preprocessing."""
     try:
         study = read_dicom_input(folder, spec.channel_names, DicomLimits(limits.max_voxels, limits.min_size),
                                  series_mapping)
     except DicomInputError as e:
         raise BadInput(_DICOM_STATUS.get(e.kind, HTTPStatus.UNPROCESSABLE_ENTITY), f"{name}: {e.message}") from None
+    check_grid(f"{name} (DICOM)", tuple(study.data.shape[-3:])[::-1], tuple(study.geometry.spacing)[::-1],
+               stages, limits)
     source = ", ".join(f"{name} (DICOM series {v.series.uid})" for v in study.volumes)
     return DecodedImage(study.data, study.geometry, ".nii.gz", source, dicom=study)
 

@@ -46,7 +46,7 @@ def test_a_zip_of_two_series_maps_by_the_series_option(tmp_path):
     assert [v.series.description for v in got.dicom.volumes] == ["axial t2 tse", "dwi adc"]
     (tmp_path / "w2").mkdir()
     mapping = parse_series("0=dwi adc,1=axial t2 tse")
-    got = decode([("study.zip", up)], TWO, LIMITS, tmp_path / "w2", mapping)
+    got = decode([("study.zip", up)], TWO, LIMITS, tmp_path / "w2", series_mapping=mapping)
     assert [v.series.description for v in got.dicom.volumes] == ["dwi adc", "axial t2 tse"]
 
 
