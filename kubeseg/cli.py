@@ -222,7 +222,8 @@ def cmd_demo(a) -> int:
     from pipelines.demo import DemoSettings as PipelineDemo, run_demo as run_pipeline_demo
 
     s = PipelineDemo(cases=a.cases, seed=a.seed, preset=a.preset, device=a.device,
-                     configurations=tuple(a.configurations), folds=tuple(int(f) for f in a.folds),
+                     **({"configurations": tuple(a.configurations)} if a.configurations else {}),
+                     **({"folds": tuple(int(f) for f in a.folds)} if a.folds else {}),
                      **({"schedule": a.schedule} if a.schedule else {}),
                      **({"num_workers": a.num_workers} if a.num_workers is not None else {}))
     run_pipeline_demo(a.out_dir, s)
@@ -533,10 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--preset", default=_env("PLANNER_PRESET", "small"))
     p.add_argument("--schedule", default=_env("SCHEDULE", None),
-                   help="training schedule (pipeline demo default 8x12x2: 8 epochs x 12 iterations; "
+                   help="training schedule (pipeline demo default 40x25x2: 40 epochs x 25 iterations; "
                         "--engine-only default tiny)")
-    p.add_argument("--configurations", nargs="+", default=["2d", "3d_fullres"])
-    p.add_argument("--folds", nargs="+", default=["0", "1"])
+    p.add_argument("--configurations", nargs="+", default=None, help="default: the demo's (2d)")
+    p.add_argument("--folds", nargs="+", default=None, help="default: the demo's (0 1)")
     p.add_argument("--engine-only", action="store_true",
                    help="the engine chain in one process (train 3d_fullres fold 0, select, bundle, predict), "
                         "without Kubeflow or MLflow")
