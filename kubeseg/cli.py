@@ -151,7 +151,7 @@ def cmd_predict(a) -> int:
 def _dicom_segmenter(a, settings):
     from kubeseg.clinical.dicom_predict import DicomSegmenter
     from kubeseg.clinical.qa import QASettings
-    from services.settings import DriftSettings
+    from kubeseg.drift import DriftSettings
 
     return DicomSegmenter(a.model, settings, a.configuration, a.folds, postprocess=not a.no_postprocessing,
                           qa=QASettings.from_env(), drift_thresholds=DriftSettings().thresholds())

@@ -92,6 +92,19 @@ class DriftReport:
                 "intensity_mask": self.mask, "degenerate": self.degenerate}
 
 
+
+@dataclass(frozen=True)
+class DriftSettings:
+    """Rolling window size and the score above which an input counts as drifted, per check."""
+
+    window: int = 20
+    intensity: float = 0.25  # PSI: 0.1 moderate, 0.25 significant shift (the usual marks)
+    spacing: float = 0.1  # 10 % beyond the training spacing range
+    shape: float = 0.25  # 25 % beyond the training shape range (after cropping)
+
+    def thresholds(self) -> dict[str, float]:
+        return {"intensity": self.intensity, "spacing": self.spacing, "shape": self.shape}
+
 def psi(values: np.ndarray, ref: ChannelReference) -> float:
     """Population stability index of ``values`` against the reference bins (0 = same distribution)."""
     counts = np.bincount(np.searchsorted(np.asarray(ref.edges), values, side="right"),

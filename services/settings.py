@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+from kubeseg.drift import DriftSettings  # noqa: F401 - the engine owns the thresholds
 from kubeseg.input_budget import DEFAULT_MAX_RESAMPLED_VOXELS
 
 
@@ -38,19 +39,6 @@ def _bool(raw: str) -> bool:
 
 
 _bool.__name__ = "boolean"
-
-
-@dataclass(frozen=True)
-class DriftSettings:
-    """Rolling window size and the score above which an input counts as drifted, per check."""
-
-    window: int = 20
-    intensity: float = 0.25  # PSI: 0.1 moderate, 0.25 significant shift (the usual marks)
-    spacing: float = 0.1  # 10 % beyond the training spacing range
-    shape: float = 0.25  # 25 % beyond the training shape range (after cropping)
-
-    def thresholds(self) -> dict[str, float]:
-        return {"intensity": self.intensity, "spacing": self.spacing, "shape": self.shape}
 
 
 @dataclass(frozen=True)
