@@ -680,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("numexpr").setLevel(logging.WARNING)  # its thread-count notice is not for users
     try:
         return args.fn(args)
     except KeyboardInterrupt:
