@@ -39,7 +39,7 @@ from kubeseg.errors import DatasetError, KubesegError
 from kubeseg.jsonio import read_json, write_json
 from kubeseg.parallel import map_cases
 from kubeseg.planning.plans import configuration as resolve_configuration
-from kubeseg.preprocessing.resampling import resample_image, resample_seg
+from kubeseg.preprocessing.resampling_functions import probabilities_resampler, seg_resampler
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +98,16 @@ def _export_case(item: tuple[str, Path, Path], prev_config: dict, labels: list[i
             if len(target) != probs.ndim - 1:
                 raise KubesegError(f"{npz}: probabilities of shape {probs.shape} do not fit the "
                                    f"{len(target)}D full-res arrays")
-            kw = prev_config.get("resampling_fn_probabilities_kwargs") or {}
             logp = np.log(np.maximum(probs, np.finfo(np.float32).tiny))
-            resampled = resample_image(logp, target, spacing, spacing, kw.get("order", 1), kw.get("order_z", 0))
+            resampled = probabilities_resampler(prev_config)(logp, target, spacing, spacing)
             seg = np.asarray(labels)[np.argmax(resampled, axis=0)]
         elif "segmentation" in z:
-            kw = prev_config.get("resampling_fn_seg_kwargs") or {}
-            seg = resample_seg(z["segmentation"][None].astype(np.int16), target, spacing, spacing,
-                               kw.get("order", 1), kw.get("order_z", 0))[0]
+            seg = seg_resampler(prev_config)(z["segmentation"][None].astype(np.int16), target, spacing, spacing)[0]
         else:
             raise KubesegError(f"{npz} has neither 'probabilities' nor 'segmentation'")
+    if tuple(seg.shape) != tuple(target):  # e.g. no-resampling plans: the low-res grid is not the full-res one
+        raise KubesegError(f"{npz}: the previous stage's prediction ({tuple(seg.shape)}) cannot be brought to the "
+                           f"full-res grid {tuple(target)} with its plans' resampling functions")
     dtype = np.int8 if max(labels) < 128 else np.int16
     np.save(out / f"{case}.npy", seg.astype(dtype)[None])
     return case

@@ -1,8 +1,8 @@
 """From the network's grid back to the input image: resample, un-crop, un-transpose.
 
 The predictor hands over *log*-probabilities on the preprocessed grid. They are resampled to
-the cropped original shape with the plans' ``resampling_fn_probabilities_kwargs`` (linear
-in-plane, nearest along a separately treated coarse axis), turned into probabilities with a
+the cropped original shape with the plans' ``resampling_fn_probabilities`` and its kwargs (by
+default linear in-plane, nearest along a separately treated coarse axis), turned into probabilities with a
 softmax, and put back into the uncropped, untransposed array; outside the crop box the
 probability of background is 1.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kubeseg.preprocessing.resampling import resample_image
+from kubeseg.preprocessing.resampling_functions import probabilities_resampler
 
 
 def preprocessed_spacing(properties: dict, plans: dict, config: dict) -> tuple[list[float], list[float]]:
@@ -33,9 +33,8 @@ def log_probabilities_to_original(log_probs: torch.Tensor | np.ndarray, properti
     """Probabilities ``(C, z, y, x)`` (float32) on the input image's grid."""
     log_probs = log_probs.numpy() if isinstance(log_probs, torch.Tensor) else np.asarray(log_probs)
     grid, original = preprocessed_spacing(properties, plans, config)
-    kw = config.get("resampling_fn_probabilities_kwargs") or {}
     target = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
-    resampled = resample_image(log_probs, target, grid, original, kw.get("order", 1), kw.get("order_z", 0))
+    resampled = probabilities_resampler(config)(log_probs.astype(np.float32, copy=False), target, grid, original)
     probs = torch.softmax(torch.from_numpy(np.ascontiguousarray(resampled, dtype=np.float32)), 0).numpy()
     full = np.zeros((probs.shape[0], *properties["shape_before_cropping"]), dtype=np.float32)
     full[0] = 1

@@ -34,7 +34,8 @@ from kubeseg.parallel import map_cases
 from kubeseg.planning.plans import configuration as resolve_configuration
 from kubeseg.preprocessing.cropping import crop_to_nonzero
 from kubeseg.preprocessing.normalization import normalize
-from kubeseg.preprocessing.resampling import compute_new_shape, resample_image, resample_seg
+from kubeseg.preprocessing.resampling import compute_new_shape
+from kubeseg.preprocessing.resampling_functions import data_resampler, seg_resampler
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,9 @@ def preprocess_arrays(data: np.ndarray, seg: np.ndarray | None, geometry: Geomet
     shape = compute_new_shape(data.shape[1:], spacing, new_spacing)
     data = normalize(data, seg, config["normalization_schemes"], config["use_mask_for_norm"],
                      plans["foreground_intensity_properties_per_channel"])
-    data_kw = config.get("resampling_fn_data_kwargs", {})
-    seg_kw = config.get("resampling_fn_seg_kwargs", {})
-    data = resample_image(data, shape, spacing, new_spacing, data_kw.get("order", 3), data_kw.get("order_z", 0))
-    seg = resample_seg(seg, shape, spacing, new_spacing, seg_kw.get("order", 1), seg_kw.get("order_z", 0))
+    # the plans' resampling functions and arguments (nnU-Net's default, torch, or none)
+    data = data_resampler(config)(data, shape, spacing, new_spacing)
+    seg = seg_resampler(config)(seg, shape, spacing, new_spacing)
     if foreground_labels:
         properties["class_locations"] = sample_class_locations(seg, foreground_labels)
     seg = seg.astype(np.int16 if seg.max() > 127 else np.int8)
