@@ -1,16 +1,19 @@
 """nnunetv2 (the reference oracle) for the coverage parity tests: plans variants, resampling, networks.
 
-Runs in the oracle's own interpreter (``tests.oracle.run_oracle``); kubeseg never imports nnunetv2.
+Runs in the oracle's own interpreter (``tests.oracle.run_oracle``), as a script path: it imports
+nothing from ``tests`` (whose ``__init__`` needs pytest, which the oracle venv lacks); kubeseg
+never imports nnunetv2.
 
-    python -m tests.oracle.nnunet_coverage plan RAW WORK --planner CLASS[:GB] ... [--configs 3d_fullres 2d]
+    python tests/oracle/nnunet_coverage.py plan RAW WORK --planner CLASS[:GB] ... [--configs 3d_fullres 2d]
         [--cases CASE ...]
         -> WORK/nnunet/plans_<CLASS>[_GB].json and WORK/nnunet/<CLASS>[_GB]/<config>/<case>{.npy,_seg.npy,.json}
-    python -m tests.oracle.nnunet_coverage resample SPEC.json IN.npz OUT.npz
+    python tests/oracle/nnunet_coverage.py resample SPEC.json IN.npz OUT.npz
         SPEC: [{"fn": NAME, "kwargs": {...}, "array": KEY, "shape": [...], "current": [...], "new": [...]}]
         -> OUT[str(i)] = fn(IN[array], shape, current, new, **kwargs)
-    python -m tests.oracle.nnunet_coverage network PLANS.json DATASET.json CONFIG OUT.npz [--seed 0]
+    python tests/oracle/nnunet_coverage.py network PLANS.json DATASET.json CONFIG OUT.npz [--seed 0] [--weights CKPT]
         -> the network nnunetv2 builds from the plans (its own init, seeded): every state_dict tensor
-           (``w:<key>``) and its logits (deep supervision off) for a fixed input (``input``, ``logits``)
+           (``w:<key>``) and its logits (deep supervision off) for a fixed input (``input``, ``logits``);
+           with --weights, the logits of that checkpoint loaded strictly (``logits_weights``)
 """
 
 from __future__ import annotations
@@ -131,6 +134,11 @@ def network(a) -> int:
     with torch.no_grad():
         logits = net(x)
     out = {f"w:{k}": v.detach().numpy() for k, v in net.state_dict().items()}
+    if a.weights:  # a checkpoint kubeseg wrote: strict loading, then the same input
+        ckpt = torch.load(a.weights, map_location="cpu", weights_only=True)
+        net.load_state_dict(ckpt["network_weights"], strict=True)
+        with torch.no_grad():
+            out["logits_weights"] = net(x).numpy()
     np.savez(a.out, input=x.numpy(), logits=logits.numpy(), cls=np.array(type(net).__name__), **out)
     return 0
 
@@ -158,6 +166,7 @@ def main(argv=None) -> int:
     pn.add_argument("configuration")
     pn.add_argument("out")
     pn.add_argument("--seed", type=int, default=0)
+    pn.add_argument("--weights", help="also load this checkpoint (strictly) and save its logits")
     a = p.parse_args(argv)
     return {"plan": plan, "resample": resample, "network": network}[a.action](a)
 
