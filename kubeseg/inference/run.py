@@ -171,7 +171,8 @@ def dataset_spec(dataset_json: dict) -> DatasetSpec:
     """The :class:`DatasetSpec` of a trained model's ``dataset.json`` (validated when it was trained)."""
     channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
     return DatasetSpec({int(k): v for k, v in channels.items()}, dict(dataset_json["labels"]),
-                       int(dataset_json.get("numTraining", 1)), dataset_json["file_ending"])
+                       int(dataset_json.get("numTraining", 1)), dataset_json["file_ending"],
+                       regions_class_order=dataset_json.get("regions_class_order"))
 
 
 def predict_case_probabilities(predictors: Sequence[Predictor], data: np.ndarray, geometry,
