@@ -6,6 +6,10 @@ default linear in-plane, nearest along a separately treated coarse axis), turned
 softmax, and put back into the uncropped, untransposed array; outside the crop box the
 probability of background is 1.
 
+Region models (sigmoid outputs, :mod:`kubeseg.labels`) hand over per-region *log-odds* instead;
+they are resampled the same way and turned into probabilities with a sigmoid, outside the crop
+box 0 (no region), and into a label map by painting the regions in ``regions_class_order``.
+
 Why log-probabilities: a softmax ignores a per-voxel constant, and ``log_softmax(z)`` is ``z``
 minus such a constant, so for a single model this is exactly nnU-Net v2's "resample the logits,
 then softmax"; for several folds it resamples their averaged probabilities (in log space).
@@ -16,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kubeseg.labels import LabelScheme
 from kubeseg.preprocessing.resampling_functions import probabilities_resampler
 
 
@@ -29,15 +34,17 @@ def preprocessed_spacing(properties: dict, plans: dict, config: dict) -> tuple[l
 
 
 def log_probabilities_to_original(log_probs: torch.Tensor | np.ndarray, properties: dict, plans: dict,
-                                  config: dict) -> np.ndarray:
-    """Probabilities ``(C, z, y, x)`` (float32) on the input image's grid."""
+                                  config: dict, sigmoid: bool = False) -> np.ndarray:
+    """Probabilities ``(C, z, y, x)`` (float32) on the input image's grid; ``sigmoid``: region log-odds in."""
     log_probs = log_probs.numpy() if isinstance(log_probs, torch.Tensor) else np.asarray(log_probs)
     grid, original = preprocessed_spacing(properties, plans, config)
     target = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
     resampled = probabilities_resampler(config)(log_probs.astype(np.float32, copy=False), target, grid, original)
-    probs = torch.softmax(torch.from_numpy(np.ascontiguousarray(resampled, dtype=np.float32)), 0).numpy()
+    scores = torch.from_numpy(np.ascontiguousarray(resampled, dtype=np.float32))
+    probs = (torch.sigmoid(scores) if sigmoid else torch.softmax(scores, 0)).numpy()
     full = np.zeros((probs.shape[0], *properties["shape_before_cropping"]), dtype=np.float32)
-    full[0] = 1
+    if not sigmoid:
+        full[0] = 1
     box = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
     full[(slice(None), *box)] = probs
     backward = plans["transpose_backward"]
@@ -45,6 +52,13 @@ def log_probabilities_to_original(log_probs: torch.Tensor | np.ndarray, properti
 
 
 def probabilities_to_segmentation(probabilities: np.ndarray, all_labels) -> np.ndarray:
-    """The most probable label per voxel (uint8, or uint16 for more than 255 labels)."""
+    """The most probable label per voxel (uint8, or uint16 for more than 255 labels).
+
+    ``all_labels``: the label values, or a label scheme (``LabelScheme`` / ``LabelInfo``), which also
+    handles regions (painted in ``regions_class_order`` where their probability exceeds 0.5).
+    """
+    scheme = getattr(all_labels, "scheme", all_labels)
+    if isinstance(scheme, LabelScheme):
+        return scheme.to_segmentation(probabilities)
     labels = np.asarray(all_labels, dtype=np.uint8 if max(all_labels) < 255 else np.uint16)
     return labels[np.argmax(probabilities, axis=0)]

@@ -207,7 +207,7 @@ def segment_case(predictors: Sequence[Predictor], data: np.ndarray, geometry, ru
     timings: dict[str, float] = {}
     probs = predict_case_probabilities(predictors, data, geometry, case_id, folds, mirror, timings)
     started = time.perf_counter()
-    seg = apply_postprocessing(probabilities_to_segmentation(probs, predictors[0].labels.all_labels), rule)
+    seg = apply_postprocessing(probabilities_to_segmentation(probs, predictors[0].labels), rule)
     timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - started
     return CaseResult(seg, probs, timings)
 
