@@ -7,6 +7,8 @@ never imports nnunetv2.
     python tests/oracle/nnunet_coverage.py plan RAW WORK --planner CLASS[:GB] ... [--configs 3d_fullres 2d]
         [--cases CASE ...]
         -> WORK/nnunet/plans_<CLASS>[_GB].json and WORK/nnunet/<CLASS>[_GB]/<config>/<case>{.npy,_seg.npy,.json}
+    python tests/oracle/nnunet_coverage.py preprocess RAW PLANS.json OUT --configs 3d_fullres --cases CASE ...
+        -> OUT/<config>/<case>{.npy,_seg.npy} and <case>.json (class_location_counts)
     python tests/oracle/nnunet_coverage.py resample SPEC.json IN.npz OUT.npz
         SPEC: [{"fn": NAME, "kwargs": {...}, "array": KEY, "shape": [...], "current": [...], "new": [...]}]
         -> OUT[str(i)] = fn(IN[array], shape, current, new, **kwargs)
@@ -93,6 +95,32 @@ def _plan_one(planner_spec: str, name: str, work: Path, link: Path, a) -> None:
                  ("bbox_used_for_cropping", "shape_before_cropping", "shape_after_cropping_and_before_resampling")}))
 
 
+def preprocess(a) -> int:
+    """nnunetv2's DefaultPreprocessor on some cases of RAW with the given plans."""
+    import numpy as np
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    raw = Path(a.raw)
+    plans = json.loads(Path(a.plans).read_text())
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    pm = PlansManager(plans)
+    ending = dataset_json["file_ending"]
+    for config in a.configs:
+        cm = pm.get_configuration(config)
+        out = Path(a.out) / config
+        out.mkdir(parents=True, exist_ok=True)
+        pre = DefaultPreprocessor(verbose=False)
+        for case in a.cases:
+            images = [str(raw / "imagesTr" / f"{case}_{c:04d}{ending}") for c in range(len(dataset_json["channel_names"]))]
+            data, seg, props = pre.run_case(images, str(raw / "labelsTr" / f"{case}{ending}"), pm, cm, dataset_json)
+            np.save(out / f"{case}.npy", data.astype(np.float32))
+            np.save(out / f"{case}_seg.npy", seg)
+            counts = {str(k): len(v) for k, v in props["class_locations"].items()}
+            (out / f"{case}.json").write_text(json.dumps({"class_location_counts": counts}))
+    return 0
+
+
 def resample(a) -> int:
     import numpy as np
     from nnunetv2.preprocessing.resampling.utils import recursive_find_resampling_fn_by_name
@@ -156,6 +184,12 @@ def main(argv=None) -> int:
                     help="preprocess the cases only for these planners (default: all)")
     pp.add_argument("--cases", nargs="*", default=[])
     pp.add_argument("-j", "--num-workers", type=int, default=1)
+    pq = sub.add_parser("preprocess")
+    pq.add_argument("raw")
+    pq.add_argument("plans")
+    pq.add_argument("out")
+    pq.add_argument("--configs", nargs="+", default=["3d_fullres"])
+    pq.add_argument("--cases", nargs="+", required=True)
     pr = sub.add_parser("resample")
     pr.add_argument("spec")
     pr.add_argument("inputs")
@@ -168,7 +202,7 @@ def main(argv=None) -> int:
     pn.add_argument("--seed", type=int, default=0)
     pn.add_argument("--weights", help="also load this checkpoint (strictly) and save its logits")
     a = p.parse_args(argv)
-    return {"plan": plan, "resample": resample, "network": network}[a.action](a)
+    return {"plan": plan, "preprocess": preprocess, "resample": resample, "network": network}[a.action](a)
 
 
 if __name__ == "__main__":
