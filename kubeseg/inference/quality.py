@@ -9,7 +9,8 @@ import numpy as np
 from kubeseg.labels import IGNORE_KEY
 
 
-def label_volumes_ml(segmentation: np.ndarray, spacing_mm, labels: Mapping[str, "int | list[int]"]) -> dict[str, float]:
+def label_volumes_ml(segmentation: np.ndarray, spacing_mm,
+                     labels: Mapping[str, "int | list[int]"]) -> dict[str, float]:
     """Volume in millilitres of every foreground label or region (``labels``: name → value or region
     values, as dataset.json); a region's volume counts every voxel holding one of its values. The
     ignore label is not a structure and has no volume."""

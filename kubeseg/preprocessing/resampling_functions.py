@@ -56,7 +56,8 @@ ALLOWED_KWARGS = {
     NO_RESAMPLING: set(),
 }
 UNCALLABLE = {
-    "resample_torch_simple": "takes (data, new_shape, is_seg, ...), not the spacings nnunetv2 passes to plans functions",
+    "resample_torch_simple": "takes (data, new_shape, is_seg, ...), not the spacings nnunetv2 passes to plans "
+                             "functions",
     "resample_data_or_seg_to_spacing": "takes (data, current_spacing, new_spacing, ...), not the target shape",
     "resample_data_or_seg": "is the internal worker of resample_data_or_seg_to_shape (takes an axis and flags)",
 }

@@ -112,7 +112,8 @@ def preprocess(a) -> int:
         out.mkdir(parents=True, exist_ok=True)
         pre = DefaultPreprocessor(verbose=False)
         for case in a.cases:
-            images = [str(raw / "imagesTr" / f"{case}_{c:04d}{ending}") for c in range(len(dataset_json["channel_names"]))]
+            n_channels = len(dataset_json["channel_names"])
+            images = [str(raw / "imagesTr" / f"{case}_{c:04d}{ending}") for c in range(n_channels)]
             data, seg, props = pre.run_case(images, str(raw / "labelsTr" / f"{case}{ending}"), pm, cm, dataset_json)
             np.save(out / f"{case}.npy", data.astype(np.float32))
             np.save(out / f"{case}_seg.npy", seg)
