@@ -1,11 +1,12 @@
-"""Parity with nnunetv2 2.8.1 on a region-based dataset and a sparsely annotated (ignore-label) one.
+"""Parity with nnunetv2 2.8.1 on a region-based dataset, a sparsely annotated (ignore-label) one, and a ResEnc model.
 
-Both are synthesized from the CT generator (body ⊃ organ ⊃ lesion):
+All three are synthesized from the CT generator (body ⊃ organ ⊃ lesion):
 
 * ``regions``: ``labels`` become nested regions (body = [1, 2, 3], organ = [2, 3], lesion = [3]),
   ``regions_class_order`` [1, 2, 3]: three sigmoid outputs;
 * ``sparse``: only every third slice is annotated; the rest of each label file holds the ignore
-  label 4.
+  label 4;
+* ``resenc``: plain labels, the model planned by ``nnUNetPlannerResEncM`` (ResidualEncoderUNet).
 
 nnunetv2 (in its own interpreter) fingerprints and plans each (the small preset's budget and
 widths), preprocesses one case, and writes a model folder with its own randomly initialised
@@ -64,7 +65,11 @@ def _to_sparse(raw: Path) -> None:
         sitk.WriteImage(out, str(f))
 
 
-KINDS = {"regions": _to_regions, "sparse": _to_sparse}
+KINDS = {"regions": _to_regions, "sparse": _to_sparse, "resenc": lambda raw: None}
+# kubeseg's planner settings equal to the oracle's (CPU-sized budget and widths, see nnunet_oracle.py)
+SETTINGS = {"regions": ("small", {}), "sparse": ("small", {}),
+            "resenc": ("resenc-m", {"gpu_memory_gb": 0.5, "base_features": 8, "max_features_3d": 64,
+                                    "max_features_2d": 64})}
 
 
 @pytest.fixture(scope="module", params=sorted(KINDS))
@@ -75,7 +80,8 @@ def oracle(request, tmp_path_factory):
                                                  seed=5))
     KINDS[kind](raw)
     run_oracle(MODEL_ORACLE, "make-model", str(raw), str(root / "work"), "--configs", "3d_fullres",
-               "--folds", "0", "--patch-3d", "16", "32", "32")
+               "--folds", "0", "--patch-3d", "16", "32", "32",
+               "--planner", "nnUNetPlannerResEncM" if kind == "resenc" else "ExperimentPlanner")
     models = json.loads((root / "work" / "nnunet" / "models.json").read_text())
     model = Path(models["3d_fullres"])
     image = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[0]
@@ -83,8 +89,9 @@ def oracle(request, tmp_path_factory):
              "tta": False}]
     (root / "jobs.json").write_text(json.dumps(jobs))
     run_oracle(MODEL_ORACLE, "predict", str(root / "jobs.json"), "--threads", "1")
-    run_oracle(COVERAGE, "preprocess", str(raw), str(model / "plans.json"), str(root / "nnunet_pre"),
-               "--configs", "3d_fullres", "--cases", "synth_000")
+    if kind != "resenc":  # preprocessing does not depend on the network
+        run_oracle(COVERAGE, "preprocess", str(raw), str(model / "plans.json"), str(root / "nnunet_pre"),
+                   "--configs", "3d_fullres", "--cases", "synth_000")
     return kind, raw, root, model, image
 
 
@@ -92,7 +99,9 @@ def test_plans_equal_nnunet(oracle):
     kind, raw, root, model, _ = oracle
     ref = json.loads((model / "plans.json").read_text())
     fingerprint = extract_fingerprint(raw, num_workers=1, progress=False)
-    ours = plan_experiment(load_dataset_json(raw), fingerprint, planner_settings("small", plans_name=ref["plans_name"]))
+    preset, overrides = SETTINGS[kind]
+    ours = plan_experiment(load_dataset_json(raw), fingerprint,
+                           planner_settings(preset, plans_name=ref["plans_name"], **overrides))
     assert sorted(ours["configurations"]) == sorted(ref["configurations"])
     for config, ref_config in ref["configurations"].items():
         for key in ("batch_size", "patch_size", "spacing", "architecture", "batch_dice", "normalization_schemes"):
@@ -102,6 +111,8 @@ def test_plans_equal_nnunet(oracle):
 
 def test_preprocessed_case_equals_nnunet(oracle):
     kind, raw, root, model, _ = oracle
+    if kind == "resenc":
+        pytest.skip("the ResEnc planners preprocess as the default one (tests/test_parity_coverage.py)")
     plans = json.loads((model / "plans.json").read_text())
     spec = load_dataset_json(raw)
     case = next(c for c in list_training_cases(raw, spec, []) if c.case_id == "synth_000")
@@ -140,6 +151,9 @@ def test_prediction_equals_nnunet(oracle):
     p_ours = np.load(out / f"{case}.npz")["probabilities"]
     assert p_ours.shape == p_ref.shape
     heads = 3 if kind == "regions" else 4  # sigmoid per region / softmax per label (ignore excluded)
+    if kind == "resenc":
+        assert json.loads((model / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"][
+            "network_class_name"].endswith("ResidualEncoderUNet")
     assert p_ref.shape[0] == heads
     max_diff = float(np.abs(p_ours - p_ref).max())
     print(f"{kind}: agreement {agreement:.6f}, max prob diff {max_diff:.2e}, labels {np.unique(ref).tolist()}")
