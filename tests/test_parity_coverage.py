@@ -200,3 +200,28 @@ def test_resenc_network_equals_nnunet(tmp_path, oracle):
     with torch.no_grad():
         logits = net(torch.from_numpy(ref["input"])).numpy()
     np.testing.assert_allclose(logits, ref["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_region_and_ignore_losses_equal_nnunet(tmp_path):
+    """Dice + CE with an ignore label, Dice + BCE for regions (with and without one), vs nnunetv2's losses."""
+    from kubeseg.training.loss import build_loss
+
+    rng = np.random.RandomState(7)
+    cases = [("ce", True, 3), ("ce", False, 3), ("bce", True, None), ("bce", False, 4), ("bce", True, 4)]
+    arrays, spec = {}, []
+    for i, (kind, batch_dice, ignore) in enumerate(cases):
+        arrays[f"x_{i}"] = rng.randn(2, 3, 6, 12, 12).astype(np.float32)
+        if kind == "ce":
+            arrays[f"y_{i}"] = rng.randint(0, 4, (2, 1, 6, 12, 12)).astype(np.float32)
+        else:
+            arrays[f"y_{i}"] = (rng.rand(2, 3 + (ignore is not None), 6, 12, 12) > 0.6).astype(np.int16)
+        spec.append({"kind": kind, "batch_dice": batch_dice, "ignore_label": ignore})
+    np.savez(tmp_path / "in.npz", **arrays)
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    run_oracle(ORACLE, "loss", str(tmp_path / "spec.json"), str(tmp_path / "in.npz"), str(tmp_path / "out.npz"))
+    with np.load(tmp_path / "out.npz") as out:
+        ref = {k: float(v) for k, v in out.items()}
+    for i, (kind, batch_dice, ignore) in enumerate(cases):
+        fn = build_loss(batch_dice, None, regions=kind == "bce", ignore_label=ignore)
+        ours = float(fn(torch.from_numpy(arrays[f"x_{i}"]), torch.from_numpy(arrays[f"y_{i}"])))
+        assert ours == pytest.approx(ref[str(i)], rel=1e-5, abs=1e-6), (kind, batch_dice, ignore)

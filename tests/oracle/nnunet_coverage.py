@@ -12,6 +12,8 @@ never imports nnunetv2.
     python tests/oracle/nnunet_coverage.py resample SPEC.json IN.npz OUT.npz
         SPEC: [{"fn": NAME, "kwargs": {...}, "array": KEY, "shape": [...], "current": [...], "new": [...]}]
         -> OUT[str(i)] = fn(IN[array], shape, current, new, **kwargs)
+    python tests/oracle/nnunet_coverage.py loss SPEC.json IN.npz OUT.npz
+        -> nnunetv2's DC_and_CE_loss / DC_and_BCE_loss (regions, ignore label) on fixed inputs
     python tests/oracle/nnunet_coverage.py network PLANS.json DATASET.json CONFIG OUT.npz [--seed 0] [--weights CKPT]
         -> the network nnunetv2 builds from the plans (its own init, seeded): every state_dict tensor
            (``w:<key>``) and its logits (deep supervision off) for a fixed input (``input``, ``logits``);
@@ -172,6 +174,31 @@ def network(a) -> int:
     return 0
 
 
+def loss(a) -> int:
+    """nnunetv2's training losses on fixed inputs: IN.npz holds ``x_<i>``/``y_<i>`` and SPEC a list of
+    {"kind": "ce"|"bce", "batch_dice": bool, "ignore_label": int|null}; OUT[str(i)] the loss value."""
+    import numpy as np
+    import torch
+    from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss, DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    spec = json.loads(Path(a.spec).read_text())
+    out = {}
+    with np.load(a.inputs) as arrays:
+        for i, s in enumerate(spec):
+            dice_kw = {"batch_dice": s["batch_dice"], "smooth": 1e-5, "ddp": False}
+            if s["kind"] == "bce":
+                fn = DC_and_BCE_loss({}, {**dice_kw, "do_bg": True}, use_ignore_label=s["ignore_label"] is not None,
+                                     dice_class=MemoryEfficientSoftDiceLoss)
+            else:
+                fn = DC_and_CE_loss({**dice_kw, "do_bg": False}, {}, weight_ce=1, weight_dice=1,
+                                    ignore_label=s["ignore_label"], dice_class=MemoryEfficientSoftDiceLoss)
+            value = fn(torch.from_numpy(arrays[f"x_{i}"]), torch.from_numpy(arrays[f"y_{i}"]))
+            out[str(i)] = np.asarray(float(value))
+    np.savez(a.out, **out)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="action", required=True)
@@ -195,6 +222,10 @@ def main(argv=None) -> int:
     pr.add_argument("spec")
     pr.add_argument("inputs")
     pr.add_argument("out")
+    pl = sub.add_parser("loss")
+    pl.add_argument("spec")
+    pl.add_argument("inputs")
+    pl.add_argument("out")
     pn = sub.add_parser("network")
     pn.add_argument("plans")
     pn.add_argument("dataset_json")
@@ -203,7 +234,8 @@ def main(argv=None) -> int:
     pn.add_argument("--seed", type=int, default=0)
     pn.add_argument("--weights", help="also load this checkpoint (strictly) and save its logits")
     a = p.parse_args(argv)
-    return {"plan": plan, "preprocess": preprocess, "resample": resample, "network": network}[a.action](a)
+    return {"plan": plan, "preprocess": preprocess, "resample": resample, "network": network,
+            "loss": loss}[a.action](a)
 
 
 if __name__ == "__main__":
