@@ -37,9 +37,10 @@ import numpy as np
 from kubeseg.atomic import default_mode, replace_folder
 from kubeseg.errors import DatasetError, KubesegError
 from kubeseg.jsonio import read_json, write_json
+from kubeseg.labels import LabelScheme, label_scheme
 from kubeseg.parallel import map_cases
 from kubeseg.planning.plans import configuration as resolve_configuration
-from kubeseg.preprocessing.resampling import resample_image, resample_seg
+from kubeseg.preprocessing.resampling_functions import probabilities_resampler, seg_resampler
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def out_of_fold_predictions(model_dir: str | Path) -> dict[str, tuple[str, Path]
     return found
 
 
-def _export_case(item: tuple[str, Path, Path], prev_config: dict, labels: list[int], out: Path) -> str:
+def _export_case(item: tuple[str, Path, Path], prev_config: dict, scheme: LabelScheme, out: Path) -> str:
     case, npz, target_array = item
     target = tuple(np.load(target_array, mmap_mode="r").shape[1:])
     spacing = [float(s) for s in prev_config["spacing"]]
@@ -98,17 +99,23 @@ def _export_case(item: tuple[str, Path, Path], prev_config: dict, labels: list[i
             if len(target) != probs.ndim - 1:
                 raise KubesegError(f"{npz}: probabilities of shape {probs.shape} do not fit the "
                                    f"{len(target)}D full-res arrays")
-            kw = prev_config.get("resampling_fn_probabilities_kwargs") or {}
-            logp = np.log(np.maximum(probs, np.finfo(np.float32).tiny))
-            resampled = resample_image(logp, target, spacing, spacing, kw.get("order", 1), kw.get("order_z", 0))
-            seg = np.asarray(labels)[np.argmax(resampled, axis=0)]
+            tiny = np.finfo(np.float32).tiny
+            if scheme.has_regions:  # sigmoid outputs: resample log-odds, paint the regions
+                logodds = np.log(np.maximum(probs, tiny)) - np.log(np.maximum(1 - probs, tiny))
+                resampled = probabilities_resampler(prev_config)(logodds, target, spacing, spacing)
+                seg = scheme.to_segmentation(1 / (1 + np.exp(-resampled)))
+            else:
+                logp = np.log(np.maximum(probs, tiny))
+                resampled = probabilities_resampler(prev_config)(logp, target, spacing, spacing)
+                seg = np.asarray(scheme.all_labels)[np.argmax(resampled, axis=0)]
         elif "segmentation" in z:
-            kw = prev_config.get("resampling_fn_seg_kwargs") or {}
-            seg = resample_seg(z["segmentation"][None].astype(np.int16), target, spacing, spacing,
-                               kw.get("order", 1), kw.get("order_z", 0))[0]
+            seg = seg_resampler(prev_config)(z["segmentation"][None].astype(np.int16), target, spacing, spacing)[0]
         else:
             raise KubesegError(f"{npz} has neither 'probabilities' nor 'segmentation'")
-    dtype = np.int8 if max(labels) < 128 else np.int16
+    if tuple(seg.shape) != tuple(target):  # e.g. no-resampling plans: the low-res grid is not the full-res one
+        raise KubesegError(f"{npz}: the previous stage's prediction ({tuple(seg.shape)}) cannot be brought to the "
+                           f"full-res grid {tuple(target)} with its plans' resampling functions")
+    dtype = np.int8 if max(scheme.all_labels) < 128 else np.int16
     np.save(out / f"{case}.npy", seg.astype(dtype)[None])
     return case
 
@@ -154,14 +161,14 @@ def export_cascade_inputs(previous_model_dir: str | Path, preprocessed_dir: str 
                            f"{configuration} array in {data_dir}")
     dataset_json = read_json(prev_dir / "dataset.json") if (prev_dir / "dataset.json").is_file() \
         else read_json(pre / "dataset.json")
-    labels = sorted(int(v) for v in dataset_json["labels"].values())
+    scheme = label_scheme(dataset_json)
 
     out_dir = Path(out_dir) if out_dir is not None else prev_dir / FOLDER / configuration
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         items = [(case, npz, data_dir / f"{case}.npy") for case, (_, npz) in sorted(predictions.items())]
-        _, problems = map_cases(partial(_export_case, prev_config=prev_config, labels=labels, out=staging),
+        _, problems = map_cases(partial(_export_case, prev_config=prev_config, scheme=scheme, out=staging),
                                 items, [i[0] for i in items], num_workers,
                                 desc=f"Cascade inputs for {configuration}" if progress else "")
         if problems:

@@ -28,7 +28,8 @@ def _workers(p: argparse.ArgumentParser) -> None:
 
 def _planner_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default=_env("PLANNER_PRESET", "default"),
-                   help="planner preset: 'default' (nnU-Net's) or 'small' (CPU-sized); env KUBESEG_PLANNER_PRESET")
+                   help="planner preset: 'default' (nnU-Net's), 'small' (CPU-sized), 'resenc-m', 'resenc-l', "
+                        "'resenc-xl' (nnU-Net's residual encoder planners); env KUBESEG_PLANNER_PRESET")
     p.add_argument("--gpu-memory-gb", type=float, default=_env("GPU_MEMORY_GB", None, float),
                    help="GPU memory budget the plans are sized for (nnU-Net default 8)")
     p.add_argument("--base-features", type=int, default=None, help="features of the first U-Net stage (default 32)")

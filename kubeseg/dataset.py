@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from kubeseg.errors import DatasetError, Problem
+from kubeseg.labels import LabelScheme, label_scheme, parse_labels
 
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -21,23 +23,30 @@ class DatasetSpec:
     """What ``dataset.json`` says, validated. ``raw`` keeps the file as it was, to copy it on unchanged."""
 
     channel_names: dict[int, str]
-    labels: dict[str, int]
+    labels: dict[str, int | list[int]]  # a list is a region (kubeseg.labels)
     num_training: int
     file_ending: str
     name: str = ""
     raw: dict = field(default_factory=dict, compare=False, repr=False)
+    regions_class_order: list[int] | None = None
 
     @property
     def num_channels(self) -> int:
         return len(self.channel_names)
 
+    @cached_property
+    def scheme(self) -> LabelScheme:
+        """Plain labels, regions, ignore label: what the labels mean."""
+        return label_scheme({"labels": self.labels, "regions_class_order": self.regions_class_order})
+
     @property
     def label_values(self) -> list[int]:
-        return sorted(self.labels.values())
+        """Values a label file may hold (the ignore label included)."""
+        return sorted(self.scheme.file_values)
 
     @property
     def foreground_labels(self) -> list[int]:
-        return [v for v in self.label_values if v != 0]
+        return list(self.scheme.foreground_labels)
 
 
 @dataclass(frozen=True)
@@ -78,23 +87,10 @@ def load_dataset_json(raw_dir: str | Path) -> DatasetSpec:
         channel_names = {}
 
     labels = d.get("labels")
-    label_map: dict[str, int] = {}
-    if not isinstance(labels, dict) or not labels:
-        bad("'labels' is missing or empty (expected e.g. {\"background\": 0, \"organ\": 1})")
-    else:
-        for name, value in labels.items():
-            if isinstance(value, (list, tuple)):
-                bad(f"label '{name}' is a region ({value}); region-based training is not supported yet")
-            elif isinstance(value, bool) or not isinstance(value, int):
-                bad(f"label '{name}' must be an integer, got {value!r}")
-            else:
-                label_map[name] = value
-        values = sorted(label_map.values())
-        has_regions = any(isinstance(v, (list, tuple)) for v in labels.values())  # already reported above
-        if label_map and not has_regions and values != list(range(len(values))):
-            bad(f"label values must be consecutive integers starting at 0 (background), got {values}")
-        if "ignore" in label_map:
-            bad("an 'ignore' label is not supported yet")
+    scheme, label_problems = parse_labels(labels, d.get("regions_class_order"))
+    for msg in label_problems:
+        bad(msg)
+    label_map = dict(labels) if scheme is not None else {}
 
     num_training = d.get("numTraining")
     if isinstance(num_training, bool) or not isinstance(num_training, int) or num_training < 1:
@@ -108,7 +104,8 @@ def load_dataset_json(raw_dir: str | Path) -> DatasetSpec:
         bad("an explicit 'dataset' file list in dataset.json is not supported yet; use imagesTr/labelsTr")
     if problems:
         raise DatasetError(problems, str(raw_dir))
-    return DatasetSpec(channel_names, label_map, num_training, file_ending, str(d.get("name", "")), d)
+    return DatasetSpec(channel_names, label_map, num_training, file_ending, str(d.get("name", "")), d,
+                       d.get("regions_class_order"))
 
 
 def _cases_in(folder: Path, file_ending: str, num_channels: int, problems: list[Problem]) -> dict[str, list[Path | None]]:

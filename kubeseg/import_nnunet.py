@@ -120,6 +120,8 @@ def import_nnunet(source: str | Path, out_dir: str | Path, configurations: Optio
                 if prev not in by_conf:
                     raise KubesegError(f"{m.folder.name} is a cascade stage but {source} has no {prev!r} model")
                 members.append(BundleMember(by_conf[prev], prev, m.folds, role="previous_stage"))
+        for m in members:
+            _check_plans(m)
         rule = folder_postprocessing(members[0].folder) if len(wanted) == 1 else PostprocessingRule()
         selection = {"source": f"imported from nnU-Net v2: {source.name}", "ensemble": len(wanted) > 1,
                      "available_configurations": sorted(by_conf)}
@@ -131,3 +133,14 @@ def _previous(member: BundleMember) -> Optional[str]:
     from kubeseg.jsonio import read_json
     plans = read_json(member.folder / "plans.json")
     return plans["configurations"].get(member.configuration, {}).get("previous_stage")
+
+
+def _check_plans(member: BundleMember) -> None:
+    """Refuse a model whose preprocessor or resampling functions kubeseg cannot reproduce, naming the file."""
+    from kubeseg.jsonio import read_json
+    from kubeseg.planning.plans import configuration
+    path = member.folder / "plans.json"
+    try:
+        configuration(read_json(path), member.configuration)
+    except KubesegError as e:
+        raise KubesegError(f"{path}: {e}") from None

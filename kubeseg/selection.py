@@ -29,14 +29,15 @@ from tqdm import tqdm
 from kubeseg.clinical.qa import VOLUME_RANGES_KEY, label_volume_ranges
 from kubeseg.errors import KubesegError
 from kubeseg.imageio import read_label
-from kubeseg.inference.export import log_probabilities_to_original, probabilities_to_segmentation
+from kubeseg.inference.export import log_probabilities_to_original
 from kubeseg.inference.model import available_folds
 from kubeseg.inference.run import SELECTION_FILENAME
 from kubeseg.inference.safe_load import load_checkpoint_safe
 from kubeseg.jsonio import read_json, write_json
+from kubeseg.labels import LabelScheme, label_scheme
 from kubeseg.planning.plans import configuration as resolve_configuration
-from kubeseg.postprocessing import FILENAME as PP_FILENAME, decide_postprocessing, dice, foreground_mean, \
-    save_postprocessing
+from kubeseg.postprocessing import FILENAME as PP_FILENAME, PostprocessingRule, decide_postprocessing, dice, \
+    foreground_mean, save_postprocessing
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,12 @@ class TrainedConfiguration:
         if not props_file.is_file():
             raise KubesegError(f"{self.validation[case]} is on the network's grid, and {props_file} (the case's "
                                "preprocessing properties) is missing to bring it back")
-        log_probs = np.log(np.maximum(probs, np.finfo(np.float32).tiny))
+        tiny = np.finfo(np.float32).tiny
+        if label_scheme(self.dataset_json).has_regions:  # sigmoid outputs: resample their log-odds
+            log_odds = np.log(np.maximum(probs, tiny)) - np.log(np.maximum(1 - probs, tiny))
+            return log_probabilities_to_original(log_odds, read_json(props_file), self.plans, self.config,
+                                                 sigmoid=True)
+        log_probs = np.log(np.maximum(probs, tiny))
         return log_probabilities_to_original(log_probs, read_json(props_file), self.plans, self.config)
 
 
@@ -119,8 +125,9 @@ def select_model(model_dirs: Sequence[str | Path], preprocessed_dir: str | Path,
     for m in models[1:]:
         if m.dataset_json["labels"] != labels_json:
             raise KubesegError(f"{m.folder} and {models[0].folder} were trained on different labels")
-    all_labels = sorted(int(v) for v in labels_json.values())
-    foreground = [v for v in all_labels if v != 0]
+    scheme = label_scheme(models[0].dataset_json)
+    # scored per foreground label, or per region; an ignore label's voxels count nowhere
+    classes = dict(zip(scheme.class_keys, scheme.classes))
     ending = models[0].dataset_json["file_ending"]
     cases = sorted(set.intersection(*[set(m.validation) for m in models]))
     if not cases:
@@ -144,12 +151,12 @@ def select_model(model_dirs: Sequence[str | Path], preprocessed_dir: str | Path,
         probs = [m.probabilities(case, ref.shape, pre) for m in models]
         for c in candidates:
             avg = probs[c[0]] if len(c) == 1 else sum(probs[i] for i in c) / len(c)
-            seg = probabilities_to_segmentation(avg, all_labels)
-            per_case[c].append({lab: dice(seg, ref, lab) for lab in foreground})
+            seg = scheme.to_segmentation(avg)
+            per_case[c].append({key: class_dice(seg, ref, cls, scheme) for key, cls in classes.items()})
 
     scores = []
     for c, name in zip(candidates, names):
-        per_label = {lab: _nanmean([d[lab] for d in per_case[c]]) for lab in foreground}
+        per_label = {key: _nanmean([d[key] for d in per_case[c]]) for key in classes}
         scores.append({"name": name, "configurations": [models[i].configuration for i in c],
                        "foreground_dice": foreground_mean(per_label), "dice": {str(k): v for k, v in per_label.items()}})
         log.info("%-30s mean foreground Dice %.4f", name, scores[-1]["foreground_dice"])
@@ -161,9 +168,16 @@ def select_model(model_dirs: Sequence[str | Path], preprocessed_dir: str | Path,
     for case in cases:
         ref = reference(case)
         probs = [models[i].probabilities(case, ref.shape, pre) for i in winner]
-        segs.append(probabilities_to_segmentation(sum(probs) / len(probs), all_labels))
+        segs.append(scheme.to_segmentation(sum(probs) / len(probs)))
         refs.append(ref)
-    rule, report = decide_postprocessing(segs, refs, foreground)
+    if scheme.has_regions or scheme.has_ignore_label:
+        # nnU-Net decides region postprocessing on region masks; kubeseg does not (yet): no rule
+        rule = PostprocessingRule()
+        report = {"dice_after": scores[best]["dice"], "foreground_dice_after": scores[best]["foreground_dice"],
+                  "note": "no postprocessing decided for region / ignore-label models"}
+        log.info("region or ignore-label model: no postprocessing rule decided")
+    else:
+        rule, report = decide_postprocessing(segs, refs, list(scheme.foreground_labels))
     out_dir = Path(out_dir)
     save_postprocessing(rule, out_dir / PP_FILENAME, report)
     selection = {
@@ -191,6 +205,18 @@ def _volume_ranges(pre: Path, cases: list[str], ending: str, labels: dict) -> di
         array, geometry = read_label(pre / "gt_segmentations" / f"{case}{ending}")
         refs.append((array[0], geometry.spacing))
     return label_volume_ranges(refs, {n: v for n, v in labels.items() if isinstance(v, int)})
+
+
+def class_dice(seg: np.ndarray, ref: np.ndarray, cls: Sequence[int], scheme: LabelScheme) -> float:
+    """Dice of a label or region (its values); voxels the reference leaves unannotated count nowhere."""
+    if len(cls) == 1 and not scheme.has_ignore_label:
+        return dice(seg, ref, cls[0])
+    p, r = scheme.mask(seg, cls), scheme.mask(ref, cls)
+    annotated = scheme.annotated(ref)
+    if annotated is not None:
+        p, r = p & annotated, r & annotated
+    denom = int(p.sum()) + int(r.sum())
+    return float("nan") if denom == 0 else 2.0 * int((p & r).sum()) / denom
 
 
 def _nanmean(values: list[float]) -> float:

@@ -42,7 +42,7 @@ class ServedModel:
     predictors: list[Predictor]
     rule: PostprocessingRule
     spec: DatasetSpec
-    labels: dict[str, int]
+    labels: dict[str, int | list[int]]  # dataset.json labels: a list is a region (volume per region)
     folds: list[str]
     drift_reference: Optional[DriftReference]
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -66,7 +66,8 @@ def load_served_model(bundle: Path, settings: ServiceSettings, name: str, versio
         log.warning("%s has no dataset_fingerprint.json: drift scores are not computed", bundle)
     folds = sorted(set.intersection(*(set(p.model.folds) for p in predictors)), key=str)
     return ServedModel(name, version, alias, bundle, predictors, choice.postprocessing, spec,
-                       {str(k): int(v) for k, v in dataset_json["labels"].items()}, folds, reference)
+                       {str(k): ([int(x) for x in v] if isinstance(v, list) else int(v))
+                        for k, v in dataset_json["labels"].items()}, folds, reference)
 
 
 class ModelHolder:

@@ -315,15 +315,23 @@ def test_dataset_json_missing_keys_are_all_reported(ct):
     assert len(problems) == 4
 
 
-def test_region_based_labels_are_rejected(ct):
+def test_region_based_labels_are_checked(ct):
     def regions(d: dict) -> None:
         d["labels"] = {"background": 0, "body": [1, 2, 3], "organ": [2, 3], "lesion": 3}
         d["regions_class_order"] = [1, 2, 3]
-    path = edit_json(ct, regions)
-    problems = problems_of(ct)
-    assert sorted(p.message.split("'")[1] for p in problems) == ["body", "organ"]
-    for p in problems:
-        assert_names(p, None, path, "region", "not supported")
+    edit_json(ct, regions)
+    assert problems_of(ct) == []  # accepted: label files hold 0-3
+    path = edit_json(ct, lambda d: d.pop("regions_class_order"))
+    assert_names(the_problem(ct), None, path, "regions_class_order")
+    path = edit_json(ct, lambda d: d.update(regions_class_order=[1, 2]))
+    assert_names(the_problem(ct), None, path, "regions_class_order", "2 entries", "3 foreground regions")
+
+
+def test_ignore_label_must_be_highest(ct):
+    edit_json(ct, lambda d: d["labels"].update(ignore=4))
+    assert problems_of(ct) == []
+    path = edit_json(ct, lambda d: d["labels"].update(ignore=7))
+    assert_names(the_problem(ct), None, path, "ignore", "highest", "got 7")
 
 
 def test_non_consecutive_labels(ct):

@@ -1,10 +1,14 @@
 """From the network's grid back to the input image: resample, un-crop, un-transpose.
 
 The predictor hands over *log*-probabilities on the preprocessed grid. They are resampled to
-the cropped original shape with the plans' ``resampling_fn_probabilities_kwargs`` (linear
-in-plane, nearest along a separately treated coarse axis), turned into probabilities with a
+the cropped original shape with the plans' ``resampling_fn_probabilities`` and its kwargs (by
+default linear in-plane, nearest along a separately treated coarse axis), turned into probabilities with a
 softmax, and put back into the uncropped, untransposed array; outside the crop box the
 probability of background is 1.
+
+Region models (sigmoid outputs, :mod:`kubeseg.labels`) hand over per-region *log-odds* instead;
+they are resampled the same way and turned into probabilities with a sigmoid, outside the crop
+box 0 (no region), and into a label map by painting the regions in ``regions_class_order``.
 
 Why log-probabilities: a softmax ignores a per-voxel constant, and ``log_softmax(z)`` is ``z``
 minus such a constant, so for a single model this is exactly nnU-Net v2's "resample the logits,
@@ -16,7 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kubeseg.preprocessing.resampling import resample_image
+from kubeseg.labels import LabelScheme
+from kubeseg.preprocessing.resampling_functions import probabilities_resampler
 
 
 def preprocessed_spacing(properties: dict, plans: dict, config: dict) -> tuple[list[float], list[float]]:
@@ -29,16 +34,17 @@ def preprocessed_spacing(properties: dict, plans: dict, config: dict) -> tuple[l
 
 
 def log_probabilities_to_original(log_probs: torch.Tensor | np.ndarray, properties: dict, plans: dict,
-                                  config: dict) -> np.ndarray:
-    """Probabilities ``(C, z, y, x)`` (float32) on the input image's grid."""
+                                  config: dict, sigmoid: bool = False) -> np.ndarray:
+    """Probabilities ``(C, z, y, x)`` (float32) on the input image's grid; ``sigmoid``: region log-odds in."""
     log_probs = log_probs.numpy() if isinstance(log_probs, torch.Tensor) else np.asarray(log_probs)
     grid, original = preprocessed_spacing(properties, plans, config)
-    kw = config.get("resampling_fn_probabilities_kwargs") or {}
     target = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
-    resampled = resample_image(log_probs, target, grid, original, kw.get("order", 1), kw.get("order_z", 0))
-    probs = torch.softmax(torch.from_numpy(np.ascontiguousarray(resampled, dtype=np.float32)), 0).numpy()
+    resampled = probabilities_resampler(config)(log_probs.astype(np.float32, copy=False), target, grid, original)
+    scores = torch.from_numpy(np.ascontiguousarray(resampled, dtype=np.float32))
+    probs = (torch.sigmoid(scores) if sigmoid else torch.softmax(scores, 0)).numpy()
     full = np.zeros((probs.shape[0], *properties["shape_before_cropping"]), dtype=np.float32)
-    full[0] = 1
+    if not sigmoid:
+        full[0] = 1
     box = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
     full[(slice(None), *box)] = probs
     backward = plans["transpose_backward"]
@@ -46,6 +52,13 @@ def log_probabilities_to_original(log_probs: torch.Tensor | np.ndarray, properti
 
 
 def probabilities_to_segmentation(probabilities: np.ndarray, all_labels) -> np.ndarray:
-    """The most probable label per voxel (uint8, or uint16 for more than 255 labels)."""
+    """The most probable label per voxel (uint8, or uint16 for more than 255 labels).
+
+    ``all_labels``: the label values, or a label scheme (``LabelScheme`` / ``LabelInfo``), which also
+    handles regions (painted in ``regions_class_order`` where their probability exceeds 0.5).
+    """
+    scheme = getattr(all_labels, "scheme", all_labels)
+    if isinstance(scheme, LabelScheme):
+        return scheme.to_segmentation(probabilities)
     labels = np.asarray(all_labels, dtype=np.uint8 if max(all_labels) < 255 else np.uint16)
     return labels[np.argmax(probabilities, axis=0)]

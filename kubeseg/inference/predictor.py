@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from kubeseg.imageio import Geometry
 from kubeseg.inference.export import log_probabilities_to_original, probabilities_to_segmentation
+from kubeseg.inference.regions import accumulate_region_logits, region_log_odds
 from kubeseg.inference.model import TrainedModel
 from kubeseg.inference.sliding_window import SlidingWindowSettings, predict_logits, tile_slicers, padding_for
 from kubeseg.preprocessing.preprocess import preprocess_arrays
@@ -139,13 +140,17 @@ class Predictor:
                 self._use_fold(i)
                 logits = predict_logits(self.network, data, self.patch_size, n_classes, self.device, window,
                                         on_tiles=bar.update)
-                if self.settings.fold_average == "logits":  # nnU-Net: summed in the accumulator's dtype
+                if self.labels.has_regions:  # sigmoid outputs: kubeseg.inference.regions
+                    combined = accumulate_region_logits(combined, logits, self.settings.fold_average)
+                elif self.settings.fold_average == "logits":  # nnU-Net: summed in the accumulator's dtype
                     combined = logits if combined is None else combined.add_(logits)
                 else:
                     lp = torch.log_softmax(logits.float(), 0)
                     combined = lp if combined is None else torch.logaddexp(combined, lp, out=combined)
         finally:
             bar.close()
+        if self.labels.has_regions:
+            return region_log_odds(combined, n_folds, self.settings.fold_average)
         if self.settings.fold_average == "logits":
             return torch.log_softmax((combined / n_folds if n_folds > 1 else combined).float(), 0)
         return combined - math.log(n_folds) if n_folds > 1 else combined
@@ -167,7 +172,7 @@ class Predictor:
                 prev_probs = self.previous.probabilities(data, geometry, case_id=case_id, folds=folds, mirror=mirror,
                                                          timings=timings)
                 with clock("postprocess"):
-                    previous_segmentation = probabilities_to_segmentation(prev_probs, self.labels.all_labels)
+                    previous_segmentation = probabilities_to_segmentation(prev_probs, self.labels)
             seg = previous_segmentation.astype(np.int16)[None]  # -1 marks the outside of the nonzero mask
         with clock("preprocess"):
             pre = preprocess_arrays(data, seg, geometry, self.model.plans, self.config, [])
@@ -178,7 +183,8 @@ class Predictor:
             log_probs = self.log_probabilities(net_input, desc=f"{case_id} {self.model.configuration}".strip(),
                                                folds=folds, mirror=mirror)
         with clock("postprocess"):
-            probs = log_probabilities_to_original(log_probs, pre.properties, self.model.plans, self.config)
+            probs = log_probabilities_to_original(log_probs, pre.properties, self.model.plans, self.config,
+                                                  sigmoid=self.labels.has_regions)
         log.info("%s: %s predicted in %.1f s (grid %s, folds %s, mirroring %s)", case_id or "case",
                  self.model.configuration, time.perf_counter() - started, "x".join(map(str, net_input.shape[1:])),
                  ",".join(folds or self.model.folds), self.window.mirror_axes if mirror is None else mirror)

@@ -6,12 +6,21 @@ from typing import Mapping
 
 import numpy as np
 
+from kubeseg.labels import IGNORE_KEY
 
-def label_volumes_ml(segmentation: np.ndarray, spacing_mm, labels: Mapping[str, int]) -> dict[str, float]:
-    """Volume in millilitres of every foreground label (``labels``: name → value, as dataset.json)."""
+
+def label_volumes_ml(segmentation: np.ndarray, spacing_mm,
+                     labels: Mapping[str, "int | list[int]"]) -> dict[str, float]:
+    """Volume in millilitres of every foreground label or region (``labels``: name → value or region
+    values, as dataset.json); a region's volume counts every voxel holding one of its values. The
+    ignore label is not a structure and has no volume."""
     voxel_ml = float(np.prod(spacing_mm)) / 1000.0
-    counts = np.bincount(segmentation.ravel().astype(np.int64), minlength=max(labels.values()) + 1)
-    return {name: float(counts[value]) * voxel_ml for name, value in labels.items() if value != 0}
+    values = {name: [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+              for name, value in labels.items() if name != IGNORE_KEY}
+    top = max(max(v) for v in values.values())
+    counts = np.bincount(segmentation.ravel().astype(np.int64), minlength=top + 1)
+    return {name: float(sum(counts[v] for v in vs if v < len(counts))) * voxel_ml
+            for name, vs in values.items() if set(vs) != {0}}
 
 
 def confidence(probabilities: np.ndarray, segmentation: np.ndarray) -> float:

@@ -172,7 +172,8 @@ def dataset_spec(dataset_json: dict) -> DatasetSpec:
     """The :class:`DatasetSpec` of a trained model's ``dataset.json`` (validated when it was trained)."""
     channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
     return DatasetSpec({int(k): v for k, v in channels.items()}, dict(dataset_json["labels"]),
-                       int(dataset_json.get("numTraining", 1)), dataset_json["file_ending"])
+                       int(dataset_json.get("numTraining", 1)), dataset_json["file_ending"],
+                       regions_class_order=dataset_json.get("regions_class_order"))
 
 
 def predict_case_probabilities(predictors: Sequence[Predictor], data: np.ndarray, geometry,
@@ -207,7 +208,7 @@ def segment_case(predictors: Sequence[Predictor], data: np.ndarray, geometry, ru
     timings: dict[str, float] = {}
     probs = predict_case_probabilities(predictors, data, geometry, case_id, folds, mirror, timings)
     started = time.perf_counter()
-    seg = apply_postprocessing(probabilities_to_segmentation(probs, predictors[0].labels.all_labels), rule)
+    seg = apply_postprocessing(probabilities_to_segmentation(probs, predictors[0].labels), rule)
     timings["postprocess"] = timings.get("postprocess", 0.0) + time.perf_counter() - started
     return CaseResult(seg, probs, timings)
 

@@ -33,6 +33,11 @@ REFERENCE_BATCH_2D = 12
 CONVS_PER_STAGE = 2
 LOWRES_SPACING_STEP = 1.03
 NETWORK_CLASS = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+RESENC_CLASS = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
+# nnU-Net's residual encoder U-Net: residual blocks per encoder stage, one conv per decoder stage
+RESENC_BLOCKS_ENCODER = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
+RESENC_BLOCKS_DECODER = (1,) * 12
+SHARED_DATA_PLANS = "nnUNetPlans"  # the ResEnc planners reuse the default planner's 2d / 3d_fullres data
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,20 @@ class PlannerSettings:
     min_batch_size: int = 2
     min_feature_map_edge: int = 4
     target_spacing: tuple[float, ...] | None = None  # overrides the 3d_fullres spacing (numpy axis order)
+    network: str = "plain"  # "plain" (PlainConvUNet) or "resenc" (ResidualEncoderUNet)
+    # feature-map voxels that fit reference_gpu_memory_gb (3D at batch 2, 2D at batch 12)
+    reference_feature_map_3d: int = REFERENCE_FEATURE_MAP_3D
+    reference_feature_map_2d: int = REFERENCE_FEATURE_MAP_2D
+    reference_gpu_memory_gb: float = REFERENCE_GPU_MEMORY_GB
+    # the default planner shrinks the patch until the minimum batch (2) fits; the ResEnc planners
+    # until one reference batch (2 in 3D, 12 in 2D) would
+    shrink_to_min_batch: bool = True
+
+
+def _resenc(gb: float, ref_3d: int, ref_2d: int, name: str) -> PlannerSettings:
+    return PlannerSettings(gpu_memory_gb=gb, reference_gpu_memory_gb=gb, reference_feature_map_3d=ref_3d,
+                           reference_feature_map_2d=ref_2d, plans_name=name, network="resenc",
+                           max_dataset_fraction=1.0, shrink_to_min_batch=False)
 
 
 PRESETS: dict[str, PlannerSettings] = {
@@ -57,6 +76,10 @@ PRESETS: dict[str, PlannerSettings] = {
     # A 2-core CPU trains an iteration of this in about a second on the synthetic datasets.
     "small": PlannerSettings(gpu_memory_gb=0.5, base_features=8, max_features_3d=64, max_features_2d=64,
                              plans_name="kubesegSmallPlans"),
+    # nnU-Net v2's nnUNetPlannerResEncM / L / XL (about 8-11, 24 and 40 GB of GPU memory)
+    "resenc-m": _resenc(8, 680_000_000, 135_000_000, "nnUNetResEncUNetMPlans"),
+    "resenc-l": _resenc(24, 2_100_000_000, 380_000_000, "nnUNetResEncUNetLPlans"),
+    "resenc-xl": _resenc(40, 3_600_000_000, 560_000_000, "nnUNetResEncUNetXLPlans"),
 }
 
 
@@ -113,16 +136,21 @@ def architecture(topology: Topology, s: PlannerSettings) -> dict:
     """The ``architecture`` entry of a configuration, in nnU-Net v2's schema."""
     dim = len(topology.patch_size)
     n = topology.num_stages
+    if s.network == "resenc":
+        name, blocks = RESENC_CLASS, {"n_blocks_per_stage": list(RESENC_BLOCKS_ENCODER[:n]),
+                                      "n_conv_per_stage_decoder": list(RESENC_BLOCKS_DECODER[:n - 1])}
+    else:
+        name, blocks = NETWORK_CLASS, {"n_conv_per_stage": [CONVS_PER_STAGE] * n,
+                                       "n_conv_per_stage_decoder": [CONVS_PER_STAGE] * (n - 1)}
     return {
-        "network_class_name": NETWORK_CLASS,
+        "network_class_name": name,
         "arch_kwargs": {
             "n_stages": n,
             "features_per_stage": list(_features(n, s, dim)),
             "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
             "kernel_sizes": [list(k) for k in topology.kernel_sizes],
             "strides": [list(st) for st in topology.strides],
-            "n_conv_per_stage": [CONVS_PER_STAGE] * n,
-            "n_conv_per_stage_decoder": [CONVS_PER_STAGE] * (n - 1),
+            **blocks,
             "conv_bias": True,
             "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
             "norm_op_kwargs": {"eps": 1e-05, "affine": True},
@@ -171,10 +199,12 @@ def plan_configuration(spacing, median_shape, data_identifier: str, n_voxels_dat
             cache[key] = feature_map_size(architecture(t, s), t.patch_size, spec.num_channels, len(spec.labels))
         return cache[key]
 
-    reference = (REFERENCE_FEATURE_MAP_2D if dim == 2 else REFERENCE_FEATURE_MAP_3D) * (s.gpu_memory_gb / REFERENCE_GPU_MEMORY_GB)
+    reference = (s.reference_feature_map_2d if dim == 2 else s.reference_feature_map_3d) * \
+        (s.gpu_memory_gb / s.reference_gpu_memory_gb)
     ref_batch = REFERENCE_BATCH_2D if dim == 2 else REFERENCE_BATCH_3D
+    scale = 2 / ref_batch if s.shrink_to_min_batch else 1
     est = estimate(topo)
-    while est / ref_batch * 2 > reference:
+    while est * scale > reference:
         axis = int(np.argsort([p / m for p, m in zip(topo.patch_size, median_shape)])[-1])
         # Shrink by the divisor of the shrunken patch, not the current one, so that no valid size is skipped.
         trial = list(topo.patch_size)
@@ -203,6 +233,13 @@ def plan_configuration(spacing, median_shape, data_identifier: str, n_voxels_dat
     }
 
 
+def data_identifier(s: PlannerSettings, configuration_name: str) -> str:
+    """``<plans>_<configuration>``; the ResEnc planners share the default planner's 2d and 3d_fullres data
+    (same spacing and preprocessing), as nnU-Net does."""
+    shared = s.network == "resenc" and configuration_name in ("2d", "3d_fullres")
+    return f"{SHARED_DATA_PLANS if shared else s.plans_name}_{configuration_name}"
+
+
 def plan_experiment(spec: DatasetSpec, fp: Fingerprint, s: PlannerSettings = PlannerSettings(),
                     dataset_name: str = "") -> dict:
     """All configurations for a dataset, as an nnU-Net v2 ``plans.json`` dict."""
@@ -213,7 +250,7 @@ def plan_experiment(spec: DatasetSpec, fp: Fingerprint, s: PlannerSettings = Pla
     shapes = [new_shape(sh, sp, fullres_spacing) for sp, sh in zip(fp.spacings, fp.shapes_after_crop)]
     median_t = np.median(shapes, 0)[forward]
     n_voxels = float(np.prod(median_t, dtype=np.float64) * spec.num_training)
-    ident = lambda c: f"{s.plans_name}_{c}"  # noqa: E731
+    ident = lambda c: data_identifier(s, c)  # noqa: E731
 
     configurations: dict[str, dict] = {}
     fullres = lowres = None

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from kubeseg.errors import KubesegError
 from kubeseg.jsonio import read_json
+from kubeseg.preprocessing.resampling_functions import check_configuration
 
 
 def load_plans(path: str | Path) -> dict:
@@ -23,7 +24,11 @@ def load_plans(path: str | Path) -> dict:
 
 
 def configuration(plans: dict, name: str) -> dict:
-    """The named configuration with everything it inherits filled in."""
+    """The named configuration with everything it inherits filled in.
+
+    Refused when its preprocessor or resampling functions are ones kubeseg cannot reproduce:
+    every step (preprocess, train, predict, import) resolves configurations here.
+    """
     configs = plans["configurations"]
     if name not in configs:
         raise KubesegError(f"configuration {name!r} is not in the plans; they have {sorted(configs)}")
@@ -35,4 +40,5 @@ def configuration(plans: dict, name: str) -> dict:
             raise KubesegError(f"configuration {name!r} inherits from {parent!r}, which is missing or circular ({' -> '.join(seen)})")
         seen.append(parent)
         merged = {**configs[parent], **merged}
+    check_configuration(merged, f"configuration {name!r}: ")
     return deepcopy(merged)  # callers may change it without touching the plans

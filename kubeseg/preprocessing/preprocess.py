@@ -30,11 +30,13 @@ from kubeseg.dataset_check import LoadedCase, load_case, require_valid_layout
 from kubeseg.errors import DatasetError, KubesegError
 from kubeseg.imageio import Geometry
 from kubeseg.jsonio import write_json
+from kubeseg.labels import ANNOTATED_KEY, LabelScheme
 from kubeseg.parallel import map_cases
 from kubeseg.planning.plans import configuration as resolve_configuration
 from kubeseg.preprocessing.cropping import crop_to_nonzero
 from kubeseg.preprocessing.normalization import normalize
-from kubeseg.preprocessing.resampling import compute_new_shape, resample_image, resample_seg
+from kubeseg.preprocessing.resampling import compute_new_shape
+from kubeseg.preprocessing.resampling_functions import data_resampler, seg_resampler
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +58,30 @@ def target_spacing(config: dict, original_spacing: list[float]) -> list[float]:
     return [original_spacing[0], *spacing] if len(spacing) < len(original_spacing) else spacing
 
 
-def sample_class_locations(seg: np.ndarray, labels: list[int]) -> dict[str, list[list[int]]]:
-    """Up to ``LOCATIONS_PER_CLASS`` voxel coordinates ``[0, z, y, x]`` per foreground label."""
+def sample_class_locations(seg: np.ndarray, labels: "list[int] | LabelScheme") -> dict[str, list[list[int]]]:
+    """Up to ``LOCATIONS_PER_CLASS`` voxel coordinates ``[0, z, y, x]`` per foreground label or region.
+
+    Keys: the label (``"2"``) or the region (``"(2, 3)"``); with an ignore label also
+    ``"annotated"`` (every voxel that is not the ignore label, -1 included), from which nnU-Net
+    draws the patches that are not forced to contain foreground.
+    """
     rng = np.random.RandomState(LOCATION_SEED)
     flat = seg.ravel()
+    if isinstance(labels, LabelScheme):
+        classes = dict(zip(labels.class_keys, labels.classes))
+        if labels.has_ignore_label:
+            classes[ANNOTATED_KEY] = (-1, *labels.all_labels)
+    else:
+        classes = {str(v): (v,) for v in labels}
     out: dict[str, list[list[int]]] = {}
-    for label in labels:
-        where = np.flatnonzero(flat == label)
+    for key, values in classes.items():
+        where = np.flatnonzero(np.isin(flat, values) if len(values) > 1 else flat == values[0])
         if where.size == 0:
-            out[str(label)] = []
+            out[key] = []
             continue
         n = max(min(LOCATIONS_PER_CLASS, where.size), int(np.ceil(where.size * MIN_LOCATION_COVERAGE)))
         picked = where[rng.choice(where.size, n, replace=False)]
-        out[str(label)] = np.stack(np.unravel_index(picked, seg.shape), axis=1).tolist()
+        out[key] = np.stack(np.unravel_index(picked, seg.shape), axis=1).tolist()
     return out
 
 
@@ -93,10 +106,9 @@ def preprocess_arrays(data: np.ndarray, seg: np.ndarray | None, geometry: Geomet
     shape = compute_new_shape(data.shape[1:], spacing, new_spacing)
     data = normalize(data, seg, config["normalization_schemes"], config["use_mask_for_norm"],
                      plans["foreground_intensity_properties_per_channel"])
-    data_kw = config.get("resampling_fn_data_kwargs", {})
-    seg_kw = config.get("resampling_fn_seg_kwargs", {})
-    data = resample_image(data, shape, spacing, new_spacing, data_kw.get("order", 3), data_kw.get("order_z", 0))
-    seg = resample_seg(seg, shape, spacing, new_spacing, seg_kw.get("order", 1), seg_kw.get("order_z", 0))
+    # the plans' resampling functions and arguments (nnU-Net's default, torch, or none)
+    data = data_resampler(config)(data, shape, spacing, new_spacing)
+    seg = seg_resampler(config)(seg, shape, spacing, new_spacing)
     if foreground_labels:
         properties["class_locations"] = sample_class_locations(seg, foreground_labels)
     seg = seg.astype(np.int16 if seg.max() > 127 else np.int8)
@@ -112,7 +124,7 @@ def _save(case_id: str, result: PreprocessedCase, folder: Path) -> None:
 
 def _preprocess_case(case: RawCase, spec: DatasetSpec, plans: dict, config: dict, folder: Path) -> None:
     loaded: LoadedCase = load_case(case, spec)
-    result = preprocess_arrays(loaded.data, loaded.seg, loaded.geometry, plans, config, spec.foreground_labels)
+    result = preprocess_arrays(loaded.data, loaded.seg, loaded.geometry, plans, config, spec.scheme)
     _save(case.case_id, result, folder)
 
 

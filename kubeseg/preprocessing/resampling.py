@@ -70,12 +70,16 @@ def _resample_volume(volume: np.ndarray, shape, axis: int | None, order: int, or
     return out
 
 
-def resample_image(data: np.ndarray, shape, current_spacing, new_spacing, order: int = 3, order_z: int = 0) -> np.ndarray:
+AUTO = "auto"  # ``axis`` default: decided by separate_axis(); None or an axis overrides (force_separate_z)
+
+
+def resample_image(data: np.ndarray, shape, current_spacing, new_spacing, order: int = 3, order_z: int = 0,
+                   axis: int | None | str = AUTO) -> np.ndarray:
     """Resample ``data`` (C, ...) float to ``shape``; float32 out."""
     data = np.asarray(data, dtype=np.float32)
     if tuple(data.shape[1:]) == tuple(shape):
         return data
-    axis = separate_axis(current_spacing, new_spacing)
+    axis = separate_axis(current_spacing, new_spacing) if axis == AUTO else axis
     return np.stack([_resample_volume(c, tuple(shape), axis, order, order_z) for c in data]).astype(np.float32, copy=False)
 
 
@@ -99,11 +103,12 @@ def _resample_labels(labels: np.ndarray, shape, order: int, keep_axis: int | Non
     return winner
 
 
-def resample_seg(seg: np.ndarray, shape, current_spacing, new_spacing, order: int = 1, order_z: int = 0) -> np.ndarray:
+def resample_seg(seg: np.ndarray, shape, current_spacing, new_spacing, order: int = 1, order_z: int = 0,
+                 axis: int | None | str = AUTO) -> np.ndarray:
     """Resample a label map ``seg`` (1, ...) to ``shape`` without inventing label values."""
     if tuple(seg.shape[1:]) == tuple(shape):
         return seg
-    axis = separate_axis(current_spacing, new_spacing)
+    axis = separate_axis(current_spacing, new_spacing) if axis == AUTO else axis
     out = []
     for labels in seg:
         if axis is None:

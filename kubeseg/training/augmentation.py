@@ -61,6 +61,7 @@ from batchgeneratorsv2.transforms.utils.nnunet_masking import MaskImageTransform
 from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, Convert3DTo2DTransform
 from batchgeneratorsv2.transforms.utils.random import RandomTransform
 from batchgeneratorsv2.transforms.utils.remove_label import RemoveLabelTransform
+from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentationToRegionsTransform
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +218,13 @@ def _intensity(params: AugmentationParams) -> list:
     ]
 
 
-def _targets(deep_supervision_scales, is_cascaded, foreground_labels, training: bool) -> list:
-    """Label clean-up, cascade inputs, deep-supervision targets (training and validation)."""
+def _targets(deep_supervision_scales, is_cascaded, foreground_labels, training: bool,
+             regions=None, ignore_label=None) -> list:
+    """Label clean-up, cascade inputs, region channels, deep-supervision targets (training and validation).
+
+    Regions: the label map becomes one binary channel per region (plus, with an ignore label, a
+    last channel marking the ignored voxels), as nnU-Net's ConvertSegmentationToRegionsTransform.
+    """
     t: list = [RemoveLabelTransform(-1, 0)]
     if is_cascaded:
         if not foreground_labels:
@@ -232,6 +238,9 @@ def _targets(deep_supervision_scales, is_cascaded, foreground_labels, training: 
             t.append(_sometimes(0.2, RemoveRandomConnectedComponentFromOneHotEncodingTransform(
                 channel_idx=onehot, fill_with_other_class_p=0, dont_do_if_covers_more_than_x_percent=0.15,
                 p_per_label=0.5)))
+    if regions is not None:
+        targets = [list(r) for r in regions] + ([ignore_label] if ignore_label is not None else [])
+        t.append(ConvertSegmentationToRegionsTransform(regions=targets, channel_in_seg=0))
     if deep_supervision_scales is not None:
         t.append(DownsampleSegForDSTransform(ds_scales=[list(s) for s in deep_supervision_scales]))
     return t
@@ -241,7 +250,8 @@ def get_training_transforms(params: AugmentationParams,
                             deep_supervision_scales: Optional[Sequence[Sequence[float]]],
                             use_mask_for_norm: Optional[Sequence[bool]] = None,
                             is_cascaded: bool = False,
-                            foreground_labels: Optional[Sequence[int]] = None) -> BatchAugmentation:
+                            foreground_labels: Optional[Sequence[int]] = None,
+                            regions=None, ignore_label: Optional[int] = None) -> BatchAugmentation:
     """nnU-Net's training augmentation (see module docstring)."""
     t = _spatial(params) + _intensity(params)
     if params.mirror_axes:
@@ -249,15 +259,18 @@ def get_training_transforms(params: AugmentationParams,
     if use_mask_for_norm is not None and any(use_mask_for_norm):
         t.append(MaskImageTransform(apply_to_channels=[i for i, m in enumerate(use_mask_for_norm) if m],
                                     channel_idx_in_seg=0, set_outside_to=0))
-    t += _targets(deep_supervision_scales, is_cascaded, foreground_labels, training=True)
+    t += _targets(deep_supervision_scales, is_cascaded, foreground_labels, training=True, regions=regions,
+                  ignore_label=ignore_label)
     return BatchAugmentation(t)
 
 
 def get_validation_transforms(deep_supervision_scales: Optional[Sequence[Sequence[float]]],
                               is_cascaded: bool = False,
-                              foreground_labels: Optional[Sequence[int]] = None) -> BatchAugmentation:
+                              foreground_labels: Optional[Sequence[int]] = None,
+                              regions=None, ignore_label: Optional[int] = None) -> BatchAugmentation:
     """Validation batches: no augmentation, only label clean-up, DS targets and tensors."""
-    return BatchAugmentation(_targets(deep_supervision_scales, is_cascaded, foreground_labels, training=False))
+    return BatchAugmentation(_targets(deep_supervision_scales, is_cascaded, foreground_labels, training=False,
+                                      regions=regions, ignore_label=ignore_label))
 
 
 # ----------------------------------------------------------------------------------------

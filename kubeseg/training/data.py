@@ -34,6 +34,7 @@ import numpy as np
 from batchgenerators.dataloading.data_loader import DataLoader
 
 from kubeseg.training.watchdog import init_worker
+from kubeseg.labels import ANNOTATED_KEY
 
 PathLike = Union[str, Path]
 
@@ -54,11 +55,13 @@ def list_case_identifiers(folder: PathLike) -> list[str]:
     return sorted(ids)
 
 
-def _class_locations(raw: dict) -> dict[int, np.ndarray]:
+def _class_locations(raw: dict) -> dict:
+    """Keys: a label (int), a region (``"(2, 3)"``) or ``"annotated"`` (ignore-label datasets)."""
     out = {}
     for k, v in (raw or {}).items():
         arr = np.asarray(v, dtype=np.int64)
-        out[int(k)] = arr.reshape(-1, 4) if arr.size else np.zeros((0, 4), dtype=np.int64)
+        key = int(k) if k.lstrip("-").isdigit() else k
+        out[key] = arr.reshape(-1, 4) if arr.size else np.zeros((0, 4), dtype=np.int64)
     return out
 
 
@@ -166,13 +169,15 @@ class PatchLoader(DataLoader):
                for d in range(dim)]
 
         selected = None
-        if force_fg and class_locations is not None:
-            eligible = [k for k, v in class_locations.items() if len(v) > 0]
-            if eligible:
-                if overwrite_class is not None and overwrite_class in eligible:
-                    selected = overwrite_class
-                else:
-                    selected = eligible[np.random.choice(len(eligible))]
+        if not force_fg and class_locations is not None and ANNOTATED_KEY in class_locations:
+            # sparse annotation: unforced patches are centred on annotated voxels, as nnU-Net does
+            selected = ANNOTATED_KEY if len(class_locations[ANNOTATED_KEY]) else None
+        elif force_fg and class_locations is not None:
+            eligible = [k for k, v in class_locations.items() if len(v) > 0 and k != ANNOTATED_KEY]
+            if overwrite_class is not None and len(class_locations.get(overwrite_class, ())) > 0:
+                selected = overwrite_class  # 2D: the class (or the annotated voxels) the slice was picked for
+            elif eligible:
+                selected = eligible[np.random.choice(len(eligible))]
         if selected is not None:
             voxels = class_locations[selected]
             voxel = voxels[np.random.choice(len(voxels))]
@@ -194,8 +199,10 @@ class PatchLoader(DataLoader):
             return crop_and_pad(data, lbs, ubs, 0), crop_and_pad(seg, lbs, ubs, -1)
         # 2D: pick a slice (one containing the chosen label if forced), then a 2D patch
         selected = None
-        if force_fg:
-            eligible = [k for k, v in locs.items() if len(v) > 0]
+        if not force_fg and ANNOTATED_KEY in locs:
+            selected = ANNOTATED_KEY if len(locs[ANNOTATED_KEY]) else None
+        elif force_fg:
+            eligible = [k for k, v in locs.items() if len(v) > 0 and k != ANNOTATED_KEY]
             if eligible:
                 selected = eligible[np.random.choice(len(eligible))]
         if selected is not None:

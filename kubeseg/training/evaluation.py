@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy import ndimage
 
+from kubeseg.labels import region_key
+
 
 def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
@@ -37,14 +39,23 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing: Optional[Sequence[float]] =
     return float(np.percentile(dists, 95))
 
 
-def label_metrics(pred: np.ndarray, ref: np.ndarray, label: int,
-                  spacing: Optional[Sequence[float]] = None) -> dict:
-    p = pred == label
-    r = ref == label
+def label_metrics(pred: np.ndarray, ref: np.ndarray, label: "int | Sequence[int]",
+                  spacing: Optional[Sequence[float]] = None, annotated: Optional[np.ndarray] = None) -> dict:
+    """Metrics of one label, or of a region (a sequence of labels: voxels holding any of them).
+
+    ``annotated``: where the reference is annotated (ignore-label datasets); other voxels count
+    nowhere, as in nnU-Net's evaluation.
+    """
+    if isinstance(label, (int, np.integer)):
+        p, r = pred == label, ref == label
+    else:
+        p, r = np.isin(pred, label), np.isin(ref, label)
+    if annotated is not None:
+        p, r = p & annotated, r & annotated
     tp = int(np.sum(p & r))
     fp = int(np.sum(p & ~r))
     fn = int(np.sum(~p & r))
-    tn = int(p.size - tp - fp - fn)
+    tn = int((p.size if annotated is None else np.sum(annotated)) - tp - fp - fn)
     denom = 2 * tp + fp + fn
     return {
         "Dice": float("nan") if denom == 0 else 2 * tp / denom,
@@ -60,14 +71,19 @@ def _nanmean(values: list) -> float:
     return float(np.mean(v)) if v else float("nan")
 
 
-def summarize(per_case: list[dict], labels: Sequence[int]) -> dict:
-    """nnU-Net's summary layout: ``metric_per_case``, ``mean`` per label, ``foreground_mean``."""
+def metric_key(label) -> str:
+    """``"2"`` for a label, ``"(2, 3)"`` for a region (nnU-Net's summary.json keys)."""
+    return str(label) if isinstance(label, (int, np.integer)) else region_key(tuple(int(v) for v in label))
+
+
+def summarize(per_case: list[dict], labels: Sequence) -> dict:
+    """nnU-Net's summary layout: ``metric_per_case``, ``mean`` per label or region, ``foreground_mean``."""
     mean = {}
     for lab in labels:
-        key = str(lab)
+        key = metric_key(lab)
         mean[key] = {m: _nanmean([c["metrics"][key][m] for c in per_case])
                      for m in ("Dice", "IoU", "HD95", "TP", "FP", "FN", "TN", "n_pred", "n_ref")}
-    fg = {m: _nanmean([mean[str(lab)][m] for lab in labels]) for m in ("Dice", "IoU", "HD95")}
+    fg = {m: _nanmean([mean[metric_key(lab)][m] for lab in labels]) for m in ("Dice", "IoU", "HD95")}
     return {"metric_per_case": per_case, "mean": mean, "foreground_mean": fg}
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from kubeseg.labels import IGNORE_KEY, LabelScheme, label_scheme
 from kubeseg.planning.plans import configuration as resolve_configuration
 
 PathLike = Union[str, Path]
@@ -19,38 +20,47 @@ PathLike = Union[str, Path]
 
 @dataclass(frozen=True)
 class LabelInfo:
-    """Label facts from ``dataset.json``: which integer labels exist and how many outputs.
+    """Label facts from ``dataset.json`` that training and inference need (rules: :mod:`kubeseg.labels`).
 
-    Region-based training and the ignore label are not supported by this engine yet; both
-    raise ``NotImplementedError`` here so the failure is early and explicit.
+    Plain labels: one softmax output per label. Regions: one sigmoid output per foreground
+    region, ``regions_class_order`` to paint the label map. ``ignore_label``: not annotated.
     """
 
-    all_labels: tuple[int, ...]          # sorted, including background 0
+    all_labels: tuple[int, ...]          # sorted, including background 0, without the ignore label
     foreground_labels: tuple[int, ...]   # all_labels without 0
     names: dict[int, str]
     num_input_modalities: int
+    scheme: LabelScheme = None  # type: ignore[assignment]
+
+    @property
+    def has_regions(self) -> bool:
+        return self.scheme.has_regions
+
+    @property
+    def regions(self):
+        return self.scheme.regions
+
+    @property
+    def ignore_label(self):
+        return self.scheme.ignore_label
 
     @property
     def num_segmentation_heads(self) -> int:
-        return len(self.all_labels)
+        return self.scheme.num_segmentation_heads
+
+    @property
+    def output_labels(self) -> tuple[int, ...]:
+        """Values of the predicted label map."""
+        return self.scheme.output_labels
 
     @classmethod
     def from_dataset_json(cls, dataset_json: dict) -> "LabelInfo":
-        labels = dataset_json["labels"]
-        names: dict[int, str] = {}
-        for k, v in labels.items():
-            if isinstance(v, (list, tuple)):
-                raise NotImplementedError("region-based labels are not supported by kubeseg training yet")
-            if k == "ignore":
-                raise NotImplementedError("the ignore label is not supported by kubeseg training yet")
-            names[int(v)] = k
-        all_labels = tuple(sorted(names))
-        if 0 not in all_labels:
-            raise ValueError("dataset.json labels must contain background = 0")
+        scheme = label_scheme(dataset_json)
+        names = {vs[0]: k for k, vs in scheme.names.items() if len(vs) == 1 and k != IGNORE_KEY}
         channels = dataset_json.get("channel_names", dataset_json.get("modality"))
         if channels is None:
             raise ValueError("dataset.json has neither channel_names nor modality")
-        return cls(all_labels, tuple(i for i in all_labels if i != 0), names, len(channels))
+        return cls(scheme.all_labels, scheme.foreground_labels, names, len(channels), scheme)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -280,7 +281,8 @@ class FoldTrainer:
             _out_of_place_activations(self.network)
         self.optimizer = make_optimizer(self.network.parameters(), self.settings.optimizer)
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
-        self.loss = build_loss(self.cfg.batch_dice, len(self.ds_scales) if self.ds_scales else None)
+        self.loss = build_loss(self.cfg.batch_dice, len(self.ds_scales) if self.ds_scales else None,
+                               regions=self.labels.has_regions, ignore_label=self.labels.ignore_label)
 
     def save_checkpoint(self, path: Path, finished_epochs: int) -> Path:
         ckpt = make_checkpoint(self.network.state_dict(), self.optimizer.state_dict(),
@@ -351,15 +353,28 @@ class FoldTrainer:
         if isinstance(output, (list, tuple)):
             output, target = output[0], target[0]
         axes = [0] + list(range(2, output.ndim))
-        seg = output.argmax(1)[:, None]
-        pred = torch.zeros(output.shape, device=output.device, dtype=torch.float32).scatter_(1, seg, 1)
-        tgt = torch.zeros(output.shape, device=output.device, dtype=torch.float32)
-        tgt.scatter_(1, target.long().clamp_min(0), 1)
+        mask = None
+        if self.labels.has_regions:  # sigmoid outputs, one binary target channel per region
+            pred = (torch.sigmoid(output.float()) > 0.5).float()
+            if self.labels.ignore_label is not None:
+                mask, target = ~target[:, -1:].bool(), target[:, :-1]
+            tgt = target.float()
+        else:
+            seg = output.argmax(1)[:, None]
+            pred = torch.zeros(output.shape, device=output.device, dtype=torch.float32).scatter_(1, seg, 1)
+            labels = target.long().clamp_min(0)
+            if self.labels.ignore_label is not None:
+                mask = labels != self.labels.ignore_label
+                labels = torch.where(mask, labels, 0)
+            tgt = torch.zeros(output.shape, device=output.device, dtype=torch.float32).scatter_(1, labels, 1)
+        if mask is not None:
+            pred, tgt = pred * mask, tgt * mask
         tp = (pred * tgt).sum(axes)
         fp = (pred * (1 - tgt)).sum(axes)
         fn = ((1 - pred) * tgt).sum(axes)
-        return {"loss": float(loss.detach().cpu()), "tp": tp[1:].cpu().numpy(), "fp": fp[1:].cpu().numpy(),
-                "fn": fn[1:].cpu().numpy()}
+        first = 0 if self.labels.has_regions else 1  # softmax: leave out background
+        return {"loss": float(loss.detach().cpu()), "tp": tp[first:].cpu().numpy(), "fp": fp[first:].cpu().numpy(),
+                "fn": fn[first:].cpu().numpy()}
 
     # -- the loop ---------------------------------------------------------------------
     def _loaders(self, tr_keys, val_keys):
@@ -371,9 +386,11 @@ class FoldTrainer:
         dl_tr = PatchLoader(ds_tr, bs, self.aug.initial_patch_size, self.cfg.patch_size, p)
         dl_val = PatchLoader(ds_val, bs, self.cfg.patch_size, self.cfg.patch_size, p)
         fg = self.labels.foreground_labels
+        regions, ignore = self.labels.regions, self.labels.ignore_label
         tr_t = get_training_transforms(self.aug, self.ds_scales, self.cfg.use_mask_for_norm or None,
-                                       self.cfg.is_cascaded, fg)
-        val_t = get_validation_transforms(self.ds_scales, self.cfg.is_cascaded, fg)
+                                       self.cfg.is_cascaded, fg, regions=regions, ignore_label=ignore)
+        val_t = get_validation_transforms(self.ds_scales, self.cfg.is_cascaded, fg, regions=regions,
+                                          ignore_label=ignore)
         return dl_tr, tr_t, dl_val, val_t
 
     def run(self) -> Path:
@@ -495,7 +512,7 @@ class FoldTrainer:
             mean_dice = float(np.nanmean(dice)) if not all(np.isnan(dice)) else float("nan")
             val_loss = float(np.mean(val_losses))
         else:
-            dice, mean_dice, val_loss = [float("nan")] * len(self.labels.foreground_labels), float("nan"), \
+            dice, mean_dice, val_loss = [float("nan")] * len(self.labels.scheme.classes), float("nan"), \
                 float("nan")
         self.progress.log("val_losses", val_loss, epoch)
         self.progress.log("dice_per_class_or_region", dice, epoch)
@@ -505,7 +522,7 @@ class FoldTrainer:
         ema = self.progress.get("ema_fg_dice", epoch)
         metrics = {
             "epoch": epoch, "train_loss": self.progress.get("train_losses", epoch), "val_loss": val_loss,
-            "pseudo_dice": {str(lab): d for lab, d in zip(self.labels.foreground_labels, dice)},
+            "pseudo_dice": {key: d for key, d in zip(self.labels.scheme.class_keys, dice)},
             "mean_fg_dice": mean_dice, "ema_fg_dice": ema, "lr": lr,
             "epoch_time_s": self.progress.get("epoch_end_timestamps", epoch)
             - self.progress.get("epoch_start_timestamps", epoch),
@@ -563,8 +580,9 @@ class FoldTrainer:
                                                mirror_axes=tuple(mirror) if mirror else None, accumulator="float32")
                 logits = predict_logits(self.network, data, self.cfg.patch_size,
                                         self.labels.num_segmentation_heads, self.device, window)
-            probs = torch.softmax(logits.float(), 0).numpy()
-            seg = np.asarray(self.labels.all_labels, dtype=np.uint8)[probs.argmax(0)]
+            scheme = self.labels.scheme
+            probs = (torch.sigmoid if scheme.has_regions else partial(torch.softmax, dim=0))(logits.float()).numpy()
+            seg = scheme.to_segmentation(probs)
             arrays = {"segmentation": seg}
             if self.settings.save_probabilities:
                 arrays["probabilities"] = probs.astype(np.float32)
@@ -576,12 +594,13 @@ class FoldTrainer:
             ref = np.asarray(case.seg[0]).astype(np.int16)
             ref[ref < 0] = 0
             spacing = self._voxel_spacing(case.properties, seg.ndim)
-            metrics = {str(lab): label_metrics(seg, ref, lab, spacing)
-                       for lab in self.labels.foreground_labels}
+            annotated = scheme.annotated(ref)
+            metrics = {key: label_metrics(seg, ref, cls if len(cls) > 1 else cls[0], spacing, annotated)
+                       for key, cls in zip(scheme.class_keys, scheme.classes)}
             per_case.append({"case": key, "prediction_file": str(out), "metrics": metrics})
             rl(f"validation {key}: " + ", ".join(f"label {k} Dice {v['Dice']:.4f} HD95 {v['HD95']:.2f}"
                                                  for k, v in metrics.items()))
-        summary = summarize(per_case, self.labels.foreground_labels)
+        summary = summarize(per_case, [c if len(c) > 1 else c[0] for c in self.labels.scheme.classes])
         path = write_summary(summary, self.validation_dir / "summary.json",
                              extra={"geometry": "preprocessed", "configuration_spacing": list(self.cfg.spacing),
                                     "configuration": self.configuration, "fold": self.fold})

@@ -86,7 +86,13 @@ def make_model(a) -> int:
     extractor.show_progress_bar = False
     with contextlib.redirect_stdout(io.StringIO()):
         fingerprint = extractor.run(overwrite_existing=True)
-        planner = ExperimentPlanner(NAME, gpu_memory_target_in_gb=0.5, plans_name="nnUNetSmallPlans")
+        planner_class = ExperimentPlanner
+        if a.planner != "ExperimentPlanner":  # e.g. nnUNetPlannerResEncM (same CPU-sized budget and widths)
+            import nnunetv2
+            from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+            planner_class = recursive_find_python_class(os.path.join(nnunetv2.__path__[0], "experiment_planning"),
+                                                        a.planner, current_module="nnunetv2.experiment_planning")
+        planner = planner_class(NAME, gpu_memory_target_in_gb=0.5, plans_name="nnUNetSmallPlans")
         planner.UNet_base_num_features = 8
         planner.UNet_max_features_3d = 64
         planner.UNet_max_features_2d = 64
@@ -175,6 +181,7 @@ def main(argv=None) -> int:
     m.add_argument("--configs", nargs="+", default=["3d_fullres", "2d"])
     m.add_argument("--folds", nargs="+", default=["0"])
     m.add_argument("--seed", type=int, default=1234)
+    m.add_argument("--planner", default="ExperimentPlanner", help="nnunetv2 planner class")
     m.add_argument("--patch-3d", type=int, nargs=3, help="override the planned 3d_fullres patch size")
     m.add_argument("--patch-2d", type=int, nargs=2, help="override the planned 2d patch size")
     m.set_defaults(fn=make_model)

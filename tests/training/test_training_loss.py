@@ -53,3 +53,30 @@ def test_minus_one_counts_as_background():
     y_zero[:, :, 0] = 0
     loss = DiceCELoss(batch_dice=True)
     torch.testing.assert_close(loss(x, y_neg), loss(x, y_zero))
+
+
+@pytest.mark.parametrize("batch_dice", [True, False])
+def test_ignore_label_matches_nnunet(batch_dice):
+    compound = pytest.importorskip("nnunetv2.training.loss.compound_losses")
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    torch.manual_seed(3)
+    ref = compound.DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                                  weight_ce=1, weight_dice=1, ignore_label=3, dice_class=MemoryEfficientSoftDiceLoss)
+    x = torch.randn(2, 3, 8, 16, 16)
+    y = torch.randint(0, 4, (2, 1, 8, 16, 16)).float()
+    torch.testing.assert_close(DiceCELoss(batch_dice, ignore_label=3)(x, y), ref(x, y))
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_regions_match_nnunet_dc_and_bce(ignore):
+    compound = pytest.importorskip("nnunetv2.training.loss.compound_losses")
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+
+    torch.manual_seed(4)
+    ref = compound.DC_and_BCE_loss({}, {"batch_dice": True, "do_bg": True, "smooth": 1e-5, "ddp": False},
+                                   use_ignore_label=ignore, dice_class=MemoryEfficientSoftDiceLoss)
+    x = torch.randn(2, 3, 8, 16, 16)
+    y = (torch.rand(2, 3 + ignore, 8, 16, 16) > 0.6).to(torch.int16)
+    torch.testing.assert_close(build_loss(True, None, regions=True, ignore_label=4 if ignore else None)(x, y),
+                               ref(x, y))
