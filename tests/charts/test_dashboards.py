@@ -38,6 +38,8 @@ METRICS = {
     "kubeseg_trigger_suppressed_total": ("counter", {"reason"}),
     "kubeseg_trigger_failures_total": ("counter", set()),
     "kubeseg_trigger_last_run_timestamp_seconds": ("gauge", set()),
+    "kubeseg_qa_flags_total": ("counter", {"flag"}),
+    "kubeseg_review_queued_total": ("counter", set()),
 }
 # job and instance from Prometheus; the rest from the Prometheus Operator's ServiceMonitor relabeling
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "endpoint"}
