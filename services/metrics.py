@@ -36,6 +36,8 @@ class ServiceMetrics:
     model_swaps: object
     inflight: object
     gpu_memory: object
+    auth_refusals: object
+    signature_refusals: object
 
 
 _lock = threading.Lock()
@@ -82,6 +84,10 @@ def service_metrics() -> ServiceMetrics:
                                multiprocess_mode="livesum"),
                 gpu_memory=Gauge("kubeseg_gpu_memory_bytes", "GPU memory held by the service (allocated|reserved)",
                                  ["device", "kind"], multiprocess_mode="livesum"),
+                auth_refusals=Counter("kubeseg_auth_refusals_total",
+                                      "Requests refused for a missing or invalid credential (401) or scope (403)"),
+                signature_refusals=Counter("kubeseg_model_signature_refusals_total",
+                                           "Model versions refused: unsigned, signed by another key, or altered"),
             )
         return _metrics
 

@@ -20,6 +20,7 @@ from typing import Any, Optional, Union
 import bentoml
 from bentoml.exceptions import BentoMLException
 
+from services.auth import AuthMiddleware, warn_if_disabled
 from services.decode import BadInput, Limits
 from services.metrics import STAGES, RollingWindow, service_metrics
 from services.model_source import ModelHolder, ServedModel
@@ -138,6 +139,7 @@ class Segmentation:
         global _holder
         _holder = self.holder
         log.info("kubeseg service settings: %s", describe(SETTINGS))
+        warn_if_disabled(SETTINGS.auth)
         self.holder.start()
 
     # -- model lifecycle ------------------------------------------------------------------------------
@@ -237,6 +239,12 @@ class Segmentation:
                 "settings": describe(self.settings)}
 
 
+def _count_refusal() -> None:
+    service_metrics().auth_refusals.inc()
+
+
+# first added = outermost: a request is authenticated (deny by default, services/auth.py) before anything else
+Segmentation.add_asgi_middleware(AuthMiddleware, settings=SETTINGS.auth, on_refusal=_count_refusal)
 Segmentation.add_asgi_middleware(ReadyWithVersion)
 Segmentation.add_asgi_middleware(RequestBodyLimit, max_bytes=SETTINGS.max_request_bytes,
                                   paths=("/segment", "/segment_summary"))
