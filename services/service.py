@@ -135,11 +135,14 @@ class Segmentation:
             self.metrics.drift_threshold.labels(check).set(value)
         self.limits = Limits(SETTINGS.max_voxels, SETTINGS.min_size, SETTINGS.max_request_bytes)
         self._work_root = Path(tempfile.mkdtemp(prefix="kubeseg-requests-"))
-        self.holder = ModelHolder(SETTINGS, self._swapped, self._swap_failed)
+        self.holder = ModelHolder(SETTINGS, self._swapped, self._swap_failed, self._refused)
         global _holder
         _holder = self.holder
         log.info("kubeseg service settings: %s", describe(SETTINGS))
         warn_if_disabled(SETTINGS.auth)
+        if not SETTINGS.signing.required:
+            log.warning("!!! MODEL SIGNATURES ARE NOT CHECKED (KUBESEG_MODEL_SIGNATURES=disabled): any version the "
+                        "alias points to is served. Development only. !!!")
         self.holder.start()
 
     # -- model lifecycle ------------------------------------------------------------------------------
@@ -153,6 +156,9 @@ class Segmentation:
 
     def _swap_failed(self, error: str) -> None:
         self.metrics.model_swaps.labels("failed").inc()
+
+    def _refused(self, version: str, reason: str) -> None:
+        self.metrics.signature_refusals.inc()
 
     def __is_ready__(self) -> bool:
         return self.holder.current is not None

@@ -202,11 +202,11 @@ class ServiceSettings:
                 spacing=_env("KUBESEG_DRIFT_THRESHOLD_SPACING", DriftSettings.spacing, float),
                 shape=_env("KUBESEG_DRIFT_THRESHOLD_SHAPE", DriftSettings.shape, float),
             ),
-            auth=AuthSettings.from_env(),
-            signing=SigningSettings.from_env(),
         )
-        s.validate()
-        return s
+        s.validate()  # the model source first: the most basic mistake is named first
+        from dataclasses import replace
+
+        return replace(s, auth=AuthSettings.from_env(), signing=SigningSettings.from_env())
 
     def validate(self) -> None:
         if self.model_bundle is None and not self.model_name:
