@@ -237,6 +237,16 @@ class TriggerSettings:
     work_dir: Path = Path("retraining-runs")
     alert_label: str = "kubeseg_action"  # alerts with <alert_label>=retrain start runs
     alert_value: str = "retrain"
+    # who may post alerts: Alertmanager's webhook http_config (bearer token, or basic auth), from a Secret
+    auth_enabled: bool = True
+    token_file: Optional[Path] = None  # the bearer token Alertmanager sends (same Secret, mounted on both)
+    basic_user: Optional[str] = None
+    basic_password_file: Optional[Path] = None
+    max_body_bytes: int = 256 * 1024  # Alertmanager's notifications are a few KB; max_alerts bounds them too
+    max_alerts: int = 100
+    # de-duplication key: these labels of each actionable alert (never the payload's groupKey)
+    dedup_labels: tuple[str, ...] = ("alertname", "namespace", "job", "model")
+    max_run_seconds: float = 24 * 3600.0  # a run older than this no longer counts as in flight
 
     @classmethod
     def from_env(cls) -> "TriggerSettings":
@@ -254,6 +264,14 @@ class TriggerSettings:
             retrain_mode=_env("KUBESEG_RETRAIN_MODE", d.retrain_mode, str),
             schedule=_env("KUBESEG_RETRAIN_SCHEDULE", d.schedule, str),
             work_dir=Path(_env("KUBESEG_RETRAIN_WORK_DIR", str(d.work_dir), str)),
+            auth_enabled=_trigger_auth(),
+            token_file=_optional_path("KUBESEG_TRIGGER_TOKEN_FILE"),
+            basic_user=_env("KUBESEG_TRIGGER_BASIC_USER", None, str),
+            basic_password_file=_optional_path("KUBESEG_TRIGGER_BASIC_PASSWORD_FILE"),
+            max_body_bytes=_env("KUBESEG_TRIGGER_MAX_BODY_BYTES", d.max_body_bytes, int),
+            max_alerts=_env("KUBESEG_TRIGGER_MAX_ALERTS", d.max_alerts, int),
+            dedup_labels=_env("KUBESEG_TRIGGER_DEDUP_LABELS", d.dedup_labels, _paths),
+            max_run_seconds=_env("KUBESEG_TRIGGER_MAX_RUN_SECONDS", d.max_run_seconds, float),
         )
         s.validate()
         return s
@@ -270,6 +288,33 @@ class TriggerSettings:
                 raise SettingsError(f"the trigger needs {name}")
         if self.cooldown_seconds < 0:
             raise SettingsError("KUBESEG_TRIGGER_COOLDOWN_SECONDS must not be negative")
+        if self.auth_enabled:
+            if not self.token_file and not (self.basic_user and self.basic_password_file):
+                raise SettingsError("the trigger's webhook authentication is on (KUBESEG_TRIGGER_AUTH=enabled) but "
+                                    "has no credential: set KUBESEG_TRIGGER_TOKEN_FILE, or KUBESEG_TRIGGER_BASIC_USER "
+                                    "and KUBESEG_TRIGGER_BASIC_PASSWORD_FILE, or KUBESEG_TRIGGER_AUTH=disabled for "
+                                    "development")
+            for name, f in (("KUBESEG_TRIGGER_TOKEN_FILE", self.token_file),
+                            ("KUBESEG_TRIGGER_BASIC_PASSWORD_FILE", self.basic_password_file)):
+                if f is not None and (not f.is_file() or not f.read_text().strip()):
+                    raise SettingsError(f"{name}={f} is not a file holding a secret")
+        if "alertname" not in self.dedup_labels:
+            raise SettingsError("KUBESEG_TRIGGER_DEDUP_LABELS must include alertname")
+        if self.max_body_bytes < 1024 or self.max_alerts < 1:
+            raise SettingsError("KUBESEG_TRIGGER_MAX_BODY_BYTES must be at least 1024 and KUBESEG_TRIGGER_MAX_ALERTS "
+                                "at least 1")
+
+
+def _optional_path(name: str) -> Optional[Path]:
+    raw = _env(name, None, str)
+    return Path(raw) if raw else None
+
+
+def _trigger_auth() -> bool:
+    mode = _env("KUBESEG_TRIGGER_AUTH", "enabled", str).lower()
+    if mode not in ("enabled", "disabled"):
+        raise SettingsError(f"KUBESEG_TRIGGER_AUTH must be enabled or disabled, not {mode!r}")
+    return mode == "enabled"
 
 
 def describe(settings) -> dict:
