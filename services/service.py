@@ -28,6 +28,9 @@ from services.segmenter import Outcome, RequestOptions, segment_request
 from services.settings import ServiceSettings, describe
 
 log = logging.getLogger("kubeseg.service")
+# BentoML's logging setup leaves other loggers at WARNING: kubeseg's request log (kubeseg.auth),
+# audit trail (kubeseg.audit) and model swaps (kubeseg.service) are INFO
+logging.getLogger("kubeseg").setLevel(logging.INFO)
 SETTINGS = ServiceSettings.from_env()  # at import: a bad setting stops `bentoml serve` with its name
 _TMP_PREFIX = re.compile(r"^tmp[A-Za-z0-9_]{8}")
 

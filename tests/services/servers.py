@@ -140,3 +140,24 @@ def wait_for(what: str, check, timeout: float, interval: float = 1.0):
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def mlflow_auth_server(root: Path, admin_password: str) -> Server:
+    """``mlflow server --app-name basic-auth`` (as the chart runs it): SQLite stores, READ by default,
+    every request but /health authenticated; the admin's password from the environment."""
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "basic_auth.ini"
+    config.write_text("[mlflow]\ndefault_permission = READ\n"
+                      f"database_uri = sqlite:///{root / 'auth.db'}\nadmin_username = admin\n"
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    mlflow = Path(sys.executable).with_name("mlflow")
+    s = Server("mlflow-auth", [str(mlflow), "server", "--app-name", "basic-auth",
+                               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                               "--artifacts-destination", str(root / "artifacts"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+               f"http://127.0.0.1:{port}/health", root,
+               {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-csrf-key"}, startup_s=240)
+    s.url = f"http://127.0.0.1:{port}"
+    return s
