@@ -87,7 +87,7 @@ def trigger_server(root: Path, env: dict) -> Server:
     return s
 
 
-def alertmanager_server(root: Path, webhook_url: str) -> Server:
+def alertmanager_server(root: Path, webhook_url: str, token_file: Optional[Path] = None) -> Server:
     port = free_port()
     config = root / "alertmanager.yml"
     # one notification per alert name (several drift checks firing = one group = one run)
@@ -96,7 +96,12 @@ def alertmanager_server(root: Path, webhook_url: str) -> Server:
                   "repeat_interval": "10s",
                   "routes": [{"receiver": "kubeseg-retrain", "matchers": ['kubeseg_action="retrain"']}]},
         "receivers": [{"name": "null"},
-                      {"name": "kubeseg-retrain", "webhook_configs": [{"url": webhook_url, "send_resolved": True}]}],
+                      {"name": "kubeseg-retrain", "webhook_configs": [{
+                          "url": webhook_url, "send_resolved": True,
+                          # Alertmanager's own webhook authentication, as the chart configures it
+                          **({"http_config": {"authorization": {"type": "Bearer",
+                                                                "credentials_file": str(token_file)}}}
+                             if token_file else {})}]}],
     }))
     binary = shutil.which("prometheus-alertmanager") or "alertmanager"
     s = Server("alertmanager", [binary, f"--config.file={config}", f"--storage.path={root / 'am-data'}",
