@@ -294,7 +294,9 @@ def test_authentication_and_signatures_are_on_by_default(setup):
     assert "KUBESEG_AUTH" not in seg and "KUBESEG_MODEL_SIGNATURES" not in seg  # the programs' default: on
     assert seg["KUBESEG_API_KEYS_FILE"].startswith("/etc/kubeseg/api-keys/")
     assert seg["KUBESEG_MODEL_PUBLIC_KEY"].startswith("/etc/kubeseg/model-signing/")
-    assert seg["MLFLOW_TRACKING_USERNAME"] == "kubeseg-service"
+    assert seg["MLFLOW_TRACKING_USERNAME"]["secretKeyRef"] == {"name": "mlflow-reader", "key": "username"}
+    mlflow_monitor = one(docs, "ServiceMonitor", MLF)["spec"]["endpoints"][0]
+    assert mlflow_monitor["basicAuth"]["password"] == {"name": "mlflow-reader", "key": "password"}
     trig = env_of(_container(docs, "Deployment", TRIG))
     assert "KUBESEG_TRIGGER_AUTH" not in trig and trig["KUBESEG_TRIGGER_TOKEN_FILE"].startswith("/etc/kubeseg/webhook/")
     mlflow = _container(docs, "Deployment", MLF)

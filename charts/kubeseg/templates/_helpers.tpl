@@ -166,11 +166,14 @@ imagePullSecrets:
 {{- if $sec.auth }}
 {{- $acct := index $sec.mlflow .account }}
 - name: MLFLOW_TRACKING_USERNAME
-  value: {{ $acct.username | quote }}
-- name: MLFLOW_TRACKING_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ required (printf "security.mlflow.%s.existingSecret is required with security.auth" .account) $acct.existingSecret }}
+      key: username
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $acct.existingSecret }}
       key: password
 {{- end }}
 {{- end }}
