@@ -162,8 +162,10 @@ def test_every_service_door_needs_a_credential(stack):
     assert r.status_code == 200, r.text[:300]
     r = _post(url, "/segment_summary", {"Authorization": f"Bearer {_token(stack['idp'])}"}, case)
     assert r.status_code == 200 and r.json()["model"]["version"] == "1", r.text[:300]
-    log = stack["service"].tail(200_000)
-    assert "by api-key:test-client -> 200" in log and "by jwt:dr.house -> 200" in log
+    # the request log names the caller (written once the response is sent: wait for it)
+    log = wait_for("the request log", lambda: (lambda t: t if "by api-key:test-client -> 200" in t
+                                                and "by jwt:dr.house -> 200" in t else None)(
+        stack["service"].tail(200_000)), 30)
     assert stack["client_key"] not in log
 
 
