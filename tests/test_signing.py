@@ -60,3 +60,17 @@ def _sign_copy(tmp_path, private):
     c = _bundle(tmp_path / "copy")
     sign_bundle(c, private)
     return c
+
+
+def test_predict_refuses_a_bundle_the_key_has_not_signed(tmp_path, keys, capsys):
+    from kubeseg.cli import main
+
+    (private, public), (other, _) = keys
+    b = _bundle(tmp_path / "b")
+    sign_bundle(b, other)
+    image = tmp_path / "case.nii.gz"
+    image.write_bytes(b"not read: the signature is checked first")
+    assert main(["predict", "-i", str(image), "-o", str(tmp_path / "out"), "-m", str(b), "--public-key", str(public)]) == 2
+    err = capsys.readouterr().err
+    assert "signed by key" in err and str(b) in err
+    assert not (tmp_path / "out").exists()
