@@ -137,6 +137,11 @@ def cmd_cascade_inputs(a) -> int:
 def cmd_predict(a) -> int:
     from kubeseg.inference import PredictSettings, predict
 
+    if a.public_key:  # only a bundle signed by the registration key is loaded
+        from kubeseg.signing import verify_bundle
+
+        sig = verify_bundle(a.model, a.public_key)
+        print(f"{a.model}: signature by key {sig.key_id} verified")
     settings = PredictSettings(use_mirroring=not a.disable_tta, step=a.step, device=a.device,
                                batch_size=a.batch_size, fold_average=a.fold_average)
     from kubeseg.clinical.dicom_predict import is_dicom_folder
@@ -338,7 +343,8 @@ def _default_tracking_uri() -> str:
 def cmd_register(a) -> int:
     from kubeseg.registry import register_bundle
 
-    v = register_bundle(a.bundle, a.name, a.tracking_uri, a.parent_run, source_run=a.source_run or "")
+    v = register_bundle(a.bundle, a.name, a.tracking_uri, a.parent_run, source_run=a.source_run or "",
+                        signing_key=a.signing_key)
     print(f"registered {a.name} version {v.version} (alias challenger), CV foreground Dice {v.cv_foreground_dice:.4f}")
     return 0
 
@@ -359,7 +365,7 @@ def cmd_models_promote(a) -> int:
     gate = GateSettings(tolerance=a.tolerance, holdout=a.holdout, holdout_labels=a.holdout_labels,
                         min_dice=a.min_dice, device=a.device,
                         **({"label_floor": a.label_floor} if a.label_floor is not None else {}))
-    p = promote(a.name, a.version, gate, a.tracking_uri)
+    p = promote(a.name, a.version, gate, a.tracking_uri, reason=a.reason or "", public_key=a.public_key)
     print(f"{a.name} version {p.version} is the champion (previous: {p.previous or 'none'}): " + "; ".join(p.reasons))
     return 0
 
@@ -367,7 +373,7 @@ def cmd_models_promote(a) -> int:
 def cmd_models_rollback(a) -> int:
     from kubeseg.registry import rollback
 
-    p = rollback(a.name, a.tracking_uri)
+    p = rollback(a.name, a.tracking_uri, reason=a.reason or "")
     print(f"{a.name} champion rolled back from version {p.previous} to version {p.version}")
     return 0
 
@@ -375,7 +381,7 @@ def cmd_models_rollback(a) -> int:
 def cmd_models_download(a) -> int:
     from kubeseg.registry import load_version
 
-    out = load_version(a.name, a.ref, a.output, a.tracking_uri)
+    out = load_version(a.name, a.ref, a.output, a.tracking_uri, public_key=a.public_key)
     print(f"{a.name}@{a.ref} downloaded and verified: {out}")
     return 0
 
@@ -489,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "description or modality); default: by description, then modality")
     p.add_argument("--saliency", action="store_true",
                    help="DICOM input: also write a Grad-CAM++ map of the most uncertain label (NIfTI + PNG)")
+    p.add_argument("--public-key", default=os.environ.get("KUBESEG_MODEL_PUBLIC_KEY") or None,
+                   help="registration public key (PEM): refuse a bundle it has not signed "
+                        "(default: KUBESEG_MODEL_PUBLIC_KEY; unset: no check)")
     p.set_defaults(fn=cmd_predict)
 
     pacs = sub.add_parser("pacs", help="segment studies from a PACS over DICOMweb").add_subparsers(dest="pacs_cmd",
@@ -643,6 +652,8 @@ def _pipeline_parsers(sub) -> None:
     p.add_argument("--name", required=True, help="registered model name")
     p.add_argument("--parent-run", default=None, help="MLflow run to nest the registration run under")
     p.add_argument("--source-run", default=None, help="source pipeline run, recorded as a tag")
+    p.add_argument("--signing-key", default=None,
+                   help="Ed25519 registration key (PEM) that signs the manifest (default: KUBESEG_SIGNING_KEY)")
     _tracking_flag(p)
     p.set_defaults(fn=cmd_register)
 
@@ -663,16 +674,22 @@ def _pipeline_parsers(sub) -> None:
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="how far below the champion's CV foreground Dice the challenger may be")
     p.add_argument("--device", default=_env("DEVICE", "auto"))
+    p.add_argument("--reason", default=None, help="why (recorded with who, in the registry and the audit log)")
+    p.add_argument("--public-key", default=None,
+                   help="refuse a version this key has not signed (default: KUBESEG_MODEL_PUBLIC_KEY)")
     _tracking_flag(p)
     p.set_defaults(fn=cmd_models_promote)
     p = mo.add_parser("rollback", help="return champion to the previous champion")
     p.add_argument("--name", required=True)
+    p.add_argument("--reason", default=None, help="why (recorded with who, in the registry and the audit log)")
     _tracking_flag(p)
     p.set_defaults(fn=cmd_models_rollback)
     p = mo.add_parser("download", help="download a version (number or alias) and verify its checksums")
     p.add_argument("--name", required=True)
     p.add_argument("--ref", default="champion", help="version number or alias")
     p.add_argument("-o", "--output", required=True)
+    p.add_argument("--public-key", default=os.environ.get("KUBESEG_MODEL_PUBLIC_KEY") or None,
+                   help="refuse a version this key has not signed (default: KUBESEG_MODEL_PUBLIC_KEY)")
     _tracking_flag(p)
     p.set_defaults(fn=cmd_models_download)
 

@@ -11,7 +11,14 @@ a :class:`~kubeseg.errors.KubesegError` raised before anything is changed.
 
 The champion history is a JSON list of versions in the registered model's tag
 ``kubeseg.champion_history`` (the last entry is the champion); every promotion and rollback is
-also appended to ``kubeseg.champion_log``.
+also appended to ``kubeseg.champion_log``, with who moved it and why (``by``, ``reason``), and
+written to the JSON audit trail (:mod:`kubeseg.audit`).
+
+Signatures (:mod:`kubeseg.signing`): with a registration key (``signing_key`` or
+``KUBESEG_SIGNING_KEY``) the manifest is signed and the signature logged next to it
+(``kubeseg-signature.json``) and tagged (``kubeseg.signature_key_id``). :func:`load_version`
+with a public key refuses a version whose signature does not verify, tags the version
+``kubeseg.signature_refused`` (where the caller may write tags) and audits the refusal.
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+from kubeseg import audit
 from kubeseg.errors import KubesegError
+from kubeseg.signing import (PUBLIC_KEY_ENV, SIGNATURE_FILE, SIGNING_KEY_ENV, Signature, SignatureError,
+                             bundle_checksums, manifest_hash, sign_manifest, verify_manifest)
 from kubeseg.tracking import DEFAULT_EXPERIMENT, client, ensure_experiment, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -86,22 +96,7 @@ class Promotion:
 
 # ---- helpers -----------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def bundle_checksums(bundle_dir: str | Path) -> dict[str, str]:
-    """``{relative path: sha256}`` of every file in the bundle."""
-    root = Path(bundle_dir)
-    return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _manifest_hash(manifest: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+_manifest_hash = manifest_hash  # one owner: kubeseg.signing
 
 
 def _json_hash(path: Path) -> str:
@@ -146,7 +141,9 @@ def _history(rm) -> list[str]:
 
 def _append_log(c, rm, event: dict) -> None:
     entries = json.loads((rm.tags or {}).get(LOG_TAG, "[]"))
-    entries = (entries + [event])[-30:]  # bounded: tags are short strings
+    entries = (entries + [event])[-30:]  # bounded: tags are short strings (MLflow: 5000 characters)
+    while len(entries) > 1 and len(json.dumps(entries, separators=(",", ":"))) > 4800:
+        entries = entries[1:]
     c.set_registered_model_tag(rm.name, LOG_TAG, json.dumps(entries, separators=(",", ":")))
 
 
@@ -158,8 +155,14 @@ def _now() -> str:
 
 def register_bundle(bundle_dir: str | Path, name: str, uri: Optional[str] = None,
                     parent_run_id: Optional[str] = None, source_run: str = "",
-                    experiment: str = DEFAULT_EXPERIMENT, tags: Optional[dict[str, str]] = None) -> ModelVersion:
-    """Log ``bundle_dir`` as one new version of ``name`` (created if needed) and point ``challenger`` at it."""
+                    experiment: str = DEFAULT_EXPERIMENT, tags: Optional[dict[str, str]] = None,
+                    signing_key: Optional[str | Path] = None) -> ModelVersion:
+    """Log ``bundle_dir`` as one new version of ``name`` (created if needed) and point ``challenger`` at it.
+
+    ``signing_key`` (default ``KUBESEG_SIGNING_KEY``): the Ed25519 registration key that signs the
+    manifest; without one the version is registered unsigned (and verifying consumers refuse it)."""
+    import os
+
     from kubeseg.inference.run import SELECTION_FILENAME
 
     bundle_dir = Path(bundle_dir)
@@ -168,6 +171,12 @@ def register_bundle(bundle_dir: str | Path, name: str, uri: Optional[str] = None
         raise KubesegError(f"{bundle_dir} is not a kubeseg bundle (no {SELECTION_FILENAME})")
     selection = json.loads(sel_file.read_text())
     manifest = bundle_checksums(bundle_dir)
+    signing_key = signing_key or os.environ.get(SIGNING_KEY_ENV) or None
+    who = audit.actor()
+    signature = sign_manifest(manifest, signing_key, signed_by=who) if signing_key else None
+    if signature is None:
+        log.warning("registering %s unsigned (no %s): services that verify signatures will refuse it",
+                    name, SIGNING_KEY_ENV)
     uri = tracking_uri(uri)
     c = client(uri)
     from mlflow.exceptions import MlflowException
@@ -190,6 +199,10 @@ def register_bundle(bundle_dir: str | Path, name: str, uri: Optional[str] = None
         mf = Path(tmp) / MANIFEST
         mf.write_text(json.dumps(manifest, indent=1, sort_keys=True))
         c.log_artifact(run_id, str(mf))
+        if signature is not None:
+            sf = Path(tmp) / SIGNATURE_FILE
+            sf.write_text(signature.to_json())
+            c.log_artifact(run_id, str(sf))
     c.set_terminated(run_id, "FINISHED")
 
     members = " + ".join(m["configuration"] for m in selection.get("members", []))
@@ -204,12 +217,16 @@ def register_bundle(bundle_dir: str | Path, name: str, uri: Optional[str] = None
         "kubeseg_version": _kubeseg_version(),
         "bundle_manifest_sha256": _manifest_hash(manifest),
         "bundle_files": str(len(manifest)),
+        "kubeseg.registered_by": who,
+        "kubeseg.signature_key_id": signature.key_id if signature else "unsigned",
         **(tags or {}),
     }
     mv = c.create_model_version(name, source=f"runs:/{run_id}/{BUNDLE_PATH}", run_id=run_id, tags=vtags,
                                 description=f"{members}: CV foreground Dice {vtags['cv_foreground_dice']}")
     c.set_registered_model_alias(name, CHALLENGER, mv.version)
     log.info("registered %s version %s (%s)", name, mv.version, CHALLENGER)
+    audit.record("register", by=who, model=name, version=str(mv.version), run_id=run_id,
+                 signature_key_id=vtags["kubeseg.signature_key_id"], source_pipeline_run=source_run or "")
     return get_version(name, str(mv.version), uri)
 
 
@@ -239,9 +256,35 @@ def champion_history(name: str, uri: Optional[str] = None) -> list[str]:
     return _history(_registered(client(uri), name))
 
 
-def load_version(name: str, ref: str, dst: str | Path, uri: Optional[str] = None) -> Path:
+def _signature_of(run_id: str, uri: str, staging: Path) -> Optional[Signature]:
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        path = mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{SIGNATURE_FILE}",
+                                                   dst_path=str(staging / "s"), tracking_uri=uri)
+    except (MlflowException, OSError):
+        return None  # no signature artifact: unsigned
+    return Signature.from_json(Path(path).read_text())
+
+
+def _refused(c, v: ModelVersion, e: SignatureError) -> None:
+    """Audit a refused signature and tag the version (best effort: a read-only caller cannot tag)."""
+    audit.record("signature_refused", model=v.name, version=v.version, reason=e.reason, detail=str(e),
+                 registered_by=v.tags.get("kubeseg.registered_by", ""))
+    try:
+        c.set_model_version_tag(v.name, v.version, "kubeseg.signature_refused",
+                                json.dumps({"reason": e.reason, "by": audit.actor(), "at": _now()}))
+    except Exception as te:  # noqa: BLE001 - read-only credentials: the audit log has it
+        log.info("could not tag %s version %s as refused: %s", v.name, v.version, type(te).__name__)
+
+
+def load_version(name: str, ref: str, dst: str | Path, uri: Optional[str] = None,
+                 public_key: Optional[str | Path] = None) -> Path:
     """Download version ``ref`` (number or alias) of ``name`` into ``dst`` and verify every file
-    against the checksums recorded at registration; returns the bundle folder."""
+    against the checksums recorded at registration and, with ``public_key``, the manifest's
+    signature (:class:`~kubeseg.signing.SignatureError` when it does not verify); returns the
+    bundle folder, which carries the signature file when the version is signed."""
     import mlflow.artifacts
 
     uri = tracking_uri(uri)
@@ -256,15 +299,32 @@ def load_version(name: str, ref: str, dst: str | Path, uri: Optional[str] = None
                                                       dst_path=str(staging / "m"), tracking_uri=uri))
         manifest = json.loads(mf.read_text())
         if _manifest_hash(manifest) != v.tags.get("bundle_manifest_sha256"):
-            raise KubesegError(f"{name} version {v.version}: the checksum manifest does not match the one "
-                               "recorded at registration")
+            error = KubesegError(f"{name} version {v.version}: the checksum manifest does not match the one "
+                                 "recorded at registration")
+            if public_key:
+                error = SignatureError("altered", str(error))
+                _refused(client(uri), v, error)
+            raise error
         found = bundle_checksums(bundle)
         missing = sorted(set(manifest) - set(found))
         extra = sorted(set(found) - set(manifest))
         changed = sorted(k for k in set(manifest) & set(found) if manifest[k] != found[k])
         if missing or extra or changed:
-            raise KubesegError(f"{name} version {v.version} failed verification: "
-                               f"missing {missing}, unexpected {extra}, changed {changed}")
+            error = KubesegError(f"{name} version {v.version} failed verification: "
+                                 f"missing {missing}, unexpected {extra}, changed {changed}")
+            if public_key:  # files changed after registration: for a verifying consumer, a refused signature
+                error = SignatureError("altered", str(error))
+                _refused(client(uri), v, error)
+            raise error
+        signature = _signature_of(v.run_id, uri, staging)
+        if public_key:
+            try:
+                verify_manifest(manifest, signature, public_key, f"{name} version {v.version}")
+            except SignatureError as e:
+                _refused(client(uri), v, e)
+                raise
+        if signature is not None:
+            (bundle / SIGNATURE_FILE).write_text(signature.to_json())
         target = dst / f"{name}-v{v.version}"
         if target.exists():
             shutil.rmtree(target)
@@ -361,9 +421,14 @@ def cv_label_problems(version: ModelVersion, names: dict[int, str], floor: float
 
 
 def promote(name: str, version: Optional[str] = None, gate: GateSettings = GateSettings(),
-            uri: Optional[str] = None) -> Promotion:
+            uri: Optional[str] = None, reason: str = "", public_key: Optional[str | Path] = None) -> Promotion:
     """Make ``version`` (default: the ``challenger``) the ``champion`` if it passes the gate;
-    otherwise raise :class:`KubesegError` saying why, changing nothing."""
+    otherwise raise :class:`KubesegError` saying why, changing nothing. With ``public_key``
+    (default ``KUBESEG_MODEL_PUBLIC_KEY``) an unsigned or badly signed version is refused too.
+    ``reason`` (why a person or pipeline promotes) goes into the champion log and the audit trail."""
+    import os
+
+    public_key = public_key or os.environ.get(PUBLIC_KEY_ENV) or None
     uri = tracking_uri(uri)
     c = client(uri)
     rm = _registered(c, name)
@@ -388,7 +453,7 @@ def promote(name: str, version: Optional[str] = None, gate: GateSettings = GateS
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            bundle = load_version(name, cand.version, tmp, uri)
+            bundle = load_version(name, cand.version, tmp, uri, public_key)
         except KubesegError as e:
             raise KubesegError(f"refusing to promote {name} version {cand.version}: {e}; champion unchanged") from None
         names = label_names(read_json(Path(bundle) / "dataset.json"))
@@ -407,18 +472,26 @@ def promote(name: str, version: Optional[str] = None, gate: GateSettings = GateS
                    + (f" (references {gate.holdout_labels})" if gate.holdout_labels else ""))
 
     history = _history(rm)
+    who = audit.actor()
+    why = reason or "; ".join(reasons)
     c.set_registered_model_alias(name, CHAMPION, cand.version)
     c.set_registered_model_tag(name, HISTORY_TAG, json.dumps([str(h) for h in history] + [cand.version]))
-    _append_log(c, rm, {"event": "promote", "version": cand.version, "previous": champ_v, "at": _now()})
+    _append_log(c, rm, {"event": "promote", "version": cand.version, "previous": champ_v, "at": _now(),
+                        "by": who, "reason": why[:200]})
     c.set_model_version_tag(name, cand.version, "kubeseg.promoted_at", _now())
+    c.set_model_version_tag(name, cand.version, "kubeseg.promoted_by", who)
+    c.set_model_version_tag(name, cand.version, "kubeseg.promotion_reason", why[:500])
+    audit.record("promote", by=who, model=name, version=cand.version, previous=champ_v, reason=why,
+                 gate=list(reasons))
     if _aliases(rm).get(CHALLENGER) == cand.version:
         c.delete_registered_model_alias(name, CHALLENGER)
     log.info("%s version %s is the champion (was %s)", name, cand.version, champ_v)
     return Promotion(name, cand.version, None if champ_v is None else str(champ_v), tuple(reasons))
 
 
-def rollback(name: str, uri: Optional[str] = None) -> Promotion:
-    """Return ``champion`` to the previous champion; refuses (changing nothing) if there is none."""
+def rollback(name: str, uri: Optional[str] = None, reason: str = "") -> Promotion:
+    """Return ``champion`` to the previous champion; refuses (changing nothing) if there is none.
+    ``reason`` goes into the champion log, a version tag and the audit trail with who did it."""
     uri = tracking_uri(uri)
     c = client(uri)
     rm = _registered(c, name)
@@ -432,8 +505,14 @@ def rollback(name: str, uri: Optional[str] = None) -> Promotion:
     previous = history[-2]
     c.set_registered_model_alias(name, CHAMPION, previous)
     c.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[:-1]))
-    _append_log(c, rm, {"event": "rollback", "version": previous, "previous": current, "at": _now()})
+    who = audit.actor()
+    why = reason or "not given"
+    _append_log(c, rm, {"event": "rollback", "version": previous, "previous": current, "at": _now(),
+                        "by": who, "reason": why[:200]})
     c.set_model_version_tag(name, str(current), "kubeseg.rolled_back_at", _now())
+    c.set_model_version_tag(name, str(current), "kubeseg.rolled_back_by", who)
+    c.set_model_version_tag(name, str(current), "kubeseg.rollback_reason", why[:500])
+    audit.record("rollback", by=who, model=name, version=str(previous), previous=str(current), reason=why)
     log.info("%s champion rolled back from version %s to %s", name, current, previous)
     return Promotion(name, str(previous), str(current), (f"rolled back from version {current}",))
 

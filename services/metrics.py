@@ -38,6 +38,8 @@ class ServiceMetrics:
     gpu_memory: object
     qa_flags: object
     review_queued: object
+    auth_refusals: object
+    signature_refusals: object
 
 
 _lock = threading.Lock()
@@ -88,6 +90,10 @@ def service_metrics() -> ServiceMetrics:
                 qa_flags=Counter("kubeseg_qa_flags_total", "QA flags raised, by flag (kubeseg.clinical.qa.FLAGS)",
                                  ["flag"]),
                 review_queued=Counter("kubeseg_review_queued_total", "Flagged cases put on the review queue"),
+                auth_refusals=Counter("kubeseg_auth_refusals_total",
+                                      "Requests refused for a missing or invalid credential (401) or scope (403)"),
+                signature_refusals=Counter("kubeseg_model_signature_refusals_total",
+                                           "Model versions refused: unsigned, signed by another key, or altered"),
             )
         return _metrics
 

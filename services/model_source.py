@@ -7,6 +7,11 @@ alias every ``registry_poll_seconds``; when the alias points to another version 
 and verifies that bundle, builds it completely, and swaps it in with one assignment. A request
 takes the current model once, at its start, and finishes on it even if a swap happens meanwhile.
 A version that fails to load is logged and counted; the old one keeps serving.
+
+With ``KUBESEG_MODEL_SIGNATURES=required`` (the default of ``from_env``) a version whose manifest
+signature does not verify with ``KUBESEG_MODEL_PUBLIC_KEY`` is refused before anything is
+loaded (:mod:`kubeseg.signing`): counted (``kubeseg_model_signature_refusals_total``), audited,
+remembered (not downloaded again) — and the old version keeps serving.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ class ModelHolder:
     """The current :class:`ServedModel`, loaded and swapped in the background."""
 
     def __init__(self, settings: ServiceSettings, on_swap: Callable[[Optional[ServedModel], ServedModel], None],
-                 on_failure: Callable[[str], None]):
+                 on_failure: Callable[[str], None], on_refused: Callable[[str, str], None] = lambda v, r: None):
         self.settings = settings
         self._current: Optional[ServedModel] = None
         self._on_swap = on_swap
@@ -82,6 +87,8 @@ class ModelHolder:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.last_error: Optional[str] = None
+        self.refused: dict[str, str] = {}  # version -> why its signature was refused
+        self._on_refused = on_refused
 
     @property
     def current(self) -> Optional[ServedModel]:
@@ -115,16 +122,38 @@ class ModelHolder:
         if s.model_bundle is not None:
             if self._current is not None:
                 return False
+            if "0" in self.refused:
+                return False
+            if s.signing.required:
+                from kubeseg import audit
+                from kubeseg.signing import SignatureError, verify_bundle
+
+                try:
+                    verify_bundle(s.model_bundle, s.signing.public_key)
+                except SignatureError as e:
+                    audit.record("signature_refused", model=str(s.model_bundle), version="0", reason=e.reason,
+                                 detail=str(e))
+                    self._refuse("0", e)
+                    raise
             model = load_served_model(s.model_bundle, s, s.model_bundle.name, "0", "")
             return self._swap(model)
         from kubeseg.registry import get_version, load_version
+        from kubeseg.signing import SignatureError
 
         version = get_version(s.model_name, s.model_alias, s.tracking_uri)
         if self._current is not None and self._current.version == version.version:
             return False
+        if version.version in self.refused:
+            self.last_error = f"version {version.version} refused: {self.refused[version.version]}"
+            return False  # counted and audited once; the alias must move to a signed version
         started = time.perf_counter()
         log.info("loading %s version %s (alias %s)", s.model_name, version.version, s.model_alias)
-        bundle = load_version(s.model_name, version.version, s.cache_dir / "incoming", s.tracking_uri)
+        try:
+            bundle = load_version(s.model_name, version.version, s.cache_dir / "incoming", s.tracking_uri,
+                                  public_key=s.signing.public_key if s.signing.required else None)
+        except SignatureError as e:
+            self._refuse(version.version, e)
+            raise
         final = s.cache_dir / bundle.name
         if final.exists():  # versions never change: a verified folder already there is the same bundle
             shutil.rmtree(bundle)
@@ -133,6 +162,12 @@ class ModelHolder:
         model = load_served_model(final, s, s.model_name, version.version, s.model_alias)
         log.info("%s version %s ready in %.1f s", s.model_name, version.version, time.perf_counter() - started)
         return self._swap(model)
+
+    def _refuse(self, version: str, e) -> None:
+        self.refused[version] = f"{e.reason}: {e}"
+        log.error("REFUSED model %s version %s: %s%s", self.settings.model_name or self.settings.model_bundle,
+                  version, e, "; still serving version " + self._current.version if self._current else "")
+        self._on_refused(version, e.reason)
 
     def _swap(self, model: ServedModel) -> bool:
         old, self._current = self._current, model

@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 import bentoml
 from bentoml.exceptions import BentoMLException
 
+from services.auth import AuthMiddleware, warn_if_disabled
 from services.clinical import Clinical, ClinicalSettings, parse_series, read_reference, wants_dicom_seg, zip_files
 from services.decode import BadInput, Limits
 from services.metrics import STAGES, RollingWindow, service_metrics
@@ -29,6 +30,9 @@ from services.segmenter import Outcome, RequestOptions, segment_request
 from services.settings import ServiceSettings, describe
 
 log = logging.getLogger("kubeseg.service")
+# BentoML's logging setup leaves other loggers at WARNING: kubeseg's request log (kubeseg.auth),
+# audit trail (kubeseg.audit) and model swaps (kubeseg.service) are INFO
+logging.getLogger("kubeseg").setLevel(logging.INFO)
 SETTINGS = ServiceSettings.from_env()  # at import: a bad setting stops `bentoml serve` with its name
 CLINICAL = ClinicalSettings.from_env()  # QA thresholds and the review queue (services.clinical)
 _TMP_PREFIX = re.compile(r"^tmp[A-Za-z0-9_]{8}")
@@ -139,11 +143,15 @@ class Segmentation:
             self.metrics.drift_threshold.labels(check).set(value)
         self.limits = Limits.of(SETTINGS)
         self._work_root = Path(tempfile.mkdtemp(prefix="kubeseg-requests-"))
-        self.holder = ModelHolder(SETTINGS, self._swapped, self._swap_failed)
+        self.holder = ModelHolder(SETTINGS, self._swapped, self._swap_failed, self._refused)
         self.clinical = Clinical(CLINICAL, self.metrics)
         global _holder
         _holder = self.holder
         log.info("kubeseg service settings: %s", describe(SETTINGS))
+        warn_if_disabled(SETTINGS.auth)
+        if not SETTINGS.signing.required:
+            log.warning("!!! MODEL SIGNATURES ARE NOT CHECKED (KUBESEG_MODEL_SIGNATURES=disabled): any version the "
+                        "alias points to is served. Development only. !!!")
         self.holder.start()
 
     # -- model lifecycle ------------------------------------------------------------------------------
@@ -157,6 +165,9 @@ class Segmentation:
 
     def _swap_failed(self, error: str) -> None:
         self.metrics.model_swaps.labels("failed").inc()
+
+    def _refused(self, version: str, reason: str) -> None:
+        self.metrics.signature_refusals.inc()
 
     def __is_ready__(self) -> bool:
         return self.holder.current is not None
@@ -285,6 +296,12 @@ class Segmentation:
                 "settings": describe(self.settings)}
 
 
+def _count_refusal() -> None:
+    service_metrics().auth_refusals.inc()
+
+
+# first added = outermost: a request is authenticated (deny by default, services/auth.py) before anything else
+Segmentation.add_asgi_middleware(AuthMiddleware, settings=SETTINGS.auth, on_refusal=_count_refusal)
 Segmentation.add_asgi_middleware(ReadyWithVersion)
 Segmentation.add_asgi_middleware(RequestBodyLimit, max_bytes=SETTINGS.max_request_bytes,
                                   paths=("/segment", "/segment_summary", "/segment_report"))

@@ -41,6 +41,112 @@ def _bool(raw: str) -> bool:
 _bool.__name__ = "boolean"
 
 
+def _paths(raw: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in raw.split(",") if p.strip())
+
+
+_paths.__name__ = "comma-separated list"
+
+SEGMENT_SCOPE = "kubeseg:segment"
+ADMIN_SCOPE = "kubeseg:admin"
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Who may call the service (services/auth.py). Deny by default: every path not in
+    ``open_paths`` needs a credential; ``admin_paths`` need ``admin_scope``, the rest ``segment_scope``.
+
+    Credentials: OIDC/JWT bearer tokens verified against a JWKS (``jwks_url`` or ``jwks_file``; the
+    token's ``iss`` and ``aud`` must match ``issuer``/``audience``), and static API keys whose
+    SHA-256 hashes are listed in ``api_keys_file`` (a mounted Secret) or ``api_keys`` (env).
+    ``enabled=False`` (``KUBESEG_AUTH=disabled``) is for development only and logs a warning.
+    """
+
+    enabled: bool = True
+    jwks_url: Optional[str] = None
+    jwks_file: Optional[Path] = None
+    issuer: Optional[str] = None
+    audience: Optional[str] = None
+    api_keys_file: Optional[Path] = None
+    api_keys: Optional[str] = None  # "<key id> <sha256 hex> [scope,scope]" lines, ";"-separated in env
+    open_paths: tuple[str, ...] = ("/livez", "/readyz", "/healthz", "/metrics")
+    admin_paths: tuple[str, ...] = ("/model",)
+    segment_scope: str = SEGMENT_SCOPE
+    admin_scope: str = ADMIN_SCOPE
+    jwks_cache_seconds: float = 300.0
+    leeway_seconds: int = 30
+
+    @classmethod
+    def from_env(cls) -> "AuthSettings":
+        d = cls()
+        mode = _env("KUBESEG_AUTH", "enabled", str).lower()
+        if mode not in ("enabled", "disabled"):
+            raise SettingsError(f"KUBESEG_AUTH must be enabled or disabled, not {mode!r}")
+        jwks_file = _env("KUBESEG_OIDC_JWKS_FILE", None, str)
+        keys_file = _env("KUBESEG_API_KEYS_FILE", None, str)
+        s = cls(
+            enabled=mode == "enabled",
+            jwks_url=_env("KUBESEG_OIDC_JWKS_URL", None, str),
+            jwks_file=Path(jwks_file) if jwks_file else None,
+            issuer=_env("KUBESEG_OIDC_ISSUER", None, str),
+            audience=_env("KUBESEG_OIDC_AUDIENCE", None, str),
+            api_keys_file=Path(keys_file) if keys_file else None,
+            api_keys=_env("KUBESEG_API_KEYS", None, str),
+            open_paths=_env("KUBESEG_AUTH_OPEN_PATHS", d.open_paths, _paths),
+            admin_paths=_env("KUBESEG_AUTH_ADMIN_PATHS", d.admin_paths, _paths),
+            segment_scope=_env("KUBESEG_AUTH_SEGMENT_SCOPE", d.segment_scope, str),
+            admin_scope=_env("KUBESEG_AUTH_ADMIN_SCOPE", d.admin_scope, str),
+            jwks_cache_seconds=_env("KUBESEG_OIDC_JWKS_CACHE_SECONDS", d.jwks_cache_seconds, float),
+            leeway_seconds=_env("KUBESEG_OIDC_LEEWAY_SECONDS", d.leeway_seconds, int),
+        )
+        s.validate()
+        return s
+
+    @property
+    def oidc(self) -> bool:
+        return bool(self.jwks_url or self.jwks_file)
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        if not self.oidc and not (self.api_keys_file or self.api_keys):
+            raise SettingsError("authentication is on (KUBESEG_AUTH=enabled) but no credential source is set: set "
+                                "KUBESEG_OIDC_JWKS_URL/KUBESEG_OIDC_JWKS_FILE and/or KUBESEG_API_KEYS_FILE/"
+                                "KUBESEG_API_KEYS, or KUBESEG_AUTH=disabled for development")
+        if self.jwks_url and self.jwks_file:
+            raise SettingsError("set only one of KUBESEG_OIDC_JWKS_URL and KUBESEG_OIDC_JWKS_FILE")
+        if self.oidc and not (self.issuer and self.audience):
+            raise SettingsError("OIDC tokens need KUBESEG_OIDC_ISSUER and KUBESEG_OIDC_AUDIENCE")
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise SettingsError(f"KUBESEG_API_KEYS_FILE={self.api_keys_file} is not a file")
+        for p in self.open_paths + self.admin_paths:
+            if not p.startswith("/"):
+                raise SettingsError(f"auth paths start with '/': {p!r}")
+
+
+@dataclass(frozen=True)
+class SigningSettings:
+    """Which models may be served: only bundles whose manifest signature verifies with
+    ``public_key`` (PEM file, KUBESEG_MODEL_PUBLIC_KEY; kubeseg/signing.py). Off only explicitly
+    (KUBESEG_MODEL_SIGNATURES=disabled, development) — then a warning is logged at start."""
+
+    required: bool = True
+    public_key: Optional[Path] = None
+
+    @classmethod
+    def from_env(cls) -> "SigningSettings":
+        mode = _env("KUBESEG_MODEL_SIGNATURES", "required", str).lower()
+        if mode not in ("required", "disabled"):
+            raise SettingsError(f"KUBESEG_MODEL_SIGNATURES must be required or disabled, not {mode!r}")
+        key = _env("KUBESEG_MODEL_PUBLIC_KEY", None, str)
+        s = cls(required=mode == "required", public_key=Path(key) if key else None)
+        if s.required and (s.public_key is None or not s.public_key.is_file()):
+            raise SettingsError("model signatures are required (KUBESEG_MODEL_SIGNATURES=required): set "
+                                "KUBESEG_MODEL_PUBLIC_KEY to the registration key's public PEM file "
+                                f"(got {key!r}), or KUBESEG_MODEL_SIGNATURES=disabled for development")
+        return s
+
+
 @dataclass(frozen=True)
 class ServiceSettings:
     """Where the model comes from and how much work the service accepts."""
@@ -62,6 +168,8 @@ class ServiceSettings:
     use_mirroring: bool = True  # default of the per-request ``tta`` option
     step: float = 0.5
     drift: DriftSettings = field(default_factory=DriftSettings)
+    auth: AuthSettings = field(default_factory=lambda: AuthSettings(enabled=False))
+    signing: SigningSettings = field(default_factory=lambda: SigningSettings(required=False))
 
     @classmethod
     def from_env(cls) -> "ServiceSettings":
@@ -92,8 +200,10 @@ class ServiceSettings:
                 shape=_env("KUBESEG_DRIFT_THRESHOLD_SHAPE", DriftSettings.shape, float),
             ),
         )
-        s.validate()
-        return s
+        s.validate()  # the model source first: the most basic mistake is named first
+        from dataclasses import replace
+
+        return replace(s, auth=AuthSettings.from_env(), signing=SigningSettings.from_env())
 
     def validate(self) -> None:
         if self.model_bundle is None and not self.model_name:
@@ -125,6 +235,16 @@ class TriggerSettings:
     work_dir: Path = Path("retraining-runs")
     alert_label: str = "kubeseg_action"  # alerts with <alert_label>=retrain start runs
     alert_value: str = "retrain"
+    # who may post alerts: Alertmanager's webhook http_config (bearer token, or basic auth), from a Secret
+    auth_enabled: bool = True
+    token_file: Optional[Path] = None  # the bearer token Alertmanager sends (same Secret, mounted on both)
+    basic_user: Optional[str] = None
+    basic_password_file: Optional[Path] = None
+    max_body_bytes: int = 256 * 1024  # Alertmanager's notifications are a few KB; max_alerts bounds them too
+    max_alerts: int = 100
+    # de-duplication key: these labels of each actionable alert (never the payload's groupKey)
+    dedup_labels: tuple[str, ...] = ("alertname", "namespace", "job", "model")
+    max_run_seconds: float = 24 * 3600.0  # a run older than this no longer counts as in flight
 
     @classmethod
     def from_env(cls) -> "TriggerSettings":
@@ -142,6 +262,14 @@ class TriggerSettings:
             retrain_mode=_env("KUBESEG_RETRAIN_MODE", d.retrain_mode, str),
             schedule=_env("KUBESEG_RETRAIN_SCHEDULE", d.schedule, str),
             work_dir=Path(_env("KUBESEG_RETRAIN_WORK_DIR", str(d.work_dir), str)),
+            auth_enabled=_trigger_auth(),
+            token_file=_optional_path("KUBESEG_TRIGGER_TOKEN_FILE"),
+            basic_user=_env("KUBESEG_TRIGGER_BASIC_USER", None, str),
+            basic_password_file=_optional_path("KUBESEG_TRIGGER_BASIC_PASSWORD_FILE"),
+            max_body_bytes=_env("KUBESEG_TRIGGER_MAX_BODY_BYTES", d.max_body_bytes, int),
+            max_alerts=_env("KUBESEG_TRIGGER_MAX_ALERTS", d.max_alerts, int),
+            dedup_labels=_env("KUBESEG_TRIGGER_DEDUP_LABELS", d.dedup_labels, _paths),
+            max_run_seconds=_env("KUBESEG_TRIGGER_MAX_RUN_SECONDS", d.max_run_seconds, float),
         )
         s.validate()
         return s
@@ -158,6 +286,33 @@ class TriggerSettings:
                 raise SettingsError(f"the trigger needs {name}")
         if self.cooldown_seconds < 0:
             raise SettingsError("KUBESEG_TRIGGER_COOLDOWN_SECONDS must not be negative")
+        if self.auth_enabled:
+            if not self.token_file and not (self.basic_user and self.basic_password_file):
+                raise SettingsError("the trigger's webhook authentication is on (KUBESEG_TRIGGER_AUTH=enabled) but "
+                                    "has no credential: set KUBESEG_TRIGGER_TOKEN_FILE, or KUBESEG_TRIGGER_BASIC_USER "
+                                    "and KUBESEG_TRIGGER_BASIC_PASSWORD_FILE, or KUBESEG_TRIGGER_AUTH=disabled for "
+                                    "development")
+            for name, f in (("KUBESEG_TRIGGER_TOKEN_FILE", self.token_file),
+                            ("KUBESEG_TRIGGER_BASIC_PASSWORD_FILE", self.basic_password_file)):
+                if f is not None and (not f.is_file() or not f.read_text().strip()):
+                    raise SettingsError(f"{name}={f} is not a file holding a secret")
+        if "alertname" not in self.dedup_labels:
+            raise SettingsError("KUBESEG_TRIGGER_DEDUP_LABELS must include alertname")
+        if self.max_body_bytes < 1024 or self.max_alerts < 1:
+            raise SettingsError("KUBESEG_TRIGGER_MAX_BODY_BYTES must be at least 1024 and KUBESEG_TRIGGER_MAX_ALERTS "
+                                "at least 1")
+
+
+def _optional_path(name: str) -> Optional[Path]:
+    raw = _env(name, None, str)
+    return Path(raw) if raw else None
+
+
+def _trigger_auth() -> bool:
+    mode = _env("KUBESEG_TRIGGER_AUTH", "enabled", str).lower()
+    if mode not in ("enabled", "disabled"):
+        raise SettingsError(f"KUBESEG_TRIGGER_AUTH must be enabled or disabled, not {mode!r}")
+    return mode == "enabled"
 
 
 def tmp_bytes_needed(s: ServiceSettings) -> int:
@@ -175,5 +330,8 @@ def describe(settings) -> dict:
     out = {}
     for f in fields(settings):
         v = getattr(settings, f.name)
+        if f.name == "api_keys" and v:
+            out[f.name] = "(set)"
+            continue
         out[f.name] = describe(v) if hasattr(v, "__dataclass_fields__") else (str(v) if isinstance(v, Path) else v)
     return out

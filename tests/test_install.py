@@ -84,7 +84,9 @@ print(json.dumps({{"done": done, "failed": failed}}))
     # no inherited KUBESEG_* settings; the service module reads its settings at import and needs
     # a model source named (as `bentoml build` does), not a reachable one.
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBESEG_")}
-    env.update(KUBESEG_MODEL_NAME="install-check", PYTHONPATH=str(REPO))
+    # Auth and signatures are off explicitly here: importing is the point, not serving.
+    env.update(KUBESEG_MODEL_NAME="install-check", KUBESEG_AUTH="disabled", KUBESEG_MODEL_SIGNATURES="disabled",
+               PYTHONPATH=str(REPO))
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                          encoding="utf-8", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -34,9 +34,11 @@ def _settings_env(cls_name: str) -> set[str]:
 
 
 # the service's and the trigger's settings, and what the chart adds for a read-only root filesystem
-SERVICE_ENV = _settings_env("ServiceSettings")
-TRIGGER_ENV = _settings_env("TriggerSettings")
-RUNTIME_ENV = {"HOME", "BENTOML_HOME", "MPLCONFIGDIR", "TORCH_HOME", "KUBESEG_IMAGE", "KF_PIPELINES_SA_TOKEN_PATH"}
+SERVICE_ENV = _settings_env("ServiceSettings") | _settings_env("AuthSettings") | _settings_env("SigningSettings")
+TRIGGER_ENV = _settings_env("TriggerSettings") | {"KUBESEG_TRIGGER_AUTH"}  # read by settings._trigger_auth
+# MLflow's client reads its account from MLFLOW_TRACKING_USERNAME/PASSWORD
+RUNTIME_ENV = {"HOME", "BENTOML_HOME", "MPLCONFIGDIR", "TORCH_HOME", "KUBESEG_IMAGE", "KF_PIPELINES_SA_TOKEN_PATH",
+               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
 
 SETUPS = {
     "default": lambda: {},
@@ -237,12 +239,16 @@ def test_services_and_networkpolicies_select_the_pods(setup):
         assert labels_match(svc["spec"]["selector"], template["metadata"]["labels"]), name
         names = {p["name"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
         assert all(p["targetPort"] in names for p in svc["spec"]["ports"]), name
+    templates = _pod_templates(docs)
     for np in by_kind(docs, "NetworkPolicy"):
         name = np["metadata"]["name"]
-        assert labels_match(np["spec"]["podSelector"]["matchLabels"], pods[name]["metadata"]["labels"]), name
-        ports = {p["containerPort"] for c in pods[name]["spec"]["containers"] for p in c.get("ports", [])}
-        for rule in np["spec"]["ingress"]:
-            assert {p["port"] for p in rule["ports"]} <= ports, name
+        selected = [t for t in templates.values()
+                    if labels_match(np["spec"]["podSelector"]["matchLabels"], t["metadata"]["labels"])]
+        assert selected, f"{name} selects no pod"
+        for t in selected:
+            ports = {p["containerPort"] for c in t["spec"]["containers"] for p in c.get("ports", [])}
+            for rule in np["spec"].get("ingress", []):
+                assert {p["port"] for p in rule["ports"]} <= ports, name
     # the service and the trigger may reach MLflow's pods
     mlflow_labels = pods[MLF]["metadata"]["labels"]
     for name in (SEG, TRIG):
@@ -251,10 +257,70 @@ def test_services_and_networkpolicies_select_the_pods(setup):
                    for rule in egress for peer in rule.get("to", [])), name
 
 
+def _pod_templates(docs) -> dict:
+    """Every pod template of the release (Deployments and Jobs), by object name."""
+    return {d["metadata"]["name"]: d["spec"]["template"] for d in docs if d["kind"] in ("Deployment", "Job")}
+
+
+def test_every_pod_is_denied_by_default_and_allowed_only_named_peers(setup):
+    _, _, docs = setup
+    policies = by_kind(docs, "NetworkPolicy")
+    deny = [p for p in policies if not p["spec"].get("ingress") and not p["spec"].get("egress")
+            and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}]
+    for name, template in _pod_templates(docs).items():
+        labels = template["metadata"]["labels"]
+        assert any(labels_match(p["spec"]["podSelector"]["matchLabels"], labels) for p in deny), f"{name}: no default deny"
+        own = [p for p in policies if p not in deny and labels_match(p["spec"]["podSelector"]["matchLabels"], labels)]
+        assert own, f"{name}: no policy names its peers"
+        for p in own:
+            assert set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}, p["metadata"]["name"]
+            for rule in p["spec"].get("ingress", []) + p["spec"].get("egress", []):
+                peers = rule.get("from", rule.get("to", []))
+                # no rule opens everything: each names peers, or (egress to stores) names ports
+                assert peers or rule.get("ports"), (p["metadata"]["name"], rule)
+                for peer in peers:
+                    assert peer.get("podSelector") is not None or peer.get("namespaceSelector", {}).get("matchLabels"), \
+                        (p["metadata"]["name"], peer)
+    seg = one(policies, "NetworkPolicy", SEG)["spec"]
+    sources = [peer for rule in seg["ingress"] for peer in rule["from"]]
+    assert {"kubernetes.io/metadata.name": "monitoring"} in [s.get("namespaceSelector", {}).get("matchLabels") for s in sources]
+    assert all("podSelector" in s for s in sources if s.get("namespaceSelector", {}).get("matchLabels", {}).get(
+        "kubernetes.io/metadata.name") == "monitoring")  # Prometheus pods, not the whole namespace
+
+
+def test_authentication_and_signatures_are_on_by_default(setup):
+    name, _, docs = setup
+    seg = env_of(_container(docs, "Deployment", SEG))
+    assert "KUBESEG_AUTH" not in seg and "KUBESEG_MODEL_SIGNATURES" not in seg  # the programs' default: on
+    assert seg["KUBESEG_API_KEYS_FILE"].startswith("/etc/kubeseg/api-keys/")
+    assert seg["KUBESEG_MODEL_PUBLIC_KEY"].startswith("/etc/kubeseg/model-signing/")
+    assert seg["MLFLOW_TRACKING_USERNAME"]["secretKeyRef"] == {"name": "mlflow-reader", "key": "username"}
+    mlflow_monitor = one(docs, "ServiceMonitor", MLF)["spec"]["endpoints"][0]
+    assert mlflow_monitor["basicAuth"]["password"] == {"name": "mlflow-reader", "key": "password"}
+    trig = env_of(_container(docs, "Deployment", TRIG))
+    assert "KUBESEG_TRIGGER_AUTH" not in trig and trig["KUBESEG_TRIGGER_TOKEN_FILE"].startswith("/etc/kubeseg/webhook/")
+    mlflow = _container(docs, "Deployment", MLF)
+    assert "--app-name basic-auth" in " ".join(mlflow["command"])
+    webhook = by_kind(docs, "AlertmanagerConfig")[0]["spec"]["receivers"][0]["webhookConfigs"][0]
+    assert webhook["httpConfig"]["authorization"]["credentials"] == {"name": "kubeseg-trigger-webhook", "key": "token"}
+    assert one(docs, "Job", f"{MLF}-accounts")
+
+
+def test_dev_values_switch_authentication_off_explicitly():
+    docs = manifests(render(load_values(CHART / "values-dev.yaml")))
+    seg = env_of(_container(docs, "Deployment", SEG))
+    assert seg["KUBESEG_AUTH"] == "disabled" and seg["KUBESEG_MODEL_SIGNATURES"] == "disabled"
+    assert env_of(_container(docs, "Deployment", TRIG))["KUBESEG_TRIGGER_AUTH"] == "disabled"
+    assert _container(docs, "Deployment", MLF)["command"] == ["mlflow", "server"]
+    assert not [d for d in docs if d["kind"] == "Job" and d["metadata"]["name"].endswith("-accounts")]
+    with pytest.raises(Exception, match="apiKeysSecret"):  # on, but without any credential source: refused
+        render({"security": {"service": {"apiKeysSecret": ""}}})
+
+
 def test_pods_run_as_non_root_with_a_read_only_root_filesystem(setup):
     _, _, docs = setup
     specs = pod_specs(docs)
-    assert len(specs) == 4  # segmentation, trigger, MLflow, upload Job
+    assert len(specs) == 5  # segmentation, trigger, MLflow, upload Job, MLflow accounts Job
     for where, spec in specs:
         assert spec["securityContext"]["runAsNonRoot"] is True, where
         assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", where
@@ -353,7 +419,11 @@ def test_mlflow_credentials_come_from_secrets_only(setup):
     uri = env["MLFLOW_BACKEND_STORE_URI"]["value"]
     assert uri.startswith("postgresql://$(MLFLOW_PG_USER):$(MLFLOW_PG_PASSWORD)@")  # expanded by the kubelet
     assert env["MLFLOW_ARTIFACTS_DESTINATION"]["value"].startswith("s3://")
-    assert c["command"] == ["mlflow", "server"] and "--serve-artifacts" in c["args"]
+    # MLflow's basic-auth app (security.auth): its user store and admin also from a Secret
+    assert c["command"][:2] == ["sh", "-c"] and "exec mlflow server --app-name basic-auth" in c["command"][2]
+    assert "--serve-artifacts" in c["args"]
+    for name in ("KUBESEG_MLFLOW_AUTH_DB_URI", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-admin", name
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
     allowed = env["MLFLOW_SERVER_ALLOWED_HOSTS"]["value"].split(",")
     assert f"{MLF}.{NAMESPACE}.svc:*" in allowed  # the tracking URI's Host header

@@ -40,6 +40,9 @@ METRICS = {
     "kubeseg_trigger_last_run_timestamp_seconds": ("gauge", set()),
     "kubeseg_qa_flags_total": ("counter", {"flag"}),
     "kubeseg_review_queued_total": ("counter", set()),
+    "kubeseg_auth_refusals_total": ("counter", set()),
+    "kubeseg_model_signature_refusals_total": ("counter", set()),
+    "kubeseg_trigger_refused_total": ("counter", {"status"}),
 }
 # job and instance from Prometheus; the rest from the Prometheus Operator's ServiceMonitor relabeling
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "endpoint"}

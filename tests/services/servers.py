@@ -87,7 +87,7 @@ def trigger_server(root: Path, env: dict) -> Server:
     return s
 
 
-def alertmanager_server(root: Path, webhook_url: str) -> Server:
+def alertmanager_server(root: Path, webhook_url: str, token_file: Optional[Path] = None) -> Server:
     port = free_port()
     config = root / "alertmanager.yml"
     # one notification per alert name (several drift checks firing = one group = one run)
@@ -96,7 +96,12 @@ def alertmanager_server(root: Path, webhook_url: str) -> Server:
                   "repeat_interval": "10s",
                   "routes": [{"receiver": "kubeseg-retrain", "matchers": ['kubeseg_action="retrain"']}]},
         "receivers": [{"name": "null"},
-                      {"name": "kubeseg-retrain", "webhook_configs": [{"url": webhook_url, "send_resolved": True}]}],
+                      {"name": "kubeseg-retrain", "webhook_configs": [{
+                          "url": webhook_url, "send_resolved": True,
+                          # Alertmanager's own webhook authentication, as the chart configures it
+                          **({"http_config": {"authorization": {"type": "Bearer",
+                                                                "credentials_file": str(token_file)}}}
+                             if token_file else {})}]}],
     }))
     binary = shutil.which("prometheus-alertmanager") or "alertmanager"
     s = Server("alertmanager", [binary, f"--config.file={config}", f"--storage.path={root / 'am-data'}",
@@ -140,3 +145,24 @@ def wait_for(what: str, check, timeout: float, interval: float = 1.0):
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what} (last: {last!r})")
+
+
+def mlflow_auth_server(root: Path, admin_password: str) -> Server:
+    """``mlflow server --app-name basic-auth`` (as the chart runs it): SQLite stores, READ by default,
+    every request but /health authenticated; the admin's password from the environment."""
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "basic_auth.ini"
+    config.write_text("[mlflow]\ndefault_permission = READ\n"
+                      f"database_uri = sqlite:///{root / 'auth.db'}\nadmin_username = admin\n"
+                      "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    mlflow = Path(sys.executable).with_name("mlflow")
+    s = Server("mlflow-auth", [str(mlflow), "server", "--app-name", "basic-auth",
+                               "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                               "--artifacts-destination", str(root / "artifacts"),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+               f"http://127.0.0.1:{port}/health", root,
+               {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-csrf-key"}, startup_s=240)
+    s.url = f"http://127.0.0.1:{port}"
+    return s

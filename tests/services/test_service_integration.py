@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from services.auth import new_key
 from tests.services.bad_inputs import LIMITS, bad_requests, dicom_zip
 from tests.services.servers import (alertmanager_server, bentoml_server, http_get, prom_query, prometheus_server,
                                     trigger_server, wait_for)
@@ -34,6 +35,8 @@ pytestmark = [
 ]
 
 NAME = "svc-seg"
+API_KEY, API_KEY_LINE = new_key("integration-test")  # the service authenticates every request (services/auth.py)
+TRIGGER_TOKEN = "alertmanager-webhook-token-for-tests"
 INTENSITY_THRESHOLD = 0.5  # settable; the tiny test model's in-distribution scores stay well below
 
 
@@ -41,7 +44,8 @@ def _post(url: str, files: list[tuple[str, bytes]], fields: dict | None = None, 
     import httpx
 
     return httpx.post(url, files=[("images", (name, data, "application/octet-stream")) for name, data in files],
-                      data={k: str(v) for k, v in (fields or {}).items()}, timeout=timeout)
+                      data={k: str(v) for k, v in (fields or {}).items()}, timeout=timeout,
+                      headers={"Authorization": f"Bearer {API_KEY}"})
 
 
 def _error(response) -> str:
@@ -85,8 +89,13 @@ def stack(tmp_path_factory):
     for folder in ("imagesTr", "labelsTr"):  # the "new" case under a name the dataset does not have yet
         for f in (new_cases / folder).iterdir():
             f.rename(f.with_name(f.name.replace("synth_004", "new_104")))
+    from kubeseg.signing import generate_keys
+
+    signing_key, public_key = generate_keys(root / "signing")
+    token_file = root / "trigger-token"
+    token_file.write_text(TRIGGER_TOKEN)
     with MlflowServer(root / "mlflow") as mlflow:
-        register_bundle(made["bundle"], NAME, mlflow.uri)
+        register_bundle(made["bundle"], NAME, mlflow.uri, signing_key=signing_key)
         gate = GateSettings(holdout=str(made["raw"] / "imagesTs"), device="cpu")
         promote(NAME, "1", gate, mlflow.uri)
         common = {"MLFLOW_TRACKING_URI": mlflow.uri, "KUBESEG_MODEL_NAME": NAME, "PYTHONPATH": str(Path.cwd())}
@@ -94,20 +103,22 @@ def stack(tmp_path_factory):
                        "KUBESEG_RETRAIN_NEW_CASES": str(new_cases), "KUBESEG_RETRAIN_SCHEDULE": "1x2x1",
                        "KUBESEG_RETRAIN_WORK_DIR": str(root / "retraining"),
                        "KUBESEG_TRIGGER_AUDIT_LOG": str(root / "audit.jsonl"),
-                       "KUBESEG_TRIGGER_COOLDOWN_SECONDS": "3600"}
+                       "KUBESEG_TRIGGER_COOLDOWN_SECONDS": "3600", "KUBESEG_TRIGGER_TOKEN_FILE": str(token_file),
+                       "KUBESEG_SIGNING_KEY": str(signing_key)}
         service_env = {**common, **LIMITS, "KUBESEG_MODEL_ALIAS": "champion", "KUBESEG_DEVICE": "cpu",
                        "KUBESEG_REGISTRY_POLL_SECONDS": "1", "KUBESEG_DRIFT_WINDOW": "3", "KUBESEG_TTA": "false",
                        "KUBESEG_DRIFT_THRESHOLD_INTENSITY": str(INTENSITY_THRESHOLD),
-                       "KUBESEG_CACHE_DIR": str(root / "model-cache"), "OMP_NUM_THREADS": "1"}
+                       "KUBESEG_CACHE_DIR": str(root / "model-cache"), "OMP_NUM_THREADS": "1",
+                       "KUBESEG_API_KEYS": API_KEY_LINE, "KUBESEG_MODEL_PUBLIC_KEY": str(public_key)}
         with trigger_server(root, trigger_env) as trigger, \
-                alertmanager_server(root, f"{trigger.url}/alerts") as alertmanager, \
+                alertmanager_server(root, f"{trigger.url}/alerts", token_file) as alertmanager, \
                 bentoml_server(root, service_env) as service, \
                 prometheus_server(root, {"kubeseg": service.url, "kubeseg-trigger": trigger.url},
                                   alertmanager.url) as prometheus:
             try:
                 yield {"gate": gate, "root": root, "raw": made["raw"], "bundle": made["bundle"],
                        "mlflow": mlflow.uri, "service": service, "trigger": trigger, "alertmanager": alertmanager,
-                       "prometheus": prometheus, "audit": root / "audit.jsonl"}
+                       "prometheus": prometheus, "audit": root / "audit.jsonl", "signing_key": signing_key}
             finally:
                 _stop_retraining_runs(root / "audit.jsonl")
 
@@ -236,6 +247,14 @@ def test_drift_fires_the_alert_and_exactly_one_retraining_run_starts(stack):
     # the run really started: the local client's status file and log exist
     status_file = Path(run["run"]["status_path"]) if run["run"].get("status_path") else None
     assert Path(run["run"]["log_path"]).exists() or (status_file and status_file.exists())
+    # a forged notification: refused without Alertmanager's token; with it, a new groupKey does not escape
+    import httpx
+
+    forged = {"version": "4", "status": "firing", "groupKey": "forged-group", "receiver": "x",
+              "alerts": [{"status": "firing", "labels": run["alerts"][0]["labels"], "fingerprint": "forged"}]}
+    assert httpx.post(f"{stack['trigger'].url}/alerts", json=forged).status_code == 401
+    r = httpx.post(f"{stack['trigger'].url}/alerts", json=forged, headers={"Authorization": f"Bearer {TRIGGER_TOKEN}"})
+    assert r.status_code == 200 and r.json()["event"] == "suppressed", r.text
     started_metric = prom_query(stack["prometheus"].url, "kubeseg_retraining_runs_started_total")
     assert started_metric and float(started_metric[0]["value"][1]) == 1
 
@@ -263,7 +282,7 @@ def test_promotion_and_rollback_while_requests_flow(stack):
             status, body = http_get(f"{url}/{probe}", timeout=5)
             assert status == 200 and time.perf_counter() - t < 5, (probe, status)
         assert json.loads(http_get(f"{url}/readyz")[1])["model"]["version"] == "1"
-        register_bundle(stack["bundle"], NAME, uri)  # version 2
+        register_bundle(stack["bundle"], NAME, uri, signing_key=stack["signing_key"])  # version 2
         promote(NAME, "2", stack["gate"], uri)
         wait_for("the service to serve version 2", lambda: _metric(url, "kubeseg_model_version") == 2.0, 120)
         assert json.loads(http_get(f"{url}/readyz")[1])["model"]["version"] == "2"

@@ -8,6 +8,8 @@ from services.settings import ServiceSettings, SettingsError
 
 
 def test_service_settings_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBESEG_AUTH", "disabled")
+    monkeypatch.setenv("KUBESEG_MODEL_SIGNATURES", "disabled")
     monkeypatch.setenv("KUBESEG_MODEL_NAME", "liver")
     monkeypatch.setenv("KUBESEG_MAX_VOXELS", "1000")
     monkeypatch.setenv("KUBESEG_TTA", "off")
@@ -25,6 +27,23 @@ def test_service_settings_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("KUBESEG_MAX_CONCURRENCY", "0")
     with pytest.raises(SettingsError, match="KUBESEG_MAX_CONCURRENCY must be at least 1"):
         ServiceSettings.from_env()
+
+
+def test_auth_and_signatures_are_on_unless_switched_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBESEG_MODEL_NAME", "liver")
+    for var in ("KUBESEG_AUTH", "KUBESEG_MODEL_SIGNATURES", "KUBESEG_API_KEYS", "KUBESEG_API_KEYS_FILE",
+                "KUBESEG_OIDC_JWKS_URL", "KUBESEG_OIDC_JWKS_FILE", "KUBESEG_MODEL_PUBLIC_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SettingsError, match="no credential source"):
+        ServiceSettings.from_env()
+    monkeypatch.setenv("KUBESEG_API_KEYS", "ops " + "a" * 64)
+    with pytest.raises(SettingsError, match="KUBESEG_MODEL_PUBLIC_KEY"):
+        ServiceSettings.from_env()
+    key = tmp_path / "pub.pem"
+    key.write_text("x")
+    monkeypatch.setenv("KUBESEG_MODEL_PUBLIC_KEY", str(key))
+    s = ServiceSettings.from_env()
+    assert s.auth.enabled and s.signing.required and s.signing.public_key == key
 
 
 def test_no_model_source_is_refused(monkeypatch):

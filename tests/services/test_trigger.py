@@ -1,5 +1,6 @@
-"""The retraining trigger's decisions: start once per alert group, suppress repeats and
-non-actionable notifications, survive a restart through its audit log, report failures."""
+"""The retraining trigger's decisions: start once per alert (its own de-duplication key), suppress
+repeats, forged group keys, runs while one is in flight and non-actionable notifications, survive
+a restart through its audit log, report failures; the webhook's authentication and bounds."""
 import json
 
 import pytest
@@ -94,20 +95,107 @@ def test_a_failed_start_is_counted_audited_and_retried_next_time(tmp_path):
     assert _value(trigger, "kubeseg_trigger_failures_total") == 2
 
 
-def test_http_layer(setup):
+def test_a_forged_group_key_does_not_escape_deduplication(setup):
+    trigger, started, _, _ = setup
+    assert trigger.handle(notification())["event"] == "started"
+    for i in range(5):  # the sender picks a new groupKey (and fingerprint) each time
+        entry = trigger.handle(notification(group=f"forged-{i}", fp=f"f{i}"))
+        assert entry["event"] == "suppressed" and entry["reason"] in ("duplicate", "cooldown")
+        assert entry["sender_group_key"] == f"forged-{i}" and "forged" not in entry["dedup_key"]
+    assert len(started) == 1
+
+
+def test_at_most_one_run_in_flight_per_model(tmp_path):
+    running = {"yes": True}
+    started = []
+    settings = TriggerSettings(cooldown_seconds=600, audit_log=tmp_path / "a.jsonl", dataset="/d", model_name="m")
+    trigger = Trigger(settings, lambda r: started.append(r) or {"run_id": f"r{len(started)}"},
+                      in_flight=lambda run: running["yes"])
+    assert trigger.handle(notification())["event"] == "started"
+    other = notification()
+    other["alerts"][0]["labels"]["alertname"] = "SomethingElse"  # another key: not a duplicate, but a run goes on
+    entry = trigger.handle(other)
+    assert entry["event"] == "suppressed" and entry["reason"] == "in_flight" and "r1" in entry["detail"]
+    running["yes"] = False
+    assert trigger.handle(other)["event"] == "started"
+    assert len(started) == 2
+
+
+def test_hostile_label_values_never_become_metric_labels(setup):
+    trigger, _, _, _ = setup
+    n = notification()
+    n["alerts"][0]["labels"]["alertname"] = "x" * 10_000 + '"}\n evil{a="'
+    n["alerts"][0]["status"] = "firing\n"
+    trigger.handle(n)
+    assert _value(trigger, "kubeseg_trigger_alerts_total", alertname="invalid", status="invalid") == 1
+    with pytest.raises(ValueError, match="at most"):
+        trigger.handle({**notification(), "alerts": notification()["alerts"] * 101})
+
+
+def _client(trigger, tmp_path, basic=False):
+    from dataclasses import replace
+
     from starlette.testclient import TestClient
 
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    password = tmp_path / "password"
+    password.write_text("pa55word")
+    trigger.settings = replace(trigger.settings, token_file=None if basic else token,
+                               basic_user="alertmanager" if basic else None,
+                               basic_password_file=password if basic else None, max_body_bytes=4096)
+    return TestClient(create_app(trigger))
+
+
+def test_http_layer(setup, tmp_path):
     trigger, started, _, _ = setup
-    client = TestClient(create_app(trigger))
-    assert client.post("/alerts", content=b"{not json").status_code == 400
-    assert client.post("/alerts", json={"hello": 1}).status_code == 400
-    assert client.post("/alerts", json=notification()).status_code == 202
-    assert client.post("/alerts", json=notification()).status_code == 200
-    assert [e["event"] for e in client.get("/runs").json()] == ["started", "suppressed"]
+    client = _client(trigger, tmp_path)
+    auth = {"Authorization": "Bearer s3cret-token"}
+    assert client.post("/alerts", content=b"{not json", headers=auth).status_code == 400
+    assert client.post("/alerts", json={"hello": 1}, headers=auth).status_code == 400
+    assert client.post("/alerts", json=notification(), headers=auth).status_code == 202
+    assert client.post("/alerts", json=notification(), headers=auth).status_code == 200
+    assert [e["event"] for e in client.get("/runs", headers=auth).json()][-2:] == ["started", "suppressed"]
+    assert client.get("/runs", headers=auth).json()[-1]["by"] == "alertmanager:bearer"
     assert "kubeseg_retraining_runs_started_total" in client.get("/metrics").text
+    assert client.get("/livez").status_code == 200
 
 
-def test_settings_name_the_variable(monkeypatch):
+def test_webhook_refuses_without_credentials_and_bounds_the_body(setup, tmp_path):
+    trigger, started, _, _ = setup
+    client = _client(trigger, tmp_path)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic YTpi"}):
+        r = client.post("/alerts", json=notification(), headers=headers)
+        assert r.status_code == 401 and "WWW-Authenticate" in r.headers
+    assert client.get("/runs").status_code == 401
+    big = {**notification(), "padding": "x" * 10_000}
+    assert client.post("/alerts", json=big, headers={"Authorization": "Bearer s3cret-token"}).status_code == 413
+    assert started == []
+    assert _value(trigger, "kubeseg_trigger_refused_total", status="401") == 4
+    assert _value(trigger, "kubeseg_trigger_refused_total", status="413") == 1
+
+
+def test_basic_auth_as_alertmanager_sends_it(setup, tmp_path):
+    import base64
+
+    trigger, started, _, _ = setup
+    client = _client(trigger, tmp_path, basic=True)
+    good = {"Authorization": "Basic " + base64.b64encode(b"alertmanager:pa55word").decode()}
+    bad = {"Authorization": "Basic " + base64.b64encode(b"alertmanager:guess").decode()}
+    assert client.post("/alerts", json=notification(), headers=bad).status_code == 401
+    assert client.post("/alerts", json=notification(), headers=good).status_code == 202
+    assert trigger.audit_entries()[-1]["by"] == "alertmanager:basic:alertmanager"
+
+
+def test_settings_name_the_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBESEG_RETRAIN_DATASET", "/d")
+    monkeypatch.setenv("KUBESEG_MODEL_NAME", "m")
+    with pytest.raises(SettingsError, match="KUBESEG_TRIGGER_TOKEN_FILE"):  # authentication is on by default
+        TriggerSettings.from_env()
+    token = tmp_path / "t"
+    token.write_text("x")
+    monkeypatch.setenv("KUBESEG_TRIGGER_TOKEN_FILE", str(token))
+    assert TriggerSettings.from_env().auth_enabled
     monkeypatch.setenv("KUBESEG_TRIGGER_MODE", "cluster")
     monkeypatch.setenv("KUBESEG_RETRAIN_DATASET", "/d")
     monkeypatch.setenv("KUBESEG_MODEL_NAME", "m")

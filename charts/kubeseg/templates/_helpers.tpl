@@ -159,3 +159,85 @@ imagePullSecrets:
 {{- . | toString | quote }}
 {{- end }}
 {{- end }}
+
+{{/* MLflow credentials of an account ("reader" or "writer") from its Secret, when auth is on. */}}
+{{- define "kubeseg.mlflowCredentialsEnv" -}}
+{{- $sec := .ctx.Values.security }}
+{{- if $sec.auth }}
+{{- $acct := index $sec.mlflow .account }}
+- name: MLFLOW_TRACKING_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ required (printf "security.mlflow.%s.existingSecret is required with security.auth" .account) $acct.existingSecret }}
+      key: username
+- name: MLFLOW_TRACKING_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $acct.existingSecret }}
+      key: password
+{{- end }}
+{{- end }}
+
+{{/* Environment of the segmentation service's authentication and signature checks. */}}
+{{- define "kubeseg.serviceSecurityEnv" -}}
+{{- $sec := .Values.security }}
+{{- if not $sec.auth }}
+- name: KUBESEG_AUTH
+  value: disabled
+{{- else }}
+{{- if $sec.service.apiKeysSecret }}
+- name: KUBESEG_API_KEYS_FILE
+  value: {{ printf "/etc/kubeseg/api-keys/%s" $sec.service.apiKeysKey | quote }}
+{{- end }}
+{{- with $sec.service.oidc }}
+{{- if .jwksUrl }}
+- name: KUBESEG_OIDC_JWKS_URL
+  value: {{ .jwksUrl | quote }}
+- name: KUBESEG_OIDC_ISSUER
+  value: {{ required "security.service.oidc.issuer is required with a jwksUrl" .issuer | quote }}
+- name: KUBESEG_OIDC_AUDIENCE
+  value: {{ required "security.service.oidc.audience is required with a jwksUrl" .audience | quote }}
+{{- end }}
+{{- end }}
+{{- if not (or $sec.service.apiKeysSecret $sec.service.oidc.jwksUrl) }}
+{{- fail "security.auth is on: set security.service.apiKeysSecret and/or security.service.oidc.jwksUrl (or security.auth=false for development)" }}
+{{- end }}
+{{- end }}
+{{- if not $sec.modelSigning.required }}
+- name: KUBESEG_MODEL_SIGNATURES
+  value: disabled
+{{- else }}
+- name: KUBESEG_MODEL_PUBLIC_KEY
+  value: {{ printf "/etc/kubeseg/model-signing/%s" $sec.modelSigning.publicKeyKey | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "kubeseg.serviceSecurityMounts" -}}
+{{- $sec := .Values.security }}
+{{- if and $sec.auth $sec.service.apiKeysSecret }}
+- name: api-keys
+  mountPath: /etc/kubeseg/api-keys
+  readOnly: true
+{{- end }}
+{{- if $sec.modelSigning.required }}
+- name: model-signing
+  mountPath: /etc/kubeseg/model-signing
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "kubeseg.serviceSecurityVolumes" -}}
+{{- $sec := .Values.security }}
+{{- if and $sec.auth $sec.service.apiKeysSecret }}
+- name: api-keys
+  secret:
+    secretName: {{ $sec.service.apiKeysSecret }}
+    defaultMode: 0440
+{{- end }}
+{{- if $sec.modelSigning.required }}
+- name: model-signing
+  secret:
+    secretName: {{ required "security.modelSigning.publicKeySecret is required when signatures are required" $sec.modelSigning.publicKeySecret }}
+    defaultMode: 0444
+{{- end }}
+{{- end }}
