@@ -91,3 +91,9 @@ image-cpu:
 
 print-%:  # a variable's value, for scripts and tests (make -s print-CPU_IMAGE)
 	@echo '$($*)'
+
+# `make test-image`: build the CPU image, then prove it (tests/test_image.py). Not part of
+# `make test`/CI: the build alone takes about 11 minutes here.
+.PHONY: test-image
+test-image: $(VENV)/.test image-cpu
+	KUBESEG_TEST_IMAGE=$(CPU_IMAGE) $(PY) -m pytest -q -m integration tests/test_image.py

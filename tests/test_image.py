@@ -157,8 +157,7 @@ def test_pipeline_component_runs_in_the_image(image, tmp_path):
     pytest.importorskip("kfp")
     from kfp import dsl
 
-    os.environ.setdefault("KUBESEG_IMAGE", image)
-    from components import steps
+    from components import steps  # the command is the image's whatever base_image the spec names
     from kubeseg.dataset import load_dataset_json
     from kubeseg.fingerprint import read_fingerprint
     from kubeseg.planning.planner import plan_experiment, planner_settings
