@@ -61,7 +61,7 @@ def image() -> str:
     name = os.environ.get("KUBESEG_TEST_IMAGE") or _make_var("CPU_IMAGE")
     if _podman("image", "exists", name, check=False).returncode != 0:
         if os.environ.get("KUBESEG_BUILD_IMAGE") != "1":
-            pytest.skip(f"image {name} not built: `make image-cpu` (about 10 min), or KUBESEG_BUILD_IMAGE=1")
+            pytest.skip(f"image {name} not built: `make image-cpu` (about 11 min here), or KUBESEG_BUILD_IMAGE=1")
         subprocess.run(["make", "-C", str(ROOT), "image-cpu"], check=True, timeout=3600)
     return name
 
