@@ -70,7 +70,8 @@ image:
 # rootful podman (runc, lowered ulimits), the base a Debian bookworm made by debootstrap
 # (docker/debian-base.sh, once) and torch the CPU wheel (TORCH_WHEEL when that file exists, else
 # PyTorch's CPU index). The host's CA bundle is mounted into the build only, for pip behind a
-# TLS-inspecting proxy. The image is what tests/test_image.py runs (KUBESEG_TEST_IMAGE).
+# TLS-inspecting proxy. The image is what tests/test_image.py runs (KUBESEG_TEST_IMAGE); its
+# label org.kubeseg.source (docker/source_hash.py) tells the tests whether it is this checkout's.
 CPU_BASE ?= localhost/kubeseg-base:bookworm
 CPU_IMAGE ?= localhost/kubeseg:$(KUBESEG_VERSION)-cpu
 TORCH_WHEEL ?= /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
@@ -86,6 +87,7 @@ image-cpu:
 	$(PODMAN) build $(PODMAN_FLAGS) --network host \
 	  $(if $(wildcard $(TORCH_WHEEL)),-v $(dir $(abspath $(TORCH_WHEEL))):/wheels:ro) \
 	  $(if $(wildcard $(CA_BUNDLE)),-v $(abspath $(CA_BUNDLE)):/etc/ssl/certs/ca-certificates.crt:ro) \
+	  --label org.kubeseg.source=$$($(PYTHON) docker/source_hash.py) \
 	  --build-arg BASE=$(CPU_BASE) --build-arg TORCH="$(TORCH_SPEC)" -t $(CPU_IMAGE) .
 	@$(PODMAN) image inspect $(CPU_IMAGE) --format 'built $(CPU_IMAGE): {{.Size}} bytes'
 

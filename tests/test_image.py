@@ -12,12 +12,14 @@ Dockerfile's default GPU base is for clusters). Three checks, each in a fresh co
   security context and volumes, read from the rendered Helm chart, with a tiny bundle mounted.
 
 Building takes minutes (README, "Container image"), so the tests use an image that exists and
-skip, naming the command, when there is none; ``KUBESEG_BUILD_IMAGE=1`` builds it first.
-``KUBESEG_TEST_IMAGE`` names another image to test.
+skip, naming the command, when there is none or when its ``org.kubeseg.source`` label
+(docker/source_hash.py) says it was built from other sources than this checkout's;
+``KUBESEG_BUILD_IMAGE=1`` builds it first. ``KUBESEG_TEST_IMAGE`` names another image to test.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -34,7 +36,11 @@ from tests.services.servers import http_get
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("kubeseg", "components", "pipelines", "services")
+# docker/source_hash.py (a script, not a package): what the image is built from, and its label
+_spec = importlib.util.spec_from_file_location("source_hash", ROOT / "docker" / "source_hash.py")
+_source = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_source)
+LABEL, PACKAGES, source_hash = _source.LABEL, _source.PACKAGES, _source.source_hash
 PODMAN = shutil.which("podman")
 # rootful podman as this machine runs it: runc, ulimits under the container's hard limits
 PODMAN_FLAGS = ["--runtime", "runc", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
@@ -59,11 +65,24 @@ def image() -> str:
     if os.geteuid() != 0:
         pytest.skip("the image checks run rootful podman (uid 1000 inside, host folders mounted): run as root")
     name = os.environ.get("KUBESEG_TEST_IMAGE") or _make_var("CPU_IMAGE")
-    if _podman("image", "exists", name, check=False).returncode != 0:
+    problem = _image_problem(name)
+    if problem:
         if os.environ.get("KUBESEG_BUILD_IMAGE") != "1":
-            pytest.skip(f"image {name} not built: `make image-cpu` (about 11 min here), or KUBESEG_BUILD_IMAGE=1")
-        subprocess.run(["make", "-C", str(ROOT), "image-cpu"], check=True, timeout=3600)
+            pytest.skip(f"{problem}: `make image-cpu` (about 11 min here), or KUBESEG_BUILD_IMAGE=1")
+        subprocess.run(["make", "-C", str(ROOT), "image-cpu", f"CPU_IMAGE={name}"], check=True, timeout=3600)
+        assert _image_problem(name) is None, _image_problem(name)
     return name
+
+
+def _image_problem(name: str) -> str | None:
+    """Why `name` is not this checkout's image (missing, or built from other sources), or None."""
+    res = _podman("image", "inspect", "--format", "{{json .Labels}}", name, check=False)
+    if res.returncode != 0:
+        return f"image {name} not built"
+    built = (json.loads(res.stdout.strip() or "null") or {}).get(LABEL)
+    if built != source_hash(ROOT):
+        return f"image {name} was built from other sources ({LABEL}={built}, this checkout {source_hash(ROOT)})"
+    return None
 
 
 def _restricted(name: str) -> list[str]:
