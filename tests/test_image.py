@@ -68,7 +68,7 @@ def image() -> str:
     problem = _image_problem(name)
     if problem:
         if os.environ.get("KUBESEG_BUILD_IMAGE") != "1":
-            pytest.skip(f"{problem}: `make image-cpu` (about 11 min here), or KUBESEG_BUILD_IMAGE=1")
+            pytest.skip(f"{problem}: `make image-cpu` (7-11 min here), or KUBESEG_BUILD_IMAGE=1")
         subprocess.run(["make", "-C", str(ROOT), "image-cpu", f"CPU_IMAGE={name}"], check=True, timeout=3600)
         assert _image_problem(name) is None, _image_problem(name)
     return name
