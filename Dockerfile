@@ -9,8 +9,17 @@
 #   make image                      # this image and the Bento (bentofile.yaml); needs docker or podman
 #   docker build -t ghcr.io/kubeseg/kubeseg:0.1.0 .
 #   KUBESEG_IMAGE=ghcr.io/kubeseg/kubeseg:0.1.0 kubeseg pipeline compile -o training.yaml
+#
+# CPU variant without an image registry (`make image-cpu`, podman): BASE is a Debian bookworm made
+# by docker/debian-base.sh (debootstrap, Python 3.11 venv on PATH) and TORCH a CPU wheel mounted
+# into the build:
+#   podman build -v /opt/wheels:/wheels:ro --build-arg BASE=localhost/kubeseg-base:bookworm \
+#     --build-arg TORCH=/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl -t kubeseg:cpu .
 ARG BASE=pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
 FROM ${BASE}
+# How torch comes in: empty keeps the base image's (CUDA) torch; otherwise pip arguments installed
+# first and alone (a wheel file, or e.g. "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu").
+ARG TORCH=""
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -20,21 +29,29 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     BENTOML_DO_NOT_TRACK=true
 
 WORKDIR /opt/kubeseg
-COPY pyproject.toml README.md ./
+# Dependencies first, in their own layer, from pyproject.toml alone (an empty kubeseg distribution
+# carries them in and is removed): editing the code does not reinstall them.
+# Keep the base image's torch (or TORCH's): pin it so that no dependency replaces it.
+# pipelines: kfp; registry: MLflow; serving: BentoML and prometheus-client. psycopg2, boto3 and
+# prometheus-flask-exporter are for the chart's `mlflow server`: PostgreSQL, an S3-compatible
+# artifact store, and its /metrics (--expose-prometheus).
+COPY pyproject.toml ./
+RUN if [ -n "$TORCH" ]; then pip install $TORCH; fi \
+ && echo "torch==$(python -c 'import torch; print(torch.__version__)')" > /opt/kubeseg/torch-pin.txt \
+ && touch README.md \
+ && pip install -c torch-pin.txt '.[pipelines,registry,serving]' 'psycopg2-binary>=2.9,<3' 'boto3>=1.34,<2' \
+      'prometheus-flask-exporter>=0.23,<1' \
+ && pip uninstall -y -q kubeseg && rm -rf README.md build *.egg-info
+
+COPY README.md ./
 COPY kubeseg ./kubeseg
 COPY components ./components
 COPY pipelines ./pipelines
 COPY services ./services
-# keep the base image's CUDA torch: pin it so that no dependency replaces it.
-# pipelines: kfp; registry: MLflow; serving: BentoML and prometheus-client. psycopg2, boto3 and
-# prometheus-flask-exporter are for the chart's `mlflow server`: PostgreSQL, an S3-compatible
-# artifact store, and its /metrics (--expose-prometheus).
-RUN echo "torch==$(python -c 'import torch; print(torch.__version__)')" > /tmp/torch-pin.txt \
- && pip install -c /tmp/torch-pin.txt '.[pipelines,registry,serving]' 'psycopg2-binary>=2.9,<3' 'boto3>=1.34,<2' \
-      'prometheus-flask-exporter>=0.23,<1' \
- && rm /tmp/torch-pin.txt \
+# the import check: the build fails where a declared dependency is missing
+RUN pip install --no-deps -c torch-pin.txt . && rm -rf build *.egg-info \
  && python -c "import torch, kfp, mlflow, bentoml, prometheus_client, psycopg2, boto3, prometheus_flask_exporter, \
-kubeseg.training.trainer, \
+kubeseg.training.trainer, kubeseg.training.augmentation, \
 kubeseg.registry, components, pipelines.training, services.settings, services.metrics, services.trigger; \
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'kfp', kfp.__version__, 'mlflow', mlflow.__version__, \
 'bentoml', bentoml.__version__)"

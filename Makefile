@@ -77,3 +77,37 @@ image:
 	KUBESEG_MODEL_NAME=bentoml-build $(VENV)/bin/bentoml build -f bentofile.yaml --version $(KUBESEG_VERSION)
 	$(VENV)/bin/bentoml containerize kubeseg:$(KUBESEG_VERSION) --backend $(notdir $(CONTAINER_ENGINE)) -t $(BENTO_IMAGE)
 	@echo "built $(IMAGE) (chart, pipelines) and $(BENTO_IMAGE) (Bento of the service)"
+
+# `make image-cpu`: the same Dockerfile built here, without an image registry or a Docker engine:
+# rootful podman (runc, lowered ulimits), the base a Debian bookworm made by debootstrap
+# (docker/debian-base.sh, once) and torch the CPU wheel (TORCH_WHEEL when that file exists, else
+# PyTorch's CPU index). The host's CA bundle is mounted into the build only, for pip behind a
+# TLS-inspecting proxy. The image is what tests/test_image.py runs (KUBESEG_TEST_IMAGE); its
+# label org.kubeseg.source (docker/source_hash.py) tells the tests whether it is this checkout's.
+CPU_BASE ?= localhost/kubeseg-base:bookworm
+CPU_IMAGE ?= localhost/kubeseg:$(KUBESEG_VERSION)-cpu
+TORCH_WHEEL ?= /opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl
+CA_BUNDLE ?= /etc/ssl/certs/ca-certificates.crt
+PODMAN ?= podman
+PODMAN_FLAGS ?= --runtime runc --ulimit nofile=1024:1024 --ulimit nproc=1024:1024
+TORCH_SPEC = $(if $(wildcard $(TORCH_WHEEL)),/wheels/$(notdir $(TORCH_WHEEL)),torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu)
+
+.PHONY: image-cpu
+image-cpu:
+	@command -v $(PODMAN) >/dev/null || { echo "make image-cpu: podman not found (apt-get install podman debootstrap runc)" >&2; exit 1; }
+	CONTAINER_ENGINE=$(PODMAN) docker/debian-base.sh $(CPU_BASE)
+	$(PODMAN) build $(PODMAN_FLAGS) --network host \
+	  $(if $(wildcard $(TORCH_WHEEL)),-v $(dir $(abspath $(TORCH_WHEEL))):/wheels:ro) \
+	  $(if $(wildcard $(CA_BUNDLE)),-v $(abspath $(CA_BUNDLE)):/etc/ssl/certs/ca-certificates.crt:ro) \
+	  --label org.kubeseg.source=$$($(PYTHON) docker/source_hash.py) \
+	  --build-arg BASE=$(CPU_BASE) --build-arg TORCH="$(TORCH_SPEC)" -t $(CPU_IMAGE) .
+	@$(PODMAN) image inspect $(CPU_IMAGE) --format 'built $(CPU_IMAGE): {{.Size}} bytes'
+
+print-%:  # a variable's value, for scripts and tests (make -s print-CPU_IMAGE)
+	@echo '$($*)'
+
+# `make test-image`: build the CPU image, then prove it (tests/test_image.py). Not part of
+# `make test`/CI: the build alone takes about 11 minutes here.
+.PHONY: test-image
+test-image: $(VENV)/.test image-cpu
+	KUBESEG_TEST_IMAGE=$(CPU_IMAGE) $(PY) -m pytest -q -m integration tests/test_image.py
