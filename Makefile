@@ -74,7 +74,7 @@ image:
 	$(PIP) install -q -c constraints.txt -e '.[serving,registry]'
 	rm -rf build/wheels && $(PIP) wheel -q --no-deps -w build/wheels .
 	# the service reads its settings at import; bentoml build imports it without loading a model
-	KUBESEG_MODEL_NAME=bentoml-build $(VENV)/bin/bentoml build -f bentofile.yaml --version $(KUBESEG_VERSION)
+	KUBESEG_MODEL_NAME=bentoml-build KUBESEG_AUTH=disabled KUBESEG_MODEL_SIGNATURES=disabled $(VENV)/bin/bentoml build -f bentofile.yaml --version $(KUBESEG_VERSION)
 	$(VENV)/bin/bentoml containerize kubeseg:$(KUBESEG_VERSION) --backend $(notdir $(CONTAINER_ENGINE)) -t $(BENTO_IMAGE)
 	@echo "built $(IMAGE) (chart, pipelines) and $(BENTO_IMAGE) (Bento of the service)"
 

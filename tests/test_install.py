@@ -27,7 +27,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("kubeseg", "components", "pipelines", "services")
 # the engine may import only the core dependencies; these modules are the registry glue (MLflow)
-REGISTRY_GLUE = {"kubeseg/registry.py", "kubeseg/tracking.py"}
+REGISTRY_GLUE = {"kubeseg/registry.py", "kubeseg/tracking.py", "kubeseg/registry_auth.py"}
 
 
 def _norm(name: str) -> str:
