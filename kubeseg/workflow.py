@@ -328,3 +328,25 @@ def select_from_folds(fold_outputs: Sequence[str | Path], preprocessed_dir: str 
         m["folder"] = str(Path(m["folder"]).resolve().relative_to(out_dir.resolve()))
     write_json(selection, out_dir / SELECTION_FILENAME)
     return selection
+
+
+def training_checkpoints(preprocessed_dir: str | Path, configuration: str, fold: int | str, schedule: str,
+                         fold_dir: str | Path, uri: str, interval_s: float, pretrained: str | Path | None = None,
+                         run_key: str = ""):
+    """A training task's durable checkpoints (:mod:`kubeseg.training.checkpoint_store`): restores
+    ``fold_dir`` from the store at ``uri`` when it is empty and returns the uploader callback (None
+    when ``uri`` is empty). The key's run part is ``run_key``, else a digest of the task's inputs
+    (plans, fingerprint, dataset content hash, schedule, pretrained weights), so that a retried pod
+    and a re-run with the same inputs both find it."""
+    from kubeseg.dataset_hash import DATASET_HASH_FILE
+    from kubeseg.training.checkpoint_store import CheckpointSettings, checkpoint_callback, inputs_run_key
+
+    if not uri:
+        return None
+    pre = Path(preprocessed_dir)
+    key = run_key or inputs_run_key(pre / "plans.json", pre / "dataset_fingerprint.json", pre / DATASET_HASH_FILE,
+                                    Path(pretrained) if pretrained else None,
+                                    extra={"schedule": str(schedule), "configuration": configuration,
+                                           "fold": str(fold)})
+    return checkpoint_callback(CheckpointSettings(uri=uri, interval_s=interval_s, run_key=key), configuration,
+                               fold, Path(fold_dir))

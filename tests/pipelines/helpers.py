@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -112,3 +113,89 @@ class MlflowServer:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def tiny_preprocessed(root: Path, configurations=("2d",)) -> Path:
+    """:func:`tiny_raw` fingerprinted, planned (small preset) and preprocessed for ``configurations``."""
+    from kubeseg.dataset import load_dataset_json
+    from kubeseg.fingerprint import extract_fingerprint, write_fingerprint
+    from kubeseg.planning.planner import plan_experiment, planner_settings
+    from kubeseg.preprocessing.preprocess import preprocess_dataset
+
+    raw = tiny_raw(root)
+    fp = extract_fingerprint(raw, 1, progress=False)
+    fp_path = write_fingerprint(fp, root / "fingerprint.json")
+    plans = plan_experiment(load_dataset_json(raw), fp, planner_settings("small"), dataset_name=raw.name)
+    pre = root / "pre"
+    for c in configurations:
+        preprocess_dataset(raw, plans, c, pre, fp_path, 1, progress=False)
+    return pre
+
+
+def _stop(proc: subprocess.Popen, log=None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if log is not None:
+        log.close()
+
+
+def _wait_http(url: str, proc: subprocess.Popen, what: str, logfile: Path, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited:\n" + logfile.read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{what} did not answer at {url} in {timeout} s")
+
+
+class MotoS3:
+    """A real S3-protocol server (``moto_server``) on a free port of 127.0.0.1, with one bucket;
+    ``env`` holds the variables boto3 (and MLflow) need to reach it."""
+
+    def __init__(self, root: Path, bucket: str = "kubeseg"):
+        self.root, self.bucket = root, bucket
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint,
+                    "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
+        self.proc = None
+        self.log = None
+
+    def __enter__(self) -> "MotoS3":
+        self.root.mkdir(parents=True, exist_ok=True)
+        exe = Path(sys.executable).with_name("moto_server")
+        self.log = open(self.root / "moto.log", "w")
+        self.proc = subprocess.Popen([str(exe) if exe.exists() else "moto_server", "-H", "127.0.0.1",
+                                      "-p", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            _wait_http(self.endpoint + "/", self.proc, "moto_server", self.root / "moto.log")
+            self.client().create_bucket(Bucket=self.bucket)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def keys(self, prefix: str = "") -> list[str]:
+        out = self.client().list_objects_v2(Bucket=self.bucket, Prefix=prefix).get("Contents", [])
+        return sorted(o["Key"] for o in out)
+
+    def __exit__(self, *exc) -> None:
+        _stop(self.proc, self.log)
