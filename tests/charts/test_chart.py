@@ -351,7 +351,7 @@ def test_mlflow_credentials_come_from_secrets_only(setup):
     assert env["MLFLOW_PG_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgresql"
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-s3"
     uri = env["MLFLOW_BACKEND_STORE_URI"]["value"]
-    assert uri.startswith("postgresql://$(MLFLOW_PG_USER):$(MLFLOW_PG_PASSWORD)@")  # expanded by the kubelet
+    assert uri.startswith("postgresql+psycopg2://$(MLFLOW_PG_USER):$(MLFLOW_PG_PASSWORD)@")  # expanded by the kubelet
     assert env["MLFLOW_ARTIFACTS_DESTINATION"]["value"].startswith("s3://")
     assert c["command"] == ["mlflow", "server"] and "--serve-artifacts" in c["args"]
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
