@@ -6,7 +6,7 @@ place, so a cache keyed by the URI would serve the old fingerprint, plans and tr
 copy tool may keep them, a file system may have coarse ones) and hashes the sorted list of
 ``(relative path, sha256 of contents)``. Files are read in 1 MiB chunks on a few threads (hashlib
 releases the GIL), and a file's digest is remembered for the life of the process under its
-``(path, size, mtime_ns, inode)``, so hashing the same folder twice in one run reads it once.
+``(path, size, mtime, ctime, inode)``, so hashing the same folder twice in one run reads it once.
 
 Hidden files and folders (``.name``) are left out: no step reads them.
 """
@@ -30,9 +30,10 @@ _lock = threading.Lock()
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of one file's contents, remembered per (path, size, mtime_ns, inode) in this process."""
+    """sha256 of one file's contents, remembered per (path, size, mtime, ctime, inode) in this process
+    (the ctime moves on every write and cannot be set back, unlike the mtime)."""
     st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     with _lock:
         hit = _cache.get(key)
     if hit is not None:

@@ -175,19 +175,25 @@ def build_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = Tru
                                  schedule=schedule, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
             run.set_caching_options(False).set_display_name("open MLflow run")
 
-            # the dataset's contents, not its URI, key the cache of every step that reads it
-            digest = steps.dataset_hash(raw=raw.output, num_workers=num_workers)
-            digest.set_caching_options(False).set_display_name("dataset content hash")
-            fp = steps.fingerprint(raw=raw.output, num_workers=num_workers, dataset_hash=digest.output)
-            fp.set_display_name("fingerprint")
-            planned = steps.plan(raw=raw.output, fingerprint=fp.outputs["fingerprint"], preset=planner_preset,
-                                 configurations=configurations, folds=folds, dataset_hash=digest.output)
-            planned.set_display_name("plan")
-            pre = preprocess_task(raw.output, planned, fp, k, o, dataset_hash=digest.output)
+            fp, planned, pre = data_steps(raw.output, planner_preset, configurations, folds, k, o)
             training_waves(planned, pre, run, k, o,
                            lambda models, cascade: selection_tail(models, cascade, pre, fp, run, k, o))
 
     return training
+
+
+def data_steps(raw, planner_preset, configurations, folds, k: RunKnobs, o: BuildOptions):
+    """dataset content hash → fingerprint → plan → preprocess; returns ``(fingerprint, plan,
+    preprocess)`` tasks. The hash step never caches and is an input of the three others, so their
+    cache follows the dataset's contents, not its URI (a dataset fixed in place is read again)."""
+    digest = steps.dataset_hash(raw=raw, num_workers=k.num_workers)
+    digest.set_caching_options(False).set_display_name("dataset content hash")
+    fp = steps.fingerprint(raw=raw, num_workers=k.num_workers, dataset_hash=digest.output)
+    fp.set_display_name("fingerprint")
+    planned = steps.plan(raw=raw, fingerprint=fp.outputs["fingerprint"], preset=planner_preset,
+                         configurations=configurations, folds=folds, dataset_hash=digest.output)
+    planned.set_display_name("plan")
+    return fp, planned, preprocess_task(raw, planned, fp, k, o, dataset_hash=digest.output)
 
 
 def preprocess_task(raw, planned, fp, k: RunKnobs, o: BuildOptions, dataset_hash=None):
