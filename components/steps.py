@@ -219,6 +219,7 @@ def train(preprocessed: Input[Dataset], configuration: str, fold: int, schedule:
         metrics.log_metric(f"{configuration}.fold{fold}.dice_{label}", dice)
     model.metadata.update({"configuration": configuration, "fold": fold,
                            "checkpoint_upload_failures": store.failures if store else 0,
+                           "tracking": callbacks[0].report if callbacks else {},
                            "pretrained": str(weights.relative_to(pretrained.path)) if weights else ""})
 
 
@@ -295,12 +296,14 @@ def bundle(selection: Input[Artifact], fingerprint: Input[Dataset], bundle: Outp
 @component
 def register(bundle: Input[Model], model_name: str, tracking: Input[Artifact], pipeline_run: str) -> str:
     """Register the bundle as a new MLflow model version (tags: CV Dice, fingerprint and plans
-    hashes, source run, checksums) with the alias `challenger`; closes the parent run."""
+    hashes, source run, checksums) with the alias `challenger`; closes the parent run. An
+    unreachable tracking server is waited for (backoff, 10 minutes), then the step fails naming it."""
     from kubeseg.registry import register_bundle
-    from kubeseg.tracking import finish_run, read_run_ref, require_tracking_uri
+    from kubeseg.tracking import finish_run, read_run_ref, require_tracking_uri, wait_for_tracking
 
     mlflow_uri, parent_run_id = read_run_ref(tracking.path)
     mlflow_uri = require_tracking_uri(mlflow_uri)
+    wait_for_tracking(mlflow_uri)  # an outage: retries with backoff, then fails naming the server
     version = register_bundle(bundle.path, model_name, mlflow_uri, parent_run_id or None, source_run=pipeline_run)
     if parent_run_id:
         finish_run(mlflow_uri, parent_run_id)
