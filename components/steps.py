@@ -228,10 +228,11 @@ def gather(models: Input[List[Model]], cascade_wave: list, gathered: Output[Mode
     """Fan-in of the first training wave: every fold into one model folder per configuration
     (with the folds' MLflow run references). Returns the size of the cascade wave that follows
     (0: none planned)."""
+    from kubeseg.model_folder import configuration_of
     from kubeseg.workflow import gather_training_outputs
 
     folders = gather_training_outputs([m.path for m in models], gathered.path)
-    gathered.metadata["configurations"] = [f.name.split("__")[-1] for f in folders]
+    gathered.metadata["configurations"] = [configuration_of(f) for f in folders]
     return len(cascade_wave)
 
 
