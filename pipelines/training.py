@@ -214,8 +214,11 @@ def compile_pipeline(output: str, parallelism: int = 0, retries: int = 2, pipeli
                      s3_secret: str = "") -> str:
     """Write a pipeline spec (YAML) that a user uploads in the Kubeflow UI: ``training`` (default)
     or ``retraining``; ``s3_secret``: see :class:`BuildOptions`."""
+    import os
+
     from kfp import compiler
 
+    s3_secret = s3_secret or os.environ.get("KUBESEG_S3_SECRET", "")
     if pipeline in (None, "training"):
         func = build_pipeline(parallelism, retries, s3_secret=s3_secret)
     elif pipeline == "retraining":
