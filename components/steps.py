@@ -103,15 +103,21 @@ def plan(raw: Input[Dataset], fingerprint: Input[Dataset], preset: str, configur
     from kubeseg.planning.summary import plans_markdown
     from kubeseg.workflow import preprocess_configurations as needed, training_items, waves_markdown
 
-    p = plan_experiment(load_dataset_json(raw.path), read_fingerprint(fingerprint.path), planner_settings(preset),
-                        dataset_name=Path(raw.path).name)
+    from kubeseg.planning.storage import human_bytes, preprocessed_bytes
+
+    spec = load_dataset_json(raw.path)
+    fp = read_fingerprint(fingerprint.path)
+    p = plan_experiment(spec, fp, planner_settings(preset), dataset_name=Path(raw.path).name)
     first, cascade = training_items(p, configurations, folds)
     write_json(p, plans.path)
-    plans.metadata["dataset_hash"] = dataset_hash
+    sizes = preprocessed_bytes(p, fp.to_json(), spec.num_channels)
+    plans.metadata.update({"dataset_hash": dataset_hash, "preprocessed_bytes": sizes})
     Path(cascade_wave).write_text(json.dumps(cascade))
     Path(preprocess_configurations).write_text(json.dumps(needed(p, configurations)))
     Path(summary.path).write_text(f"### Plans `{p['plans_name']}` for `{p['dataset_name']}`\n\n"
-                                  + plans_markdown(p) + "\n\n" + waves_markdown(first, cascade) + "\n")
+                                  + plans_markdown(p) + "\n\n" + waves_markdown(first, cascade) + "\n\n"
+                                  + "Preprocessed arrays (estimate, disk a training pod needs): "
+                                  + ", ".join(f"`{c}` {human_bytes(b)}" for c, b in sizes.items()) + "\n")
     return first
 
 
