@@ -301,7 +301,12 @@ def checkpoint_callback(settings: CheckpointSettings, configuration: str, fold: 
         return None
     store = open_store(settings.uri, settings.endpoint_url)
     key = fold_key(settings.run_key or "default", configuration, fold)
-    epoch = restore_fold(store, key, fold_dir)
+    try:
+        epoch = restore_fold(store, key, fold_dir)
+    except KubesegError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a wrong bucket or credentials: fail at the start, naming the store
+        raise KubesegError(f"checkpoint store {store.describe(key)} cannot be read: {type(e).__name__}: {e}") from e
     if epoch is not None:
         log.info("fold %s of %s: resuming from the stored checkpoint (epoch %d, %s)", fold, configuration, epoch,
                  store.describe(key))
