@@ -235,7 +235,7 @@ class MlflowTrainingCallback:
     def __init__(self, uri: Optional[str] = None, parent_run_id: Optional[str] = None,
                  experiment: str = DEFAULT_EXPERIMENT, plans: Optional[Mapping[str, Any]] = None,
                  run_name: Optional[str] = None, tags: Optional[Mapping[str, str]] = None,
-                 flush_timeout_s: float = 300.0, max_pending: int = 100_000):
+                 flush_timeout_s: float = 300.0, max_pending: int = 100_000, max_backoff_s: float = 30.0):
         self.uri = tracking_uri(uri)
         self.parent_run_id = parent_run_id
         self.experiment = experiment
@@ -244,7 +244,7 @@ class MlflowTrainingCallback:
         self.tags = dict(tags or {})
         self.run_id: Optional[str] = None
         self.flush_timeout_s = flush_timeout_s
-        self.sender = _Sender("tracking", max_pending)
+        self.sender = _Sender("tracking", max_pending, max_backoff_s)
         self.report: dict[str, Any] = {}
         self._artifacts: dict[str, Path] = {}
         self._client = None

@@ -97,7 +97,8 @@ class MlflowServer:
                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
         self.log = open(self.root / "server.log", "a")
         import os
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                                     start_new_session=True)  # its own group: uvicorn and the job runner stop with it
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -112,12 +113,18 @@ class MlflowServer:
         raise RuntimeError("mlflow server did not become healthy in 120 s")
 
     def __exit__(self, *exc) -> None:
+        import os
+        import signal
+
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            try:  # SIGTERM to the CLI alone waits for its children for ~20 s; the group stops at once
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
 

@@ -49,7 +49,7 @@ def test_training_survives_a_stopped_server(tmp_path, fast_failing_client):
     pre = tiny_preprocessed(tmp_path)
     with MlflowServer(tmp_path / "mlflow") as server:
         cb = MlflowTrainingCallback(server.uri, experiment="outage", plans=read_json(pre / "plans.json"),
-                                    flush_timeout_s=120)
+                                    flush_timeout_s=120, max_backoff_s=2)
         outage = Outage(server, down=1, up=4)
         fold = train_fold(pre, pre / "plans.json", "2d", 0, tmp_path / "model",
                           TrainSettings(device="cpu", schedule=Schedule(6, 4, 1, "test"), num_workers=0,
