@@ -62,20 +62,31 @@ def merge_cases(raw: Input[Dataset], new_cases: Input[Dataset], num_workers: int
 
 
 @component
-def fingerprint(raw: Input[Dataset], num_workers: int, fingerprint: Output[Dataset]):
+def dataset_hash(raw: Input[Dataset], num_workers: int) -> str:
+    """Content hash of the raw dataset (every file read, `sha256:<hex>`). Never cached itself: it
+    is an input of the steps that read the dataset, so a dataset changed in place under the same
+    URI is not served from their cache."""
+    from kubeseg.dataset_hash import dataset_content_hash
+
+    return dataset_content_hash(raw.path, None if num_workers < 1 else num_workers)
+
+
+@component
+def fingerprint(raw: Input[Dataset], num_workers: int, fingerprint: Output[Dataset], dataset_hash: str = ""):
     """Dataset fingerprint (nnU-Net v2 `dataset_fingerprint.json`): spacings, shapes and
-    foreground intensity statistics of the raw nnU-Net v2 dataset."""
+    foreground intensity statistics of the raw nnU-Net v2 dataset. `dataset_hash`: the raw
+    dataset's content hash (part of the cache key; recorded in the metadata)."""
     from kubeseg.fingerprint import extract_fingerprint, write_fingerprint
 
     fp = extract_fingerprint(raw.path, None if num_workers < 0 else num_workers, progress=False)
     write_fingerprint(fp, fingerprint.path)
-    fingerprint.metadata["cases"] = len(fp.spacings)
+    fingerprint.metadata.update({"cases": len(fp.spacings), "dataset_hash": dataset_hash})
 
 
 @component
 def plan(raw: Input[Dataset], fingerprint: Input[Dataset], preset: str, configurations: list, folds: list,
          plans: Output[Artifact], summary: Output[Markdown], cascade_wave: dsl.OutputPath(list),
-         preprocess_configurations: dsl.OutputPath(list)) -> list:
+         preprocess_configurations: dsl.OutputPath(list), dataset_hash: str = "") -> list:
     """Plan the configurations (nnU-Net v2 `plans.json`: patch, batch, topology, spacing,
     normalization) and return the first training wave, one item per (configuration, fold).
 
@@ -92,14 +103,21 @@ def plan(raw: Input[Dataset], fingerprint: Input[Dataset], preset: str, configur
     from kubeseg.planning.summary import plans_markdown
     from kubeseg.workflow import preprocess_configurations as needed, training_items, waves_markdown
 
-    p = plan_experiment(load_dataset_json(raw.path), read_fingerprint(fingerprint.path), planner_settings(preset),
-                        dataset_name=Path(raw.path).name)
+    from kubeseg.planning.storage import human_bytes, preprocessed_bytes
+
+    spec = load_dataset_json(raw.path)
+    fp = read_fingerprint(fingerprint.path)
+    p = plan_experiment(spec, fp, planner_settings(preset), dataset_name=Path(raw.path).name)
     first, cascade = training_items(p, configurations, folds)
     write_json(p, plans.path)
+    sizes = preprocessed_bytes(p, fp.to_json(), spec.num_channels)
+    plans.metadata.update({"dataset_hash": dataset_hash, "preprocessed_bytes": sizes})
     Path(cascade_wave).write_text(json.dumps(cascade))
     Path(preprocess_configurations).write_text(json.dumps(needed(p, configurations)))
     Path(summary.path).write_text(f"### Plans `{p['plans_name']}` for `{p['dataset_name']}`\n\n"
-                                  + plans_markdown(p) + "\n\n" + waves_markdown(first, cascade) + "\n")
+                                  + plans_markdown(p) + "\n\n" + waves_markdown(first, cascade) + "\n\n"
+                                  + "Preprocessed arrays (estimate, disk a training pod needs): "
+                                  + ", ".join(f"`{c}` {human_bytes(b)}" for c, b in sizes.items()) + "\n")
     return first
 
 
@@ -137,9 +155,14 @@ def plan_retraining(raw: Input[Dataset], fingerprint: Input[Dataset], mode: str,
 
 @component
 def preprocess(raw: Input[Dataset], plans: Input[Artifact], fingerprint: Input[Dataset], configurations: list,
-               num_workers: int, preprocessed: Output[Dataset]):
+               num_workers: int, preprocessed: Output[Dataset], dataset_hash: str = ""):
     """Preprocess every case for the configurations: crop to nonzero, resample (anisotropy aware),
-    normalize; memory-mappable arrays plus the reference segmentations."""
+    normalize; memory-mappable arrays plus the reference segmentations. `dataset_hash` (the raw
+    dataset's content hash) is part of the cache key and written to `dataset_hash.json`."""
+    from pathlib import Path
+
+    from kubeseg.dataset_hash import DATASET_HASH_FILE
+    from kubeseg.jsonio import write_json
     from kubeseg.planning.plans import load_plans
     from kubeseg.preprocessing.preprocess import preprocess_dataset
 
@@ -147,14 +170,17 @@ def preprocess(raw: Input[Dataset], plans: Input[Artifact], fingerprint: Input[D
     for c in configurations:
         preprocess_dataset(raw.path, p, c, preprocessed.path, fingerprint.path,
                            None if num_workers < 0 else num_workers)
-    preprocessed.metadata["configurations"] = list(configurations)
+    if dataset_hash:
+        write_json({"dataset_hash": dataset_hash}, Path(preprocessed.path) / DATASET_HASH_FILE)
+    preprocessed.metadata.update({"configurations": list(configurations), "dataset_hash": dataset_hash})
 
 
 @component
 def train(preprocessed: Input[Dataset], configuration: str, fold: int, schedule: str, device: str,
           num_workers: int, torch_threads: int, mlflow_uri: str, experiment: str,
           model: Output[Model], metrics: Output[Metrics], validation_tta: bool = True,
-          previous_stage: Input[Dataset] = None, pretrained: Input[Model] = None):
+          previous_stage: Input[Dataset] = None, pretrained: Input[Model] = None, checkpoint_uri: str = "",
+          checkpoint_interval_s: float = 300.0):
     """Train one configuration x one fold the nnU-Net v2 way (resumes from its last checkpoint).
 
     Cascade stages read their first stage's out-of-fold segmentations from `previous_stage`
@@ -163,13 +189,17 @@ def train(preprocessed: Input[Dataset], configuration: str, fold: int, schedule:
     the pipeline run by the select step, so that this step depends only on its inputs and can be
     cached); the fold's validation Dice per class to the metrics output (`validation_tta`: mirror
     the held-out cases when predicting them, 8x the cost in 3D). The model output is nnU-Net's
-    fold layout."""
+    fold layout.
+
+    `checkpoint_uri` (`s3://bucket/prefix` or a mounted folder; empty: off): the resume point is
+    uploaded there at most every `checkpoint_interval_s` seconds, keyed by the task's inputs,
+    configuration and fold, and restored first when the output folder is empty (a retried pod)."""
     from pathlib import Path
 
     from kubeseg.jsonio import read_json
     from kubeseg.tracking import write_run_ref
     from kubeseg.training.trainer import TrainSettings, train_fold
-    from kubeseg.workflow import fold_dice, model_folder_name, parse_schedule, task_inputs
+    from kubeseg.workflow import fold_dice, model_folder_name, parse_schedule, task_inputs, training_checkpoints
 
     pre = Path(preprocessed.path)
     p = read_json(pre / "plans.json")
@@ -179,18 +209,23 @@ def train(preprocessed: Input[Dataset], configuration: str, fold: int, schedule:
     if mlflow_uri:
         from kubeseg.tracking import MlflowTrainingCallback
         callbacks.append(MlflowTrainingCallback(mlflow_uri, experiment=experiment, plans=p))
-    settings = TrainSettings(device=device, schedule=parse_schedule(schedule), callbacks=callbacks,
+    out_dir = Path(model.path) / model_folder_name(p, configuration)
+    store = training_checkpoints(pre, configuration, fold, schedule, out_dir / f"fold_{fold}", checkpoint_uri,
+                                 checkpoint_interval_s, weights)
+    settings = TrainSettings(device=device, schedule=parse_schedule(schedule),
+                             callbacks=([store] if store else []) + callbacks,
                              num_workers=None if num_workers < 0 else num_workers, deterministic_workers=True,
                              torch_threads=torch_threads or None, progress_bar=False, log_to_console=False,
                              validation_mirroring=validation_tta, previous_stage_dir=prev_dir,
                              pretrained_weights=weights)
-    fold_dir = train_fold(pre, pre / "plans.json", configuration, fold,
-                          Path(model.path) / model_folder_name(p, configuration), settings)
+    fold_dir = train_fold(pre, pre / "plans.json", configuration, fold, out_dir, settings)
     write_run_ref(Path(model.path) / "mlflow_run.json", mlflow_uri, callbacks[0].run_id if callbacks else "",
                   experiment)
     for label, dice in fold_dice(fold_dir).items():
         metrics.log_metric(f"{configuration}.fold{fold}.dice_{label}", dice)
     model.metadata.update({"configuration": configuration, "fold": fold,
+                           "checkpoint_upload_failures": store.failures if store else 0,
+                           "tracking": callbacks[0].report if callbacks else {},
                            "pretrained": str(weights.relative_to(pretrained.path)) if weights else ""})
 
 
@@ -199,10 +234,11 @@ def gather(models: Input[List[Model]], cascade_wave: list, gathered: Output[Mode
     """Fan-in of the first training wave: every fold into one model folder per configuration
     (with the folds' MLflow run references). Returns the size of the cascade wave that follows
     (0: none planned)."""
+    from kubeseg.model_folder import configuration_of
     from kubeseg.workflow import gather_training_outputs
 
     folders = gather_training_outputs([m.path for m in models], gathered.path)
-    gathered.metadata["configurations"] = [f.name.split("__")[-1] for f in folders]
+    gathered.metadata["configurations"] = [configuration_of(f) for f in folders]
     return len(cascade_wave)
 
 
@@ -267,12 +303,14 @@ def bundle(selection: Input[Artifact], fingerprint: Input[Dataset], bundle: Outp
 @component
 def register(bundle: Input[Model], model_name: str, tracking: Input[Artifact], pipeline_run: str) -> str:
     """Register the bundle as a new MLflow model version (tags: CV Dice, fingerprint and plans
-    hashes, source run, checksums) with the alias `challenger`; closes the parent run."""
+    hashes, source run, checksums) with the alias `challenger`; closes the parent run. An
+    unreachable tracking server is waited for (backoff, 10 minutes), then the step fails naming it."""
     from kubeseg.registry import register_bundle
-    from kubeseg.tracking import finish_run, read_run_ref, require_tracking_uri
+    from kubeseg.tracking import finish_run, read_run_ref, require_tracking_uri, wait_for_tracking
 
     mlflow_uri, parent_run_id = read_run_ref(tracking.path)
     mlflow_uri = require_tracking_uri(mlflow_uri)
+    wait_for_tracking(mlflow_uri)  # an outage: retries with backoff, then fails naming the server
     version = register_bundle(bundle.path, model_name, mlflow_uri, parent_run_id or None, source_run=pipeline_run)
     if parent_run_id:
         finish_run(mlflow_uri, parent_run_id)

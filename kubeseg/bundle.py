@@ -35,6 +35,7 @@ from kubeseg.inference.model import CHECKPOINT_NAME, available_folds
 from kubeseg.inference.run import SELECTION_FILENAME
 from kubeseg.inference.safe_load import load_checkpoint_safe, weights_only_checkpoint
 from kubeseg.jsonio import read_json, write_json
+from kubeseg.model_folder import configuration_of, model_folder_name, parse_model_folder_name
 from kubeseg.network import build_network
 from kubeseg.postprocessing import FILENAME as PP_FILENAME, PostprocessingRule, save_postprocessing
 from kubeseg.training.plans import ConfigurationView, LabelInfo, num_input_channels
@@ -58,8 +59,7 @@ class BundleMember:
 def _configuration_of(folder: Path, folds: list[str]) -> str:
     ckpt = load_checkpoint_safe(folder / f"fold_{folds[0]}" / CHECKPOINT_NAME)
     conf = (ckpt.get("init_args") or {}).get("configuration")
-    parts = folder.name.split("__")
-    conf = conf or (parts[2] if len(parts) == 3 else None)
+    conf = conf or configuration_of(folder)
     if conf is None:
         raise KubesegError(f"cannot tell the configuration of {folder}")
     return conf
@@ -110,11 +110,9 @@ def _write_member(member: BundleMember, target: Path) -> list[str]:
 
 
 def _folder_name(member: BundleMember) -> str:
-    parts = member.folder.name.split("__")
-    if len(parts) == 3:
+    if parse_model_folder_name(member.folder):
         return member.folder.name
-    plans = read_json(member.folder / "plans.json")
-    return f"nnUNetTrainer__{plans.get('plans_name', 'nnUNetPlans')}__{member.configuration}"
+    return model_folder_name(read_json(member.folder / "plans.json"), member.configuration)
 
 
 def write_bundle(members: Sequence[BundleMember], out_dir: str | Path, postprocessing: PostprocessingRule,

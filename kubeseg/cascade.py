@@ -38,6 +38,7 @@ from kubeseg.atomic import default_mode, replace_folder
 from kubeseg.errors import DatasetError, KubesegError
 from kubeseg.jsonio import read_json, write_json
 from kubeseg.labels import LabelScheme, label_scheme
+from kubeseg.model_folder import configuration_of
 from kubeseg.parallel import map_cases
 from kubeseg.planning.plans import configuration as resolve_configuration
 from kubeseg.preprocessing.resampling_functions import probabilities_resampler, seg_resampler
@@ -142,9 +143,9 @@ def export_cascade_inputs(previous_model_dir: str | Path, preprocessed_dir: str 
     if not (prev_dir / "plans.json").is_file():
         raise KubesegError(f"{prev_dir} is not a training output folder (no plans.json)")
     trained = read_json(prev_dir / "plans.json")
-    parts = prev_dir.name.split("__")
-    if len(parts) == 3 and parts[2] != prev:
-        raise KubesegError(f"{prev_dir.name} holds {parts[2]!r}, but {configuration!r} cascades from {prev!r}")
+    named = configuration_of(prev_dir)
+    if named is not None and named != prev:
+        raise KubesegError(f"{prev_dir.name} holds {named!r}, but {configuration!r} cascades from {prev!r}")
     if resolve_configuration(trained, prev) != resolve_configuration(plans, prev):
         raise KubesegError(f"{prev_dir} was trained with other {prev!r} plans than {plans_file}")
     prev_config = resolve_configuration(plans, prev)

@@ -244,7 +244,8 @@ def _pipeline_arguments(a, dataset_uri: str) -> dict:
             "gpu_count": a.gpu_count, "train_cpu": a.cpu, "train_memory": a.memory, "num_workers": a.num_workers,
             "torch_threads": a.torch_threads, "validation_tta": not a.no_validation_tta,
             "allow_ensembles": not a.no_ensembles, "mlflow_uri": a.mlflow_uri, "experiment": a.experiment,
-            "model_name": a.model_name}
+            "model_name": a.model_name, "checkpoint_uri": a.checkpoint_uri,
+            "checkpoint_interval_s": a.checkpoint_interval}
 
 
 def cmd_pipeline_compile(a) -> int:
@@ -253,7 +254,7 @@ def cmd_pipeline_compile(a) -> int:
     from pipelines.training import compile_pipeline
 
     output = a.output or f"{a.pipeline}.yaml"
-    compile_pipeline(output, a.parallelism, a.retries, a.pipeline)
+    compile_pipeline(output, a.parallelism, a.retries, a.pipeline, s3_secret=a.s3_secret)
     print(f"{a.pipeline} pipeline spec written to {output} (upload it in the Kubeflow Pipelines UI)")
     return 0
 
@@ -264,7 +265,7 @@ def cmd_pipeline_submit(a) -> int:
     from pipelines.run import submit
 
     run_id = submit(a.host, _pipeline_arguments(a, a.dataset_uri), a.run_name, a.kfp_experiment, a.parallelism,
-                    a.retries, a.namespace)
+                    a.retries, a.namespace, s3_secret=a.s3_secret)
     print(f"started run {run_id} on {a.host}")
     return 0
 
@@ -573,6 +574,9 @@ def _pipeline_parsers(sub) -> None:
         p.add_argument("--parallelism", type=int, default=0, help="concurrent training tasks (0: no limit)")
         p.add_argument("--retries", type=int, default=2, help="retries per training task")
         p.add_argument("--image", default=None, help="kubeseg image for every task (env KUBESEG_IMAGE)")
+        p.add_argument("--s3-secret", default=_env("S3_SECRET", ""),
+                       help="Kubernetes Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY[/AWS_ENDPOINT_URL] for "
+                            "the training pods' checkpoint store (env KUBESEG_S3_SECRET)")
 
     def run_flags(p):
         p.add_argument("--configurations", nargs="+", default=["2d", "3d_fullres"])
@@ -594,6 +598,11 @@ def _pipeline_parsers(sub) -> None:
         p.add_argument("--mlflow-uri", default=_env("MLFLOW_URI", ""), help="MLflow tracking URI (env KUBESEG_MLFLOW_URI)")
         p.add_argument("--experiment", default="kubeseg", help="MLflow experiment")
         p.add_argument("--model-name", default="kubeseg-segmentation", help="registered model name")
+        p.add_argument("--checkpoint-uri", default=_env("CHECKPOINT_URI", ""),
+                       help="durable resume points of training tasks: s3://bucket/prefix or a mounted folder "
+                            "(env KUBESEG_CHECKPOINT_URI; empty: off)")
+        p.add_argument("--checkpoint-interval", type=float, default=_env("CHECKPOINT_INTERVAL_S", 300.0, float),
+                       help="least seconds between two checkpoint uploads (checked at epoch ends)")
 
     p = pl.add_parser("compile", help="write a pipeline spec to upload in the Kubeflow UI")
     p.add_argument("-o", "--output", default=None, help="spec file (default <pipeline>.yaml)")

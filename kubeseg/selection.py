@@ -35,6 +35,7 @@ from kubeseg.inference.run import SELECTION_FILENAME
 from kubeseg.inference.safe_load import load_checkpoint_safe
 from kubeseg.jsonio import read_json, write_json
 from kubeseg.labels import LabelScheme, label_scheme
+from kubeseg.model_folder import configuration_of
 from kubeseg.planning.plans import configuration as resolve_configuration
 from kubeseg.postprocessing import FILENAME as PP_FILENAME, PostprocessingRule, decide_postprocessing, dice, \
     foreground_mean, save_postprocessing
@@ -69,8 +70,7 @@ class TrainedConfiguration:
         ckpt = load_checkpoint_safe(folder / f"fold_{folds[0]}" / "checkpoint_final.pth")
         configuration = (ckpt.get("init_args") or {}).get("configuration")
         if configuration is None:
-            parts = folder.name.split("__")
-            configuration = parts[2] if len(parts) == 3 else None
+            configuration = configuration_of(folder)
         if configuration is None:
             raise KubesegError(f"cannot tell the configuration of {folder}")
         validation = {}

@@ -120,6 +120,98 @@ def plans_params(plans: Mapping[str, Any], configuration: str) -> dict[str, str]
     return {k: _clean(v) for k, v in out.items() if v is not None}
 
 
+class _Sender:
+    """Runs tracking calls in order on a background thread, retrying a failing call with
+    exponential backoff (1 s doubling to ``max_backoff_s``) until it succeeds, so that training never
+    waits for MLflow. Calls that carry metric values count them; when more than ``max_pending``
+    values wait, the oldest waiting metric call is dropped and its values counted as lost."""
+
+    def __init__(self, name: str, max_pending: int, max_backoff_s: float = 30.0):
+        import collections
+        import threading
+
+        self.name, self.max_pending, self.max_backoff_s = name, max_pending, max_backoff_s
+        self.queue: collections.deque = collections.deque()
+        self.cv = threading.Condition()
+        self.thread: Optional[Any] = None
+        self.closed = self.abandoned = False
+        self.failed_calls = self.lost_metrics = self.sent_metrics = 0
+        self.outage_s = 0.0
+        self.down_since: Optional[float] = None
+        self.last_error = ""
+
+    def submit(self, fn, metrics: int = 0) -> None:
+        import threading
+
+        with self.cv:
+            self.queue.append((fn, metrics))
+            while sum(n for _, n in self.queue) > self.max_pending:
+                oldest = next(i for i, (_, n) in enumerate(self.queue) if n)
+                self.lost_metrics += self.queue[oldest][1]
+                del self.queue[oldest]
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name=f"mlflow-{self.name}", daemon=True)
+                self.thread.start()
+            self.cv.notify_all()
+
+    @property
+    def pending_metrics(self) -> int:
+        with self.cv:
+            return sum(n for _, n in self.queue)
+
+    def _loop(self) -> None:
+        import time
+
+        backoff = 1.0
+        while True:
+            with self.cv:
+                while not self.queue and not self.closed and not self.abandoned:
+                    self.cv.wait()
+                if self.abandoned or not self.queue:
+                    return
+                fn, n = self.queue[0]
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - the tracking server is down or refusing: retry later
+                with self.cv:
+                    self.failed_calls += 1
+                    self.last_error = f"{type(e).__name__}: {str(e)[:300]}"
+                    if self.down_since is None:
+                        self.down_since = time.monotonic()
+                        log.warning("MLflow unreachable (%s); training goes on, tracking calls are buffered",
+                                    self.last_error)
+                    self.cv.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                continue
+            backoff = 1.0
+            with self.cv:
+                if self.queue and self.queue[0][0] is fn:
+                    self.queue.popleft()
+                    self.sent_metrics += n
+                if self.down_since is not None:
+                    self.outage_s += time.monotonic() - self.down_since
+                    self.down_since = None
+                    log.warning("MLflow reachable again after %d failed call(s); sending the buffered values",
+                                self.failed_calls)
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for every call to go through; on timeout give the rest up (its
+        metric values counted as lost). True when everything was sent."""
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout_s)
+        with self.cv:
+            if self.thread is not None and self.thread.is_alive() or self.queue:
+                self.abandoned = True
+                self.lost_metrics += sum(n for _, n in self.queue)
+                self.queue.clear()
+                self.cv.notify_all()
+                return False
+        return True
+
+
 class MlflowTrainingCallback:
     """Trainer callback: one MLflow run per (configuration, fold), nested under ``parent_run_id``.
 
@@ -128,13 +220,22 @@ class MlflowTrainingCallback:
     ``val_fg_dice`` and the artifacts ``progress.png``, ``metrics.json``, ``validation/summary.json``
     and the training log. Checkpoints and probabilities are not uploaded (the model goes to the
     registry as a bundle).
+
+    Outages: every MLflow call runs on a background thread (:class:`_Sender`), in order, retried
+    with backoff, so an unreachable server never stops or slows training; metric values wait in
+    memory (at most ``max_pending``, else the oldest are dropped and counted) and keep their epoch
+    and time. At the end the callback waits up to ``flush_timeout_s`` for the rest; what could not
+    be sent is logged as lost, with counts. The run's tags ``kubeseg.tracking.failed_calls``,
+    ``.outage_seconds`` and ``.lost_metrics`` report the gap (:attr:`report` too). A retried call
+    whose first attempt reached the server may be applied twice (a second run, a repeated value).
     """
 
     UPLOAD = ("progress.png", "metrics.json", "summary.json")
 
     def __init__(self, uri: Optional[str] = None, parent_run_id: Optional[str] = None,
                  experiment: str = DEFAULT_EXPERIMENT, plans: Optional[Mapping[str, Any]] = None,
-                 run_name: Optional[str] = None, tags: Optional[Mapping[str, str]] = None):
+                 run_name: Optional[str] = None, tags: Optional[Mapping[str, str]] = None,
+                 flush_timeout_s: float = 300.0, max_pending: int = 100_000, max_backoff_s: float = 30.0):
         self.uri = tracking_uri(uri)
         self.parent_run_id = parent_run_id
         self.experiment = experiment
@@ -142,8 +243,12 @@ class MlflowTrainingCallback:
         self.run_name = run_name
         self.tags = dict(tags or {})
         self.run_id: Optional[str] = None
+        self.flush_timeout_s = flush_timeout_s
+        self.sender = _Sender("tracking", max_pending, max_backoff_s)
+        self.report: dict[str, Any] = {}
         self._artifacts: dict[str, Path] = {}
         self._client = None
+        self._started = False
 
     @property
     def c(self):
@@ -180,7 +285,9 @@ class MlflowTrainingCallback:
             self.c.log_batch(self.run_id, params=items[i:i + 100])
 
     def on_train_start(self, info: Mapping[str, Any]) -> None:
-        self._start(info)
+        self._started = True
+        info = dict(info)
+        self.sender.submit(lambda: self._start(info))
 
     def on_epoch_end(self, epoch: int, metrics: Mapping[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -189,7 +296,8 @@ class MlflowTrainingCallback:
         flat = {k: v for k, v in metrics.items() if k not in ("epoch", "pseudo_dice")}
         flat.update({f"pseudo_dice_{k}": v for k, v in (metrics.get("pseudo_dice") or {}).items()})
         ts = int(time.time() * 1000)
-        self.c.log_batch(self.run_id, metrics=[Metric(k, v, ts, epoch) for k, v in _finite(flat).items()])
+        batch = [Metric(k, v, ts, epoch) for k, v in _finite(flat).items()]
+        self.sender.submit(lambda: self.c.log_batch(self.run_id, metrics=batch), metrics=len(batch))
 
     def on_artifact(self, path: Path) -> None:
         path = Path(path)
@@ -197,9 +305,11 @@ class MlflowTrainingCallback:
             self._artifacts[path.name] = path
 
     def on_train_end(self, info: Mapping[str, Any]) -> None:
-        if self.run_id is None:  # a finished fold found: record it anyway
-            fold_dir = Path(info.get("fold_dir", "."))
-            self._start({"fold": info.get("fold"), "configuration": self.tags.get("kubeseg.configuration")})
+        fold_dir = Path(info.get("fold_dir", "."))
+        if not self._started:  # a finished fold found: record it anyway
+            self._started = True
+            start = {"fold": info.get("fold"), "configuration": self.tags.get("kubeseg.configuration")}
+            self.sender.submit(lambda: self._start(start))
             for name in ("progress.png", "metrics.json"):
                 if (fold_dir / name).is_file():
                     self._artifacts[name] = fold_dir / name
@@ -207,17 +317,72 @@ class MlflowTrainingCallback:
                 self._artifacts["summary.json"] = fold_dir / "validation" / "summary.json"
         summary = info.get("validation")
         if summary:
+            from mlflow.entities import Metric
+            import time
+
             m = {f"val_dice_{k}": v.get("Dice") for k, v in summary.get("mean", {}).items()}
             m["val_fg_dice"] = summary.get("foreground_mean", {}).get("Dice")
-            for k, v in _finite(m).items():
-                self.c.log_metric(self.run_id, k, v)
-        for name, path in self._artifacts.items():
-            if path.is_file():
-                self.c.log_artifact(self.run_id, str(path), "validation" if name == "summary.json" else None)
-        fold_dir = Path(info.get("fold_dir", "."))
-        for logfile in sorted(fold_dir.glob("training_log_*.txt")):
-            self.c.log_artifact(self.run_id, str(logfile), "logs")
-        self.c.set_terminated(self.run_id, "FINISHED")
+            ts = int(time.time() * 1000)
+            batch = [Metric(k, v, ts, 0) for k, v in _finite(m).items()]
+            self.sender.submit(lambda: self.c.log_batch(self.run_id, metrics=batch), metrics=len(batch))
+        files = [(str(p), "validation" if name == "summary.json" else None) for name, p in self._artifacts.items()
+                 if p.is_file()]
+        files += [(str(p), "logs") for p in sorted(fold_dir.glob("training_log_*.txt"))]
+        for path, where in files:
+            self.sender.submit(lambda path=path, where=where: self.c.log_artifact(self.run_id, path, where))
+
+        def close() -> None:
+            s = self.sender
+            for key, value in (("failed_calls", s.failed_calls), ("outage_seconds", round(s.outage_s, 1)),
+                               ("lost_metrics", s.lost_metrics)):
+                self.c.set_tag(self.run_id, f"kubeseg.tracking.{key}", str(value))
+            self.c.set_terminated(self.run_id, "FINISHED")
+        self.sender.submit(close)
+        complete = self.sender.drain(self.flush_timeout_s)
+        s = self.sender
+        self.report = {"complete": complete, "failed_calls": s.failed_calls, "outage_seconds": round(s.outage_s, 1),
+                       "lost_metrics": s.lost_metrics, "sent_metrics": s.sent_metrics, "run_id": self.run_id}
+        if not complete or s.lost_metrics:
+            log.error("MLflow at %s: tracking of %s fold %s incomplete: %d metric value(s) lost, %d failed call(s)%s "
+                      "(last error: %s); the trained fold itself is complete", self.uri,
+                      self.tags.get("kubeseg.configuration", info.get("configuration", "")), info.get("fold"),
+                      s.lost_metrics, s.failed_calls, "" if complete else ", the run was not closed", s.last_error)
+        elif s.failed_calls:
+            log.warning("MLflow at %s was unreachable for %.0f s during training (%d failed call(s)); every value "
+                        "was sent after it returned", self.uri, s.outage_s, s.failed_calls)
+
+
+def wait_for_tracking(uri: Optional[str], timeout_s: float = 600.0, first_backoff_s: float = 2.0,
+                      max_backoff_s: float = 60.0, clock=None, sleep=None) -> None:
+    """Before registering: wait until the tracking server answers, retrying with exponential backoff;
+    raises :class:`~kubeseg.errors.KubesegError` naming the URI, the time waited and the last error
+    when it stays unreachable for ``timeout_s``."""
+    import time
+
+    from kubeseg.errors import KubesegError
+
+    clock, sleep = clock or time.monotonic, sleep or time.sleep
+    uri = tracking_uri(uri)
+    started, backoff, attempts = clock(), first_backoff_s, 0
+    while True:
+        attempts += 1
+        try:
+            if uri.startswith(("http://", "https://")):  # MLflow's own client retries for minutes per call
+                import urllib.request
+                with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as r:
+                    r.read()
+            else:
+                client(uri).search_experiments(max_results=1)
+            return
+        except Exception as e:  # noqa: BLE001 - any failure to reach the store
+            waited = clock() - started
+            if waited + backoff > timeout_s:
+                raise KubesegError(f"MLflow tracking server {uri} unreachable for {waited:.0f} s ({attempts} attempts); "
+                                   f"the model was not registered. Last error: {type(e).__name__}: "
+                                   f"{str(e)[:300]}") from None
+            log.warning("MLflow at %s unreachable (attempt %d): retrying in %.0f s", uri, attempts, backoff)
+            sleep(backoff)
+            backoff = min(backoff * 2, max_backoff_s)
 
 
 def log_selection(uri: Optional[str], run_id: str, selection: Mapping[str, Any],

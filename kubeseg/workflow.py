@@ -19,7 +19,7 @@ from kubeseg.jsonio import read_json
 from kubeseg.planning.plans import configuration as resolve_configuration
 from kubeseg.training.schedule import Schedule, get_schedule
 
-TRAINER_NAME = "nnUNetTrainer"
+from kubeseg.model_folder import TRAINER_NAME, configuration_of, model_folder_name, parse_model_folder_name  # noqa: F401
 
 
 def parse_schedule(text: str) -> Schedule:
@@ -28,11 +28,6 @@ def parse_schedule(text: str) -> Schedule:
         return get_schedule(str(text).strip())
     except ValueError as e:
         raise KubesegError(f"invalid schedule: {e}") from None
-
-
-def model_folder_name(plans: dict, configuration: str) -> str:
-    """nnU-Net's training output folder name: ``<Trainer>__<Plans>__<configuration>``."""
-    return f"{TRAINER_NAME}__{plans.get('plans_name', 'nnUNetPlans')}__{configuration}"
 
 
 ALL_FOLDS = (0, 1, 2, 3, 4)
@@ -124,7 +119,7 @@ def gather_folds(fold_outputs: Iterable[str | Path], out_dir: str | Path) -> lis
     merged: dict[str, Path] = {}
     for src in fold_outputs:
         src = Path(src)
-        models = [p for p in sorted(src.iterdir()) if p.is_dir() and p.name.count("__") == 2] if src.is_dir() else []
+        models = [p for p in sorted(src.iterdir()) if p.is_dir() and parse_model_folder_name(p)] if src.is_dir() else []
         if not models:
             raise KubesegError(f"{src} holds no training output folder (<Trainer>__<Plans>__<configuration>)")
         for model in models:
@@ -195,8 +190,8 @@ def pretrained_checkpoint(models_dir: str | Path, configuration: str, fold: int 
     folder of training outputs) for the same fold, else its first fold; None if ``models_dir``
     holds no such configuration (that configuration then trains from scratch)."""
     root = Path(models_dir)
-    folders = [p for p in sorted(root.iterdir()) if p.is_dir() and p.name.count("__") == 2
-               and p.name.split("__")[2] == configuration] if root.is_dir() else []
+    folders = [p for p in sorted(root.iterdir()) if p.is_dir() and configuration_of(p) == configuration] \
+        if root.is_dir() else []
     for folder in folders:
         ckpts = {p.parent.name.removeprefix("fold_"): p for p in sorted(folder.glob("fold_*/checkpoint_final.pth"))}
         if not ckpts:
@@ -298,12 +293,12 @@ def summary_html(plans: dict, selection: dict, model_dirs: Sequence[str | Path])
         for fold in sorted(model.glob("fold_*")):
             if (fold / "validation" / "summary.json").is_file():
                 d = fold_dice(fold)
-                fold_rows.append([model.name.split("__")[-1], fold.name.removeprefix("fold_")]
+                fold_rows.append([configuration_of(model) or model.name, fold.name.removeprefix("fold_")]
                                  + [f"{k}: {_fmt(v)}" for k, v in d.items() if k != "mean"] + [_fmt(d["mean"])])
             png = fold / "progress.png"
             if png.is_file():
                 data = base64.b64encode(png.read_bytes()).decode()
-                curves.append(f"<h4>{html.escape(model.name.split('__')[-1])} {fold.name}</h4>"
+                curves.append(f"<h4>{html.escape(configuration_of(model) or model.name)} {fold.name}</h4>"
                               f"<img src='data:image/png;base64,{data}'/>")
     if fold_rows:
         width = max(len(r) for r in fold_rows)
@@ -331,7 +326,7 @@ def select_from_folds(fold_outputs: Sequence[str | Path], preprocessed_dir: str 
     models = gather_folds(fold_outputs, out_dir / "models")
     if configurations is not None:
         wanted = set(configurations)
-        models = [m for m in models if m.name.split("__")[-1] in wanted]
+        models = [m for m in models if configuration_of(m) in wanted]
         if not models:
             raise KubesegError(f"none of the configurations {sorted(wanted)} was trained")
     selection = select_model(models, preprocessed_dir, out_dir,
@@ -340,3 +335,25 @@ def select_from_folds(fold_outputs: Sequence[str | Path], preprocessed_dir: str 
         m["folder"] = str(Path(m["folder"]).resolve().relative_to(out_dir.resolve()))
     write_json(selection, out_dir / SELECTION_FILENAME)
     return selection
+
+
+def training_checkpoints(preprocessed_dir: str | Path, configuration: str, fold: int | str, schedule: str,
+                         fold_dir: str | Path, uri: str, interval_s: float, pretrained: str | Path | None = None,
+                         run_key: str = ""):
+    """A training task's durable checkpoints (:mod:`kubeseg.training.checkpoint_store`): restores
+    ``fold_dir`` from the store at ``uri`` when it is empty and returns the uploader callback (None
+    when ``uri`` is empty). The key's run part is ``run_key``, else a digest of the task's inputs
+    (plans, fingerprint, dataset content hash, schedule, pretrained weights), so that a retried pod
+    and a re-run with the same inputs both find it."""
+    from kubeseg.dataset_hash import DATASET_HASH_FILE
+    from kubeseg.training.checkpoint_store import CheckpointSettings, checkpoint_callback, inputs_run_key
+
+    if not uri:
+        return None
+    pre = Path(preprocessed_dir)
+    key = run_key or inputs_run_key(pre / "plans.json", pre / "dataset_fingerprint.json", pre / DATASET_HASH_FILE,
+                                    Path(pretrained) if pretrained else None,
+                                    extra={"schedule": str(schedule), "configuration": configuration,
+                                           "fold": str(fold)})
+    return checkpoint_callback(CheckpointSettings(uri=uri, interval_s=interval_s, run_key=key), configuration,
+                               fold, Path(fold_dir))

@@ -27,9 +27,10 @@ from pipelines.training import BuildOptions, RunKnobs, preprocess_task, selectio
 PIPELINE_NAME = "kubeseg-retraining"
 
 
-def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = True) -> Callable:
+def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = True,
+                              s3_secret: str = "") -> Callable:
     """The retraining pipeline function; compile-time choices as :func:`pipelines.training.build_pipeline`."""
-    o = BuildOptions(parallelism, retries, resources)
+    o = BuildOptions(parallelism, retries, resources, s3_secret)
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="kubeseg retraining: add new labelled cases to the dataset, fine-tune from the "
@@ -54,7 +55,9 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
                    allow_ensembles: bool = True,
                    experiment: str = "kubeseg",
                    tolerance: float = 0.02,
-                   holdout_uri: str = ""):
+                   holdout_uri: str = "",
+                   checkpoint_uri: str = "",
+                   checkpoint_interval_s: float = 300.0):
         closer = steps.close_run(mlflow_uri=mlflow_uri, experiment=experiment,
                                  pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
         closer.set_caching_options(False).set_display_name("close MLflow run")
@@ -81,7 +84,7 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
             planned.set_caching_options(False).set_display_name("plan (champion or new)")  # the champion moves
             k = RunKnobs(planned.outputs["candidates"], schedule, device, gpu_type, gpu_count, train_cpu,
                          train_memory, num_workers, torch_threads, validation_tta, allow_ensembles, mlflow_uri,
-                         experiment, model_name)
+                         experiment, model_name, checkpoint_uri, checkpoint_interval_s)
             pre = preprocess_task(merged.outputs["merged"], planned, fp, k, o)
 
             def tail(models, cascade_models):

@@ -94,7 +94,8 @@ def run_outputs(run_dir: str | Path) -> dict:
 
 
 def submit(host: str, arguments: dict[str, Any], run_name: Optional[str] = None, experiment: Optional[str] = None,
-           parallelism: int = 0, retries: int = 2, namespace: Optional[str] = None, pipeline: str = "training") -> str:
+           parallelism: int = 0, retries: int = 2, namespace: Optional[str] = None, pipeline: str = "training",
+           s3_secret: str = "") -> str:
     """Start a run on a Kubeflow Pipelines cluster; returns the run id. Authentication follows
     ``kfp.Client`` (``KF_PIPELINES_SA_TOKEN_PATH`` or an existing token, if the cluster needs one)."""
     import kfp
@@ -102,6 +103,6 @@ def submit(host: str, arguments: dict[str, Any], run_name: Optional[str] = None,
     _, build_pipeline = pipeline_builder(pipeline)
 
     c = kfp.Client(host=host, namespace=namespace, existing_token=os.environ.get("KUBESEG_KFP_TOKEN"))
-    res = c.create_run_from_pipeline_func(build_pipeline(parallelism, retries), arguments=arguments,
+    res = c.create_run_from_pipeline_func(build_pipeline(parallelism, retries, s3_secret=s3_secret), arguments=arguments,
                                           run_name=run_name, experiment_name=experiment)
     return res.run_id

@@ -30,6 +30,7 @@ from kfp import dsl
 from components import steps
 
 PIPELINE_NAME = "kubeseg-training"
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
 
 
 @dataclass
@@ -50,21 +51,32 @@ class RunKnobs:
     mlflow_uri: Any
     experiment: Any
     model_name: Any
+    checkpoint_uri: Any = ""
+    checkpoint_interval_s: Any = 300.0
 
 
 @dataclass(frozen=True)
 class BuildOptions:
+    """Compile-time choices. ``s3_secret``: a Kubernetes Secret with ``AWS_ACCESS_KEY_ID`` and
+    ``AWS_SECRET_ACCESS_KEY`` (optionally ``AWS_ENDPOINT_URL``) put into the training pods' environment
+    for the checkpoint store (kfp-kubernetes; empty: the pods' own credentials, e.g. IRSA)."""
+
     parallelism: int = 0
     retries: int = 2
     resources: bool = True
+    s3_secret: str = ""
 
 
 def _train_task(pre, item, k: RunKnobs, o: BuildOptions, name: str, **inputs):
     tr = steps.train(preprocessed=pre.outputs["preprocessed"], configuration=item.configuration, fold=item.fold,
                      schedule=k.schedule, device=k.device, num_workers=k.num_workers, torch_threads=k.torch_threads,
                      validation_tta=k.validation_tta, mlflow_uri=k.mlflow_uri, experiment=k.experiment,
+                     checkpoint_uri=k.checkpoint_uri, checkpoint_interval_s=k.checkpoint_interval_s,
                      **{key: v for key, v in inputs.items() if v is not None})
     tr.set_display_name(name)
+    if o.s3_secret:
+        from kfp import kubernetes
+        kubernetes.use_secret_as_env(tr, o.s3_secret, {k_: k_ for k_ in S3_SECRET_KEYS}, optional=True)
     if o.resources:
         tr.set_accelerator_type(k.gpu_type).set_accelerator_limit(k.gpu_count)
         tr.set_cpu_limit(k.train_cpu).set_memory_limit(k.train_memory)
@@ -116,13 +128,13 @@ def training_waves(planned, pre, run, k: RunKnobs, o: BuildOptions, tail: Tail, 
         tail(first.outputs["gathered"], None)
 
 
-def build_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = True) -> Callable:
+def build_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = True, s3_secret: str = "") -> Callable:
     """The pipeline function. ``parallelism``: concurrent training tasks per wave (0: no limit);
     ``retries``: per training task (a preempted GPU node, an OOM-killed pod); ``resources``:
     GPU/CPU/memory requests from the run parameters. ``kfp.local`` ignores resource requests, and
     kfp 2.17's local orchestrator cannot resolve parameter-valued ones inside a ``ParallelFor``,
     so local runs build the pipeline with ``resources=False``; the graph is otherwise the same."""
-    o = BuildOptions(parallelism, retries, resources)
+    o = BuildOptions(parallelism, retries, resources, s3_secret)
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="nnU-Net-style self-configuring segmentation: plan, preprocess, train every "
@@ -144,9 +156,12 @@ def build_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = Tru
                  allow_ensembles: bool = True,
                  mlflow_uri: str = "",
                  experiment: str = "kubeseg",
-                 model_name: str = "kubeseg-segmentation"):
+                 model_name: str = "kubeseg-segmentation",
+                 checkpoint_uri: str = "",
+                 checkpoint_interval_s: float = 300.0):
         k = RunKnobs(configurations, schedule, device, gpu_type, gpu_count, train_cpu, train_memory, num_workers,
-                     torch_threads, validation_tta, allow_ensembles, mlflow_uri, experiment, model_name)
+                     torch_threads, validation_tta, allow_ensembles, mlflow_uri, experiment, model_name,
+                     checkpoint_uri, checkpoint_interval_s)
         # the exit handler ends the MLflow parent run whatever happens (FAILED if a step failed)
         closer = steps.close_run(mlflow_uri=mlflow_uri, experiment=experiment,
                                  pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
@@ -160,19 +175,32 @@ def build_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = Tru
                                  schedule=schedule, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
             run.set_caching_options(False).set_display_name("open MLflow run")
 
-            fp = steps.fingerprint(raw=raw.output, num_workers=num_workers).set_display_name("fingerprint")
-            planned = steps.plan(raw=raw.output, fingerprint=fp.outputs["fingerprint"], preset=planner_preset,
-                                 configurations=configurations, folds=folds).set_display_name("plan")
-            pre = preprocess_task(raw.output, planned, fp, k, o)
+            fp, planned, pre = data_steps(raw.output, planner_preset, configurations, folds, k, o)
             training_waves(planned, pre, run, k, o,
                            lambda models, cascade: selection_tail(models, cascade, pre, fp, run, k, o))
 
     return training
 
 
-def preprocess_task(raw, planned, fp, k: RunKnobs, o: BuildOptions):
+def data_steps(raw, planner_preset, configurations, folds, k: RunKnobs, o: BuildOptions):
+    """dataset content hash → fingerprint → plan → preprocess; returns ``(fingerprint, plan,
+    preprocess)`` tasks. The hash step never caches and is an input of the three others, so their
+    cache follows the dataset's contents, not its URI (a dataset fixed in place is read again)."""
+    digest = steps.dataset_hash(raw=raw, num_workers=k.num_workers)
+    digest.set_caching_options(False).set_display_name("dataset content hash")
+    fp = steps.fingerprint(raw=raw, num_workers=k.num_workers, dataset_hash=digest.output)
+    fp.set_display_name("fingerprint")
+    planned = steps.plan(raw=raw, fingerprint=fp.outputs["fingerprint"], preset=planner_preset,
+                         configurations=configurations, folds=folds, dataset_hash=digest.output)
+    planned.set_display_name("plan")
+    return fp, planned, preprocess_task(raw, planned, fp, k, o, dataset_hash=digest.output)
+
+
+def preprocess_task(raw, planned, fp, k: RunKnobs, o: BuildOptions, dataset_hash=None):
+    extra = {"dataset_hash": dataset_hash} if dataset_hash is not None else {}
     pre = steps.preprocess(raw=raw, plans=planned.outputs["plans"], fingerprint=fp.outputs["fingerprint"],
-                           configurations=planned.outputs["preprocess_configurations"], num_workers=k.num_workers)
+                           configurations=planned.outputs["preprocess_configurations"], num_workers=k.num_workers,
+                           **extra)
     pre.set_display_name("preprocess")
     if o.resources:
         pre.set_cpu_limit(k.train_cpu).set_memory_limit(k.train_memory)
@@ -182,16 +210,20 @@ def preprocess_task(raw, planned, fp, k: RunKnobs, o: BuildOptions):
 training_pipeline = build_pipeline()
 
 
-def compile_pipeline(output: str, parallelism: int = 0, retries: int = 2, pipeline: Optional[str] = None) -> str:
+def compile_pipeline(output: str, parallelism: int = 0, retries: int = 2, pipeline: Optional[str] = None,
+                     s3_secret: str = "") -> str:
     """Write a pipeline spec (YAML) that a user uploads in the Kubeflow UI: ``training`` (default)
-    or ``retraining``."""
+    or ``retraining``; ``s3_secret``: see :class:`BuildOptions`."""
+    import os
+
     from kfp import compiler
 
+    s3_secret = s3_secret or os.environ.get("KUBESEG_S3_SECRET", "")
     if pipeline in (None, "training"):
-        func = build_pipeline(parallelism, retries)
+        func = build_pipeline(parallelism, retries, s3_secret=s3_secret)
     elif pipeline == "retraining":
         from pipelines.retraining import build_retraining_pipeline
-        func = build_retraining_pipeline(parallelism, retries)
+        func = build_retraining_pipeline(parallelism, retries, s3_secret=s3_secret)
     else:
         raise ValueError(f"unknown pipeline {pipeline!r}: 'training' or 'retraining'")
     compiler.Compiler().compile(func, package_path=str(output))

@@ -22,6 +22,7 @@ import torch
 from kubeseg.errors import KubesegError
 from kubeseg.inference.safe_load import load_checkpoint_safe
 from kubeseg.jsonio import read_json
+from kubeseg.model_folder import configuration_of
 from kubeseg.network import build_network, set_deep_supervision
 from kubeseg.planning.plans import configuration as resolve_configuration
 from kubeseg.training.plans import ConfigurationView, LabelInfo, num_input_channels
@@ -80,8 +81,7 @@ def available_folds(folder: Path, checkpoint_name: str = CHECKPOINT_NAME) -> lis
 
 
 def _configuration_from_name(folder: Path) -> Optional[str]:
-    parts = folder.name.split("__")
-    return parts[2] if len(parts) == 3 else None
+    return configuration_of(folder)
 
 
 def _read_json_file(path: Path, what: str) -> dict:

@@ -59,13 +59,9 @@ class PredictSettings:
             raise ValueError(f"fold_average must be one of {FOLD_AVERAGES}, got {self.fold_average!r}")
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            from kubeseg.errors import KubesegError
-            raise KubesegError("device 'cuda' requested but CUDA is not available")
-        return torch.device("cuda", 0) if dev.type == "cuda" and dev.index is None else dev
+        from kubeseg.device import resolve_device
+
+        return resolve_device(self.device)
 
 
 def one_hot(seg: np.ndarray, labels) -> np.ndarray:

@@ -36,6 +36,7 @@ from kubeseg.inference.model import load_trained_model
 from kubeseg.inference.predictor import PredictSettings, Predictor
 from kubeseg.input_budget import DEFAULT_MAX_RESAMPLED_VOXELS, check_file_grid, stages_of
 from kubeseg.jsonio import read_json
+from kubeseg.model_folder import configuration_of, parse_model_folder_name
 from kubeseg.postprocessing import (FILENAME as PP_FILENAME, PostprocessingRule, apply_postprocessing,
                                     folder_postprocessing, load_postprocessing)
 
@@ -59,8 +60,7 @@ def _is_model_folder(p: Path) -> bool:
 
 
 def _configuration_of(folder: Path) -> str:
-    parts = folder.name.split("__")
-    return parts[2] if len(parts) == 3 else folder.name
+    return configuration_of(folder) or folder.name
 
 
 def resolve_model(model_dir: str | Path, configurations: Optional[Sequence[str]] = None,
@@ -82,7 +82,7 @@ def resolve_model(model_dir: str | Path, configurations: Optional[Sequence[str]]
         rule = load_postprocessing(pp) if pp.is_file() else PostprocessingRule()
         return ModelChoice(members, list(folds) if folds else sel.get("folds"), rule)
     if _is_model_folder(root):
-        if configurations and _configuration_of(root) not in configurations and len(root.name.split("__")) == 3:
+        if configurations and _configuration_of(root) not in configurations and parse_model_folder_name(root):
             raise KubesegError(f"{root} holds configuration {_configuration_of(root)!r}, not {list(configurations)}")
         return ModelChoice([root], list(folds) if folds else None, folder_postprocessing(root))
     candidates = sorted(p for p in root.iterdir() if p.is_dir() and _is_model_folder(p))
@@ -106,9 +106,9 @@ def resolve_model(model_dir: str | Path, configurations: Optional[Sequence[str]]
 
 
 def _previous_stage_folder(folder: Path, previous: str) -> Path:
-    parts = folder.name.split("__")
-    if len(parts) == 3:
-        sibling = folder.parent / "__".join([parts[0], parts[1], previous])
+    parsed = parse_model_folder_name(folder)
+    if parsed is not None:
+        sibling = folder.parent / str(parsed.with_configuration(previous))
         if _is_model_folder(sibling):
             return sibling
     for p in sorted(folder.parent.iterdir()):

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from kubeseg import __version__
+from kubeseg.anisotropy import ANISOTROPY_THRESHOLD
 from kubeseg.dataset import DatasetSpec
 from kubeseg.fingerprint import Fingerprint
 from kubeseg.planning.normalization_choice import normalization_schemes
@@ -49,7 +50,7 @@ class PlannerSettings:
     max_features_3d: int = 320
     max_features_2d: int = 512
     plans_name: str = "nnUNetPlans"
-    anisotropy_threshold: float = 3.0
+    anisotropy_threshold: float = ANISOTROPY_THRESHOLD
     lowres_threshold: float = 0.25  # plan 3d_lowres when the full-res patch covers less than this of the median image
     max_dataset_fraction: float = 0.05  # one batch may cover at most this fraction of the dataset's voxels
     min_batch_size: int = 2

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-ANISOTROPY_THRESHOLD = 3.0
+from kubeseg.anisotropy import ANISOTROPY_THRESHOLD  # noqa: E402 - the one owner
 
 
 def compute_new_shape(old_shape, old_spacing, new_spacing) -> tuple[int, ...]:

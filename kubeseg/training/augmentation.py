@@ -65,7 +65,7 @@ from batchgeneratorsv2.transforms.utils.seg_to_regions import ConvertSegmentatio
 
 log = logging.getLogger(__name__)
 
-ANISO_THRESHOLD = 3.0
+from kubeseg.anisotropy import ANISOTROPY_THRESHOLD as ANISO_THRESHOLD  # noqa: E402 - the one owner
 _DEG = np.pi / 180.0
 # ----------------------------------------------------------------------------------------
 # parameters derived from the patch size

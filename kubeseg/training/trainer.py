@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kubeseg.device import resolve_device
 from kubeseg.network import build_network, load_network_weights, set_deep_supervision
 from kubeseg.training.augmentation import (configure_augmentation, default_num_workers, worker_processes,
                                            get_training_transforms, get_validation_transforms,
@@ -105,17 +106,6 @@ class TrainSettings:
     torch_threads: Optional[int] = None
     progress_bar: bool = True
     log_to_console: bool = True
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", 0)
-    return dev
 
 
 def _settings_summary(s: TrainSettings, schedule: Schedule) -> dict:

@@ -417,7 +417,7 @@ def test_mlflow_credentials_come_from_secrets_only(setup):
     assert env["MLFLOW_PG_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-postgresql"
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-s3"
     uri = env["MLFLOW_BACKEND_STORE_URI"]["value"]
-    assert uri.startswith("postgresql://$(MLFLOW_PG_USER):$(MLFLOW_PG_PASSWORD)@")  # expanded by the kubelet
+    assert uri.startswith("postgresql+psycopg2://$(MLFLOW_PG_USER):$(MLFLOW_PG_PASSWORD)@")  # expanded by the kubelet
     assert env["MLFLOW_ARTIFACTS_DESTINATION"]["value"].startswith("s3://")
     # MLflow's basic-auth app (security.auth): its user store and admin also from a Secret
     assert c["command"][:2] == ["sh", "-c"] and "exec mlflow server --app-name basic-auth" in c["command"][2]

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -73,23 +74,31 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    """``mlflow server`` on SQLite and a local artifact folder, on a free port of 127.0.0.1."""
+    """``mlflow server`` on a free port of 127.0.0.1: SQLite and a local artifact folder by default,
+    or ``backend`` (a database URI) and ``artifacts`` (e.g. ``s3://bucket/prefix``) with ``env``
+    added to its environment (S3 credentials and endpoint). Artifacts are proxied (clients need no
+    S3 credentials). ``port``: reuse one (a restarted server keeps its address)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, backend: str | None = None, artifacts: str | None = None,
+                 env: dict | None = None, port: int | None = None):
         self.root = root
-        self.port = free_port()
+        self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc = None
+        self.backend = backend or f"sqlite:///{root / 'mlflow.db'}"
+        self.artifacts = artifacts or str(root / "artifacts")
+        self.env = env or {}
 
     def __enter__(self) -> "MlflowServer":
         self.root.mkdir(parents=True, exist_ok=True)
         mlflow = Path(sys.executable).with_name("mlflow")
         cmd = [str(mlflow) if mlflow.exists() else "mlflow", "server",
-               "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-               "--artifacts-destination", str(self.root / "artifacts"),
+               "--backend-store-uri", self.backend, "--artifacts-destination", self.artifacts,
                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
-        self.log = open(self.root / "server.log", "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.log = open(self.root / "server.log", "a")
+        import os
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+                                     start_new_session=True)  # its own group: uvicorn and the job runner stop with it
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -104,11 +113,194 @@ class MlflowServer:
         raise RuntimeError("mlflow server did not become healthy in 120 s")
 
     def __exit__(self, *exc) -> None:
+        import os
+        import signal
+
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            try:  # SIGTERM to the CLI alone waits for its children for ~20 s; the group stops at once
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+
+def tiny_preprocessed(root: Path, configurations=("2d",)) -> Path:
+    """:func:`tiny_raw` fingerprinted, planned (small preset) and preprocessed for ``configurations``."""
+    from kubeseg.dataset import load_dataset_json
+    from kubeseg.fingerprint import extract_fingerprint, write_fingerprint
+    from kubeseg.planning.planner import plan_experiment, planner_settings
+    from kubeseg.preprocessing.preprocess import preprocess_dataset
+
+    raw = tiny_raw(root)
+    fp = extract_fingerprint(raw, 1, progress=False)
+    fp_path = write_fingerprint(fp, root / "fingerprint.json")
+    plans = plan_experiment(load_dataset_json(raw), fp, planner_settings("small"), dataset_name=raw.name)
+    pre = root / "pre"
+    for c in configurations:
+        preprocess_dataset(raw, plans, c, pre, fp_path, 1, progress=False)
+    return pre
+
+
+def _stop(proc: subprocess.Popen, log=None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if log is not None:
+        log.close()
+
+
+def _wait_http(url: str, proc: subprocess.Popen, what: str, logfile: Path, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited:\n" + logfile.read_text()[-3000:])
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:
+            return  # it answers
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError(f"{what} did not answer at {url} in {timeout} s")
+
+
+class MotoS3:
+    """A real S3-protocol server (``moto_server``) on a free port of 127.0.0.1, with one bucket;
+    ``env`` holds the variables boto3 (and MLflow) need to reach it."""
+
+    def __init__(self, root: Path, bucket: str = "kubeseg"):
+        self.root, self.bucket = root, bucket
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint,
+                    "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
+        self.proc = None
+        self.log = None
+
+    def __enter__(self) -> "MotoS3":
+        self.root.mkdir(parents=True, exist_ok=True)
+        exe = Path(sys.executable).with_name("moto_server")
+        self.log = open(self.root / "moto.log", "w")
+        self.proc = subprocess.Popen([str(exe) if exe.exists() else "moto_server", "-H", "127.0.0.1",
+                                      "-p", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
+        try:
+            _wait_http(self.endpoint + "/", self.proc, "moto_server", self.root / "moto.log")
+            self.client().create_bucket(Bucket=self.bucket)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                            aws_secret_access_key="testing", region_name="us-east-1")
+
+    def keys(self, prefix: str = "") -> list[str]:
+        out = self.client().list_objects_v2(Bucket=self.bucket, Prefix=prefix).get("Contents", [])
+        return sorted(o["Key"] for o in out)
+
+    def __exit__(self, *exc) -> None:
+        _stop(self.proc, self.log)
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster (Debian's binaries: ``initdb``/``pg_ctl`` on PATH or in
+    /usr/lib/postgresql/*/bin) in a temporary folder, on a free port of 127.0.0.1, trust auth.
+    PostgreSQL refuses to run as root: as root it runs as the ``postgres`` user (Debian's package
+    creates it), else ``nobody``. ``uri(db)`` creates database ``db`` and names it."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.dir = None
+
+    @staticmethod
+    def bindir() -> Path | None:
+        import glob
+        import shutil
+
+        found = shutil.which("initdb")
+        if found and Path(found).resolve().with_name("pg_ctl").exists():
+            return Path(found).resolve().parent
+        dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+        return Path(dirs[-1]).parent if dirs else None
+
+    def _run(self, *cmd: str) -> None:
+        res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=120, **self._as_user)
+        if res.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stdout[-2000:]}{res.stderr[-2000:]}")
+
+    def __enter__(self) -> "Postgres":
+        import os
+        import pwd
+        import tempfile
+
+        bindir = self.bindir()
+        if bindir is None:
+            raise FileNotFoundError("PostgreSQL's initdb is not installed (Debian: apt-get install postgresql)")
+        self._as_user = {}
+        self.dir = Path(tempfile.mkdtemp(prefix="kubeseg-pg-"))  # under /tmp: reachable by the server's user
+        if os.geteuid() == 0:
+            for name in ("postgres", "nobody"):
+                try:
+                    pw = pwd.getpwnam(name)
+                    break
+                except KeyError:
+                    continue
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self._as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "cwd": str(self.dir)}
+        self.data = self.dir / "data"
+        self.pg_ctl = str(bindir / "pg_ctl")
+        try:
+            self._run(str(bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
+                      "-E", "UTF8", "--no-sync")
+            self._run(self.pg_ctl, "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "-t", "60",
+                      "-o", f"-p {self.port} -h 127.0.0.1 -k {self.dir} -c fsync=off", "start")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def uri(self, db: str) -> str:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{db}"')
+        conn.close()
+        # the driver named, as the chart does: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{db}"
+
+    def query(self, db: str, sql: str) -> list:
+        import psycopg2
+
+        with psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=db) as conn:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+                rows = cur.fetchall()
+        conn.close()
+        return rows
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        if self.dir is None:
+            return
+        if (self.data / "postmaster.pid").exists():
+            try:
+                self._run(self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            except RuntimeError:
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
