@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,14 +33,12 @@ from kubeseg.inference.run import build_predictors, predict_case_probabilities, 
 from kubeseg.inference.export import probabilities_to_segmentation  # noqa: E402
 from kubeseg.imageio import read_image, write_image  # noqa: E402
 from kubeseg.synth import SynthSettings, synthesize  # noqa: E402
+from tests.oracle import run_oracle  # noqa: E402
 from tests.inference.nnunet_oracle import PeakRSS  # noqa: E402
 
 
 def _oracle(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "tests.inference.nnunet_oracle", *args], cwd=REPO,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"nnunetv2 oracle failed:\n{done.stderr[-4000:]}")
+    run_oracle("-m", "tests.inference.nnunet_oracle", *args, timeout=3600)
 
 
 def run_kubeseg(model_dir: Path, images: list[Path], out: Path, tta: bool, device: str) -> list[dict]:
