@@ -137,10 +137,21 @@ def cmd_predict(a) -> int:
     from kubeseg.inference import PredictSettings, predict
 
     settings = PredictSettings(use_mirroring=not a.disable_tta, step=a.step, device=a.device,
-                               batch_size=a.batch_size, fold_average=a.fold_average)
+                               batch_size=a.batch_size, fold_average=a.fold_average, backend=a.backend,
+                               num_threads=a.threads)
     written = predict(a.input, a.output, a.model, settings, a.configuration, a.folds, a.save_probabilities,
                       postprocess=not a.no_postprocessing)
     print(f"{len(written)} segmentation(s) written to {a.output}")
+    return 0
+
+
+def cmd_export_onnx(a) -> int:
+    from kubeseg.inference.backends import export_models
+
+    written = export_models(a.model, a.configuration, a.folds)
+    for path in written:
+        print(path)
+    print(f"{len(written)} ONNX model(s) written")
     return 0
 
 
@@ -432,11 +443,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-postprocessing", action="store_true", help="skip the bundle's postprocessing")
     p.add_argument("--device", default=_env("DEVICE", "auto"), help="auto, cpu, cuda or cuda:N")
     p.add_argument("--step", type=float, default=0.5, help="sliding-window step, fraction of the patch")
-    p.add_argument("--batch-size", type=int, default=_env("PREDICT_BATCH", 8, int),
-                   help="network inputs per forward call, mirrored copies included")
+    p.add_argument("--batch-size", type=int, default=_env("PREDICT_BATCH", None, int),
+                   help="network inputs per forward call, mirrored copies included (default: 8 on a GPU, 1 on the CPU)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default=_env("BACKEND", "torch"),
+                   help="what runs the network: torch, or its ONNX export under ONNX Runtime or OpenVINO "
+                        "(files from `kubeseg export-onnx`, else exported on the fly)")
+    p.add_argument("--threads", type=int, default=_env("THREADS", None, int), help="CPU threads (default: torch's)")
     p.add_argument("--fold-average", choices=("probabilities", "logits"), default="probabilities",
                    help="how folds are combined ('logits' is nnU-Net v2's)")
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("export-onnx", help="write fold_<N>/network.onnx (patch-size input, dynamic batch) for "
+                                           "every configuration x fold of a bundle or model folder")
+    p.add_argument("model", help="bundle, trained-model folder, or a folder of those (with -c)")
+    p.add_argument("-c", "--configuration", nargs="+", help="configuration(s)")
+    p.add_argument("-f", "--folds", nargs="+", help="folds (default: all finished)")
+    p.set_defaults(fn=cmd_export_onnx)
 
     p = sub.add_parser("select", help="pick the best configuration or pairwise ensemble by CV Dice")
     p.add_argument("model_dirs", nargs="+", help="training output folders, one per configuration")

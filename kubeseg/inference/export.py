@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kubeseg.preprocessing.resampling import resample_image
+from kubeseg.preprocessing.resampling import (resample_image, resample_probabilities_torch,
+                                                torch_resampling_supported)
 
 
 def preprocessed_spacing(properties: dict, plans: dict, config: dict) -> tuple[list[float], list[float]]:
@@ -30,17 +31,30 @@ def preprocessed_spacing(properties: dict, plans: dict, config: dict) -> tuple[l
 
 def log_probabilities_to_original(log_probs: torch.Tensor | np.ndarray, properties: dict, plans: dict,
                                   config: dict) -> np.ndarray:
-    """Probabilities ``(C, z, y, x)`` (float32) on the input image's grid."""
-    log_probs = log_probs.numpy() if isinstance(log_probs, torch.Tensor) else np.asarray(log_probs)
+    """Probabilities ``(C, z, y, x)`` (float32) on the input image's grid.
+
+    Linear orders (nnU-Net's defaults for probabilities) resample with torch in one call over
+    all classes, on the tensor's device; spline orders go through scipy
+    (:func:`~kubeseg.preprocessing.resampling.resample_image`). The softmax runs in place.
+    """
+    log_probs = torch.as_tensor(log_probs)
     grid, original = preprocessed_spacing(properties, plans, config)
     kw = config.get("resampling_fn_probabilities_kwargs") or {}
+    order, order_z = kw.get("order", 1), kw.get("order_z", 0)
     target = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
-    resampled = resample_image(log_probs, target, grid, original, kw.get("order", 1), kw.get("order_z", 0))
-    probs = torch.softmax(torch.from_numpy(np.ascontiguousarray(resampled, dtype=np.float32)), 0).numpy()
+    if torch_resampling_supported(order, order_z):
+        probs = resample_probabilities_torch(log_probs, target, grid, original, order, order_z)
+        if probs.data_ptr() == log_probs.data_ptr():  # nothing resampled: do not overwrite the caller's tensor
+            probs = probs.clone()
+    else:
+        probs = torch.from_numpy(resample_image(log_probs.float().cpu().numpy(), target, grid, original, order, order_z))
+    probs = probs.sub_(probs.amax(0, keepdim=True)).exp_()
+    probs = probs.div_(probs.sum(0, keepdim=True)).cpu().numpy()
     full = np.zeros((probs.shape[0], *properties["shape_before_cropping"]), dtype=np.float32)
     full[0] = 1
     box = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
     full[(slice(None), *box)] = probs
+    del probs
     backward = plans["transpose_backward"]
     return np.ascontiguousarray(full.transpose([0, *[b + 1 for b in backward]]))
 

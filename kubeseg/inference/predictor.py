@@ -37,7 +37,10 @@ FOLD_AVERAGES = ("probabilities", "logits")
 class PredictSettings:
     """How to predict. ``device``: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``.
 
-    ``batch_size`` counts network inputs per forward call, mirrored copies included.
+    ``batch_size`` counts network inputs per forward call, mirrored copies included; None: 8 on a
+    GPU, 1 on the CPU (a CPU gains nothing from batching, and a batch of eight mirrored copies holds
+    eight times the activations: more memory, more page faults).
+    ``backend``: ``torch``, ``onnxruntime`` or ``openvino`` (:mod:`kubeseg.inference.backends`).
     ``results_on_device`` keeps the accumulators on the GPU (falls back to CPU memory on OOM).
     ``accumulator``: ``float16`` as nnU-Net v2 (same output), ``float32`` exact at image borders
     (see :mod:`kubeseg.inference.sliding_window`).
@@ -46,14 +49,18 @@ class PredictSettings:
     use_mirroring: bool = True
     step: float = 0.5
     device: str = "auto"
-    batch_size: int = 8
+    batch_size: Optional[int] = None
     fold_average: str = "probabilities"
     results_on_device: bool = True
     accumulator: str = "float16"
     progress: bool = True
     num_threads: Optional[int] = None
+    backend: str = "torch"
 
     def __post_init__(self) -> None:
+        from kubeseg.inference.backends import BACKENDS
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.fold_average not in FOLD_AVERAGES:
             raise ValueError(f"fold_average must be one of {FOLD_AVERAGES}, got {self.fold_average!r}")
 
@@ -88,16 +95,30 @@ class Predictor:
         self.config = model.config
         self.patch_size = tuple(int(p) for p in self.config["patch_size"])
         self.labels = model.labels
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
         self.network = model.build_network(self.device)
         self._loaded_fold = 0
+        self._runners = None
+        if settings.backend != "torch":
+            from kubeseg.inference.backends import FoldNetworks
+            from kubeseg.training.plans import num_input_channels
+            self._runners = FoldNetworks(settings.backend, model.folder, model.folds, model.fold_weights,
+                                         model.build_network(torch.device("cpu")),
+                                         num_input_channels(model.view, model.labels), self.patch_size,
+                                         self.device, settings.num_threads).runners
+            self.network = self._runners[0]
+        batch_size = settings.batch_size or (8 if self.device.type == "cuda" else 1)
         mirror = model.mirror_axes if settings.use_mirroring else None
-        self.window = SlidingWindowSettings(step=settings.step, mirror_axes=mirror, batch_size=settings.batch_size,
+        self.window = SlidingWindowSettings(step=settings.step, mirror_axes=mirror, batch_size=batch_size,
                                             results_on_device=settings.results_on_device,
                                             accumulator=settings.accumulator)
 
     # -- on the preprocessed grid -----------------------------------------------------------------
     def _use_fold(self, i: int) -> None:
-        if i != self._loaded_fold:
+        if self._runners is not None:
+            self.network = self._runners[i]
+        elif i != self._loaded_fold:
             self.network.load_state_dict(self.model.fold_weights[i])
             self._loaded_fold = i
 

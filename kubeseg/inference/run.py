@@ -104,7 +104,8 @@ def resolve_model(model_dir: str | Path, configurations: Optional[Sequence[str]]
     return ModelChoice(chosen, list(folds) if folds else None, rule)
 
 
-def _previous_stage_folder(folder: Path, previous: str) -> Path:
+def previous_stage_folder(folder: Path, previous: str) -> Path:
+    """The model folder of a cascade stage's first stage (a sibling folder)."""
     parts = folder.name.split("__")
     if len(parts) == 3:
         sibling = folder.parent / "__".join([parts[0], parts[1], previous])
@@ -117,13 +118,16 @@ def _previous_stage_folder(folder: Path, previous: str) -> Path:
                        f"folder <Trainer>__<Plans>__{previous}, which is missing")
 
 
+_previous_stage_folder = previous_stage_folder  # the name kubeseg.bundle imports
+
+
 def build_predictors(choice: ModelChoice, settings: PredictSettings) -> list[Predictor]:
     predictors = []
     for folder in choice.members:
         model = load_trained_model(folder, choice.folds)
         previous = None
         if model.previous_stage is not None:
-            previous = Predictor(load_trained_model(_previous_stage_folder(folder, model.previous_stage),
+            previous = Predictor(load_trained_model(previous_stage_folder(folder, model.previous_stage),
                                                     choice.folds), settings)
         predictors.append(Predictor(model, settings, previous))
     return predictors

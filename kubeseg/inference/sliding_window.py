@@ -153,9 +153,11 @@ def _mirrored_forward(network: torch.nn.Module, x: torch.Tensor, combos: list[tu
         out = out.float()
         for j, c in enumerate(group):
             part = out[j * x.shape[0]:(j + 1) * x.shape[0]]
-            part = torch.flip(part, c) if c else part
-            total = part.clone() if total is None else total.add_(part)
-    return total / len(combos) if len(combos) > 1 else total
+            if total is None:  # the first (unflipped) output becomes the sum: no copy
+                total = torch.flip(part, c) if c else part
+            else:  # flip and add in one pass, no flipped temporary
+                total.add_(torch.flip(part, c) if c else part)
+    return total.div_(len(combos)) if len(combos) > 1 else total
 
 
 def _run(network, data: torch.Tensor, patch_size, num_classes: int, device: torch.device, results_device,
