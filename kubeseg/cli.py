@@ -445,9 +445,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=float, default=0.5, help="sliding-window step, fraction of the patch")
     p.add_argument("--batch-size", type=int, default=_env("PREDICT_BATCH", None, int),
                    help="network inputs per forward call, mirrored copies included (default: 8 on a GPU, 1 on the CPU)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino"), default=_env("BACKEND", "torch"),
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino", "auto"),
+                   default=_env("BACKEND", "torch"),
                    help="what runs the network: torch, or its ONNX export under ONNX Runtime or OpenVINO "
-                        "(files from `kubeseg export-onnx`, else exported on the fly)")
+                        "(files from `kubeseg export-onnx`, else exported on the fly); auto: the fastest installed")
     p.add_argument("--threads", type=int, default=_env("THREADS", None, int), help="CPU threads (default: torch's)")
     p.add_argument("--fold-average", choices=("probabilities", "logits"), default="probabilities",
                    help="how folds are combined ('logits' is nnU-Net v2's)")

@@ -48,6 +48,20 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto``: on a CPU the fastest installed runtime that keeps parity (measured by
+    benchmarks/predict.py: openvino, then onnxruntime), on a GPU torch (autocast, accumulation on
+    the device). Any other name is returned as given."""
+    if backend != "auto":
+        return backend
+    if device.type != "cpu":
+        return "torch"
+    for candidate in ("openvino", "onnxruntime"):
+        if _has("onnx") and _has(candidate):
+            return candidate
+    return "torch"
+
+
 def check_backend(backend: str) -> None:
     """Refuse an unknown backend, or one whose runtime is not installed, naming what to install."""
     if backend not in BACKENDS:

@@ -40,7 +40,8 @@ class PredictSettings:
     ``batch_size`` counts network inputs per forward call, mirrored copies included; None: 8 on a
     GPU, 1 on the CPU (a CPU gains nothing from batching, and a batch of eight mirrored copies holds
     eight times the activations: more memory, more page faults).
-    ``backend``: ``torch``, ``onnxruntime`` or ``openvino`` (:mod:`kubeseg.inference.backends`).
+    ``backend``: ``torch``, ``onnxruntime``, ``openvino`` or ``auto`` (the fastest installed on
+    this device, :func:`kubeseg.inference.backends.resolve_backend`).
     ``results_on_device`` keeps the accumulators on the GPU (falls back to CPU memory on OOM).
     ``accumulator``: ``float16`` as nnU-Net v2 (same output), ``float32`` exact at image borders
     (see :mod:`kubeseg.inference.sliding_window`).
@@ -59,8 +60,8 @@ class PredictSettings:
 
     def __post_init__(self) -> None:
         from kubeseg.inference.backends import BACKENDS
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend not in (*BACKENDS, "auto"):
+            raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {self.backend!r}")
         if self.fold_average not in FOLD_AVERAGES:
             raise ValueError(f"fold_average must be one of {FOLD_AVERAGES}, got {self.fold_average!r}")
 
@@ -100,10 +101,12 @@ class Predictor:
         self.network = model.build_network(self.device)
         self._loaded_fold = 0
         self._runners = None
-        if settings.backend != "torch":
+        from kubeseg.inference.backends import resolve_backend
+        self.backend = resolve_backend(settings.backend, self.device)
+        if self.backend != "torch":
             from kubeseg.inference.backends import FoldNetworks
             from kubeseg.training.plans import num_input_channels
-            self._runners = FoldNetworks(settings.backend, model.folder, model.folds, model.fold_weights,
+            self._runners = FoldNetworks(self.backend, model.folder, model.folds, model.fold_weights,
                                          model.build_network(torch.device("cpu")),
                                          num_input_channels(model.view, model.labels), self.patch_size,
                                          self.device, settings.num_threads).runners
