@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 ANISOTROPY_THRESHOLD = 3.0
+TIE_TOLERANCE = 1e-4  # label scores closer than this count as a tie (float32 interpolation weights)
 
 
 def compute_new_shape(old_shape, old_spacing, new_spacing) -> tuple[int, ...]:
@@ -85,6 +86,8 @@ def _resample_labels(labels: np.ndarray, shape, order: int, keep_axis: int | Non
     if len(values) == 1:
         return np.full(shape, values[0], dtype=labels.dtype)
     nearest = _zoom(labels, shape, 0, keep_axis)
+    if order in (0, 1):
+        return _resample_labels_torch(labels, values, nearest, shape, order, keep_axis)
     best = np.full(shape, -np.inf, dtype=np.float32)
     winner = np.zeros(shape, dtype=labels.dtype)
     nearest_score = np.full(shape, -np.inf, dtype=np.float32)
@@ -97,6 +100,30 @@ def _resample_labels(labels: np.ndarray, shape, order: int, keep_axis: int | Non
         nearest_score[is_nearest] = score[is_nearest]
     winner[nearest_score == best] = nearest[nearest_score == best]
     return winner
+
+
+def _resample_labels_torch(labels: np.ndarray, values: np.ndarray, nearest: np.ndarray, shape, order: int,
+                           keep_axis: int | None) -> np.ndarray:
+    """:func:`_resample_labels` for linear (or nearest) orders: every label's indicator in one torch
+    interpolation call (the per-label scipy loop was the slow part of preprocessing), the same
+    winner rule (the first label of the highest score, ties to the nearest-neighbour label)."""
+    import torch
+    index = torch.from_numpy(np.searchsorted(values, labels).astype(np.int64))
+    onehot = torch.zeros((len(values), *labels.shape), dtype=torch.float32)
+    onehot.scatter_(0, index[None], 1.0)
+    del index
+    if keep_axis is None:
+        scores = _interpolate(onehot[None], shape, order)[0]
+    else:  # in-plane only, with the kept axis as the batch
+        plane = [n for a, n in enumerate(shape) if a != keep_axis]
+        scores = _interpolate(onehot.movedim(keep_axis + 1, 0), plane, order).movedim(0, keep_axis + 1)
+    del onehot
+    best, winner = scores.max(0)  # the first maximal label, as the scipy loop's strict ">"
+    nearest_index = torch.from_numpy(np.searchsorted(values, nearest).astype(np.int64))
+    # float32 weights: a tie that is exact in float64 (two labels at 0.5) may come out 0.49999 vs 0.50001
+    tie = scores.gather(0, nearest_index[None])[0] >= best - TIE_TOLERANCE
+    winner = torch.where(tie, nearest_index, winner)
+    return values[winner.numpy()].astype(labels.dtype, copy=False)
 
 
 def resample_seg(seg: np.ndarray, shape, current_spacing, new_spacing, order: int = 1, order_z: int = 0) -> np.ndarray:
