@@ -59,9 +59,9 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def load_kubeseg(model_dir: Path, tta: bool, device: str, backend: str, threads: int):
+def load_kubeseg(model_dir: Path, tta: bool, device: str, backend: str, threads: int, autocast: str = "float16"):
     settings = PredictSettings(use_mirroring=tta, device=device, progress=False, backend=backend,
-                               num_threads=threads)
+                               num_threads=threads, autocast=autocast)
     return build_predictors(resolve_model(model_dir, folds=["0"]), settings)
 
 
@@ -104,7 +104,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="predictions of every case, per side")
     p.add_argument("--backends", nargs="+", default=["torch", "onnxruntime", "openvino"],
                    choices=("torch", "onnxruntime", "openvino"))
-    p.add_argument("--device", default="cpu", help="kubeseg's device (nnunetv2 runs on the CPU here)")
+    p.add_argument("--device", default="cpu", help="both sides' device (cuda: nnunetv2 with everything on the "
+                   "device, kubeseg with autocast and accumulation on the device)")
+    p.add_argument("--autocast", default="float16", choices=("float16", "bfloat16"),
+                   help="kubeseg's CUDA autocast dtype (nnunetv2 always float16)")
     p.add_argument("--keep", help="work folder to keep (default: a temporary one)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -122,16 +125,16 @@ def main() -> int:
         images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[: a.cases]
         plans = json.loads((model / "plans.json").read_text())["configurations"][a.configuration]
         print(f"{len(images)} case(s) of {a.shape}, {a.configuration}, patch {plans['patch_size']}, TTA {tta}, "
-              f"{a.threads} thread(s), {a.repeats} repetition(s), kubeseg on {a.device}, nnunetv2 on cpu", flush=True)
+              f"{a.threads} thread(s), {a.repeats} repetition(s), both on {a.device}", flush=True)
         loaded = {}
         for b in a.backends:
             started = time.perf_counter()
-            loaded[b] = load_kubeseg(model, tta, a.device, b, a.threads)
+            loaded[b] = load_kubeseg(model, tta, a.device, b, a.threads, a.autocast)
             print(f"kubeseg {b}: loaded in {time.perf_counter() - started:.1f} s", flush=True)
         theirs, ours = [], {b: [] for b in a.backends}
         for r in range(a.repeats):  # alternate the sides, so that the machine's load falls on both
             jobs = [{"model_dir": str(model), "out": str(work / "out_nnunet"), "images": [str(i) for i in images],
-                     "folds": ["0"], "tta": tta, "probabilities": False}]
+                     "folds": ["0"], "tta": tta, "probabilities": False, "device": a.device}]
             (work / "jobs.json").write_text(json.dumps(jobs))
             _oracle("predict", str(work / "jobs.json"), "--threads", str(a.threads))
             for t in json.loads((work / "out_nnunet" / "timings.json").read_text()):

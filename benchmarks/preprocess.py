@@ -47,7 +47,7 @@ def run_kubeseg(raw: Path, out: Path, workers: int) -> dict[str, float]:
 
 
 def run_nnunet(raw: Path, work: Path, workers: int) -> dict[str, float]:
-    run_oracle("-m", "tests.oracle.nnunet_run", str(raw), str(work), "--configs", *CONFIGS,
+    run_oracle("tests/oracle/nnunet_run.py", str(raw), str(work), "--configs", *CONFIGS,
                "--all-cases", "-j", str(workers), timeout=3600)
     return json.loads((work / "nnunet" / "timings.json").read_text())
 

@@ -64,7 +64,7 @@ def dataset(request, tmp_path_factory):
     if permute:
         _permute_to_sagittal(raw)
     variant = f"default:8:32:320:512"
-    run_oracle("-m", "tests.oracle.nnunet_run", str(raw), str(root),
+    run_oracle("tests/oracle/nnunet_run.py", str(raw), str(root),
                "--gpu-memory-gb", str(SMALL.gpu_memory_gb), "--base-features", str(SMALL.base_features),
                "--max-features-3d", str(SMALL.max_features_3d), "--max-features-2d", str(SMALL.max_features_2d),
                "--variant", variant, "--configs", "3d_fullres", "2d", "3d_lowres", "--cases", "synth_000", "-j", "2",

@@ -43,7 +43,12 @@ def log_probabilities_to_original(log_probs: torch.Tensor | np.ndarray, properti
     order, order_z = kw.get("order", 1), kw.get("order_z", 0)
     target = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
     if torch_resampling_supported(order, order_z):
-        probs = resample_probabilities_torch(log_probs, target, grid, original, order, order_z)
+        try:
+            probs = resample_probabilities_torch(log_probs, target, grid, original, order, order_z)
+        except torch.cuda.OutOfMemoryError:  # the input grid did not fit next to the logits: do it on the CPU
+            log_probs = log_probs.cpu()
+            torch.cuda.empty_cache()
+            probs = resample_probabilities_torch(log_probs, target, grid, original, order, order_z)
         if probs.data_ptr() == log_probs.data_ptr():  # nothing resampled: do not overwrite the caller's tensor
             probs = probs.clone()
     else:

@@ -44,7 +44,8 @@ class PredictSettings:
     this device, :func:`kubeseg.inference.backends.resolve_backend`).
     ``results_on_device`` keeps the accumulators on the GPU (falls back to CPU memory on OOM).
     ``accumulator``: ``float16`` as nnU-Net v2 (same output), ``float32`` exact at image borders
-    (see :mod:`kubeseg.inference.sliding_window`).
+    (see :mod:`kubeseg.inference.sliding_window`). ``autocast``: the CUDA autocast dtype,
+    ``float16`` (nnU-Net's) or ``bfloat16``.
     """
 
     use_mirroring: bool = True
@@ -57,6 +58,7 @@ class PredictSettings:
     progress: bool = True
     num_threads: Optional[int] = None
     backend: str = "torch"
+    autocast: str = "float16"
 
     def __post_init__(self) -> None:
         from kubeseg.inference.backends import BACKENDS
@@ -115,7 +117,7 @@ class Predictor:
         mirror = model.mirror_axes if settings.use_mirroring else None
         self.window = SlidingWindowSettings(step=settings.step, mirror_axes=mirror, batch_size=batch_size,
                                             results_on_device=settings.results_on_device,
-                                            accumulator=settings.accumulator)
+                                            accumulator=settings.accumulator, autocast=settings.autocast)
 
     # -- on the preprocessed grid -----------------------------------------------------------------
     def _use_fold(self, i: int) -> None:
@@ -143,11 +145,12 @@ class Predictor:
 
     @torch.inference_mode()
     def log_probabilities(self, data: np.ndarray, desc: str = "", folds: Optional[Sequence[str]] = None,
-                          mirror: Optional[bool] = None) -> torch.Tensor:
+                          mirror: Optional[bool] = None, keep_on_device: bool = False) -> torch.Tensor:
         """Log-probabilities ``(classes, *spatial)`` of a preprocessed case, the folds combined.
 
         ``folds`` names a subset of the model's folds; ``mirror`` overrides the settings' test-time
-        mirroring for this call.
+        mirroring for this call. ``keep_on_device``: on a GPU (torch backend, accumulation on the
+        device) the result stays there, so that resampling back runs there too; else on the CPU.
         """
         indices = self.fold_indices(folds)
         n_folds = len(indices)
@@ -158,11 +161,13 @@ class Predictor:
         bar = tqdm(total=self._num_tiles(data.shape[1:]) * n_folds, desc=desc or self.model.configuration,
                    unit="tile", disable=not self.settings.progress, leave=False, dynamic_ncols=True)
         combined = None
+        on_device = keep_on_device and self.device.type == "cuda" and self.backend == "torch" \
+            and self.settings.results_on_device
         try:
             for i in indices:
                 self._use_fold(i)
                 logits = predict_logits(self.network, data, self.patch_size, n_classes, self.device, window,
-                                        on_tiles=bar.update)
+                                        on_tiles=bar.update, keep_on_device=on_device)
                 if self.settings.fold_average == "logits":  # nnU-Net: summed in the accumulator's dtype
                     combined = logits if combined is None else combined.add_(logits)
                 else:
@@ -200,7 +205,7 @@ class Predictor:
                 net_input = np.concatenate([net_input, one_hot(pre.seg[0], self.labels.foreground_labels)])
         with clock("inference"):
             log_probs = self.log_probabilities(net_input, desc=f"{case_id} {self.model.configuration}".strip(),
-                                               folds=folds, mirror=mirror)
+                                               folds=folds, mirror=mirror, keep_on_device=True)
         with clock("postprocess"):
             probs = log_probabilities_to_original(log_probs, pre.properties, self.model.plans, self.config)
         log.info("%s: %s predicted in %.1f s (grid %s, folds %s, mirroring %s)", case_id or "case",

@@ -8,8 +8,8 @@ folders ``WORK/nnunet/results/Dataset987_Oracle/nnUNetTrainer__<plans>__<config>
 network, randomly initialised with a fixed seed per fold, saved in nnU-Net's checkpoint format
 (numpy scalars in ``logging``, a ``torch.device`` in ``init_args``).
 
-``predict JOBS.json``: for each job ``{model_dir, out, images, folds, tta[, probabilities, repeats]}``,
-nnUNetPredictor on the CPU (no multiprocessing), probabilities saved, and ``out/timings.json``
+``predict JOBS.json``: for each job ``{model_dir, out, images, folds, tta[, probabilities, repeats, device]}``,
+nnUNetPredictor on the job's device (default CPU; no multiprocessing), probabilities saved, and ``out/timings.json``
 with the seconds, CPU seconds and peak resident memory of each case (and repetition). One process for all jobs: nnunetv2 is
 imported once.
 
@@ -153,8 +153,9 @@ def predict(a) -> int:
     jobs = json.loads(Path(a.jobs).read_text())
     for job in jobs:
         with contextlib.redirect_stdout(io.StringIO()):
+            device = torch.device(job.get("device", "cpu"))
             predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=job["tta"],
-                                        perform_everything_on_device=False, device=torch.device("cpu"),
+                                        perform_everything_on_device=device.type == "cuda", device=device,
                                         verbose=False, verbose_preprocessing=False, allow_tqdm=False)
             predictor.initialize_from_trained_model_folder(job["model_dir"], use_folds=[int(f) for f in job["folds"]])
         out = Path(job["out"])
@@ -168,6 +169,8 @@ def predict(a) -> int:
                     predictor.predict_from_files_sequential([[image]], [str(out / case)],
                                                             save_probabilities=job.get("probabilities", True),
                                                             overwrite=True)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
                     seconds, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
                 timings.append({"case": case, "repeat": repeat, "seconds": seconds, "cpu_seconds": cpu,
                                 "peak_rss_mib": mem.peak})
