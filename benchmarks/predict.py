@@ -5,7 +5,8 @@ preset) and given a randomly initialised nnU-Net network in nnU-Net's checkpoint
 (tests/inference/nnunet_oracle.py). nnunetv2 predicts the test cases in its own venv (through
 tests/oracle's run_oracle; it reads its folders from environment variables); kubeseg predicts
 them here with each backend (torch, onnxruntime, openvino; the ONNX export happens once, at
-model load, as nnunetv2's model loading, outside the timed part). Each side predicts every case
+model load, as nnunetv2's model loading, outside the timed part; each backend runs in its own
+process, as nnunetv2, so that peak memory is each one's own). Each side predicts every case
 ``--repeats`` times, one side after the other per repetition, so that a shared machine's load
 falls on both.
 
@@ -29,6 +30,7 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -85,6 +87,17 @@ def run_kubeseg(predictors, images: list[Path], out: Path, device: str, repeat: 
     return timings
 
 
+def run_side(a, tta: bool) -> int:
+    """One kubeseg backend predicting every case once, in this process; timings to ``--side-out``."""
+    work = Path(a.keep)
+    model = Path(json.loads((work / "nnunet" / "models.json").read_text())[a.configuration])
+    images = sorted((work / "raw" / "imagesTs").glob("*_0000.nii.gz"))[: a.cases]
+    predictors = load_kubeseg(model, tta, a.device, a.side, a.threads, a.autocast)
+    timings = run_kubeseg(predictors, images, work / f"out_kubeseg_{a.side}", a.device, 0)
+    Path(a.side_out).write_text(json.dumps(timings))
+    return 0
+
+
 def summary(timings: list[dict], key: str) -> tuple[float, float, float]:
     """(median, min, max) over repetitions of the per-case mean of ``key``."""
     per_repeat = {}
@@ -109,11 +122,15 @@ def main() -> int:
     p.add_argument("--autocast", default="float16", choices=("float16", "bfloat16"),
                    help="kubeseg's CUDA autocast dtype (nnunetv2 always float16)")
     p.add_argument("--keep", help="work folder to keep (default: a temporary one)")
+    p.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one kubeseg backend in this process
+    p.add_argument("--side-out", help=argparse.SUPPRESS)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     tta = not a.disable_tta
+    if a.side:
+        return run_side(a, tta)
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(a.keep or tmp)
+        work = Path(a.keep or tmp).resolve()
         raw = work / "raw"
         if not (raw / "dataset.json").is_file():
             synthesize(raw, SynthSettings(kind="ct", num_cases=4, shape=tuple(a.shape), num_test_cases=a.cases,
@@ -126,11 +143,6 @@ def main() -> int:
         plans = json.loads((model / "plans.json").read_text())["configurations"][a.configuration]
         print(f"{len(images)} case(s) of {a.shape}, {a.configuration}, patch {plans['patch_size']}, TTA {tta}, "
               f"{a.threads} thread(s), {a.repeats} repetition(s), both on {a.device}", flush=True)
-        loaded = {}
-        for b in a.backends:
-            started = time.perf_counter()
-            loaded[b] = load_kubeseg(model, tta, a.device, b, a.threads, a.autocast)
-            print(f"kubeseg {b}: loaded in {time.perf_counter() - started:.1f} s", flush=True)
         theirs, ours = [], {b: [] for b in a.backends}
         for r in range(a.repeats):  # alternate the sides, so that the machine's load falls on both
             jobs = [{"model_dir": str(model), "out": str(work / "out_nnunet"), "images": [str(i) for i in images],
@@ -139,8 +151,15 @@ def main() -> int:
             _oracle("predict", str(work / "jobs.json"), "--threads", str(a.threads))
             for t in json.loads((work / "out_nnunet" / "timings.json").read_text()):
                 theirs.append({**t, "repeat": r})
-            for b in a.backends:
-                ours[b] += run_kubeseg(loaded[b], images, work / f"out_kubeseg_{b}", a.device, r)
+            for b in a.backends:  # each backend in its own process, as nnunetv2: its own peak memory
+                side = work / f"kubeseg_{b}_{r}.json"
+                run_side = [sys.executable, __file__, "--side", b, "--side-out", str(side), "--keep", str(work),
+                            "--cases", str(a.cases), "--configuration", a.configuration, "--threads", str(a.threads),
+                            "--device", a.device, "--autocast", a.autocast, *(["--disable-tta"] if a.disable_tta else [])]
+                done = subprocess.run(run_side, cwd=REPO, capture_output=True, text=True)
+                if done.returncode != 0:
+                    sys.exit(f"kubeseg {b} failed:\n{done.stderr[-4000:]}")
+                ours[b] += [{**t, "repeat": r} for t in json.loads(side.read_text())]
             print(f"repetition {r + 1}/{a.repeats} done", flush=True)
 
         nn_wall, nn_cpu, nn_rss = summary(theirs, "seconds"), summary(theirs, "cpu_seconds"), \

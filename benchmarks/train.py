@@ -454,7 +454,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads, both tools")
     p.add_argument("--device", default="cpu", help="cpu or cuda, both tools (cuda: AMP, as nnU-Net)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="epochs left out of the speed measurement")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed; also kubeseg's training seed")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed; also both tools' training seed")
+    p.add_argument("--dataset-seed", type=int, help="dataset seed when it should differ from --seed "
+                   "(benchmarks/quality.py: one dataset, several training seeds)")
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep everything (default: a temporary folder)")
     a = p.parse_args(argv)
     if a.cases < 5:
@@ -477,7 +479,8 @@ def main(argv=None) -> int:
 def run(a, work: Path) -> int:
     say(f"work folder {work}")
     say(f"synthesizing {a.cases} CT-like cases, median shape {tuple(a.shape)}, seed {a.seed}")
-    raw = synthesize(work / "raw", SynthSettings(kind="ct", num_cases=a.cases, shape=tuple(a.shape), seed=a.seed))
+    raw = synthesize(work / "raw", SynthSettings(kind="ct", num_cases=a.cases, shape=tuple(a.shape),
+                                                 seed=a.seed if a.dataset_seed is None else a.dataset_seed))
 
     say("kubeseg: fingerprint, plan (small preset), preprocess 3d_fullres")
     t = time.time()
@@ -559,7 +562,8 @@ def run(a, work: Path) -> int:
         "kubeseg": {k: ours[k] for k in ("epoch_start_timestamps", "epoch_end_timestamps", "iteration_ends")},
         "nnunetv2": {k: ref[k] for k in ("epoch_start_timestamps", "epoch_end_timestamps", "iteration_ends")},
         "speed": {"kubeseg": sp_ours, "nnunetv2": sp_ref},
-        "cpu_windows": meter.windows}, indent=1))
+        "cpu_windows": meter.windows,
+        "dice": {"kubeseg": s_ours, "nnunetv2": s_ref, "validation_cases": keys}}, indent=1))
 
     # ---- report
     print()
