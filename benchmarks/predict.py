@@ -153,10 +153,10 @@ def main() -> int:
                 theirs.append({**t, "repeat": r})
             for b in a.backends:  # each backend in its own process, as nnunetv2: its own peak memory
                 side = work / f"kubeseg_{b}_{r}.json"
-                run_side = [sys.executable, __file__, "--side", b, "--side-out", str(side), "--keep", str(work),
+                side_cmd = [sys.executable, __file__, "--side", b, "--side-out", str(side), "--keep", str(work),
                             "--cases", str(a.cases), "--configuration", a.configuration, "--threads", str(a.threads),
                             "--device", a.device, "--autocast", a.autocast, *(["--disable-tta"] if a.disable_tta else [])]
-                done = subprocess.run(run_side, cwd=REPO, capture_output=True, text=True)
+                done = subprocess.run(side_cmd, cwd=REPO, capture_output=True, text=True)
                 if done.returncode != 0:
                     sys.exit(f"kubeseg {b} failed:\n{done.stderr[-4000:]}")
                 ours[b] += [{**t, "repeat": r} for t in json.loads(side.read_text())]
