@@ -7,8 +7,9 @@ ONNX files: ``kubeseg export-onnx`` writes ``<model folder>/fold_<N>/network.onn
 the input shape of the configuration's patch and a dynamic batch axis, and the sha256 of the
 checkpoint it came from in the model's metadata. A predictor with an ONNX backend uses that file
 when its checksum matches the checkpoint; otherwise (no file, stale file) it exports the fold to
-a temporary file first (seconds), so any model folder or bundle works with any backend, and a
-downloaded (checksummed) bundle is never written to.
+a temporary file first (seconds, in a child process: torch's exporter holds the GIL, and a
+service must keep answering health checks while it loads a model), so any model folder or bundle
+works with any backend, and a downloaded (checksummed) bundle is never written to.
 
 Why: on a CPU the same network runs in roughly half the CPU time under ONNX Runtime and about a
 third under OpenVINO than in eager torch, which allocates every activation afresh (page faults:
@@ -192,8 +193,34 @@ class FoldNetworks:
                         "folder)", saved)
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="kubeseg-onnx-")
+        target = Path(self._tmp.name) / f"fold_{fold}.onnx"
+        if checkpoint.is_file():  # in a child process: the exporter holds the GIL for seconds (a service's
+            return _export_in_subprocess(folder, fold, target)  # health checks must not wait on it)
         network.load_state_dict(state)
-        return export_onnx(network, in_channels, patch_size, Path(self._tmp.name) / f"fold_{fold}.onnx", checksum)
+        return export_onnx(network, in_channels, patch_size, target, checksum)
+
+
+def _export_in_subprocess(folder: Path, fold: str, target: Path) -> Path:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "kubeseg.inference.backends", str(folder), str(fold), str(target)],
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=1800)
+    if done.returncode != 0 or not target.is_file():
+        raise KubesegError(f"ONNX export of {folder} fold {fold} failed: {done.stderr[-2000:]}")
+    return target
+
+
+def _export_one(folder: Path, fold: str, target: Path) -> Path:
+    """One fold of a model folder to ``target`` (the child process of :func:`_export_in_subprocess`)."""
+    from kubeseg.inference.model import CHECKPOINT_NAME, load_trained_model
+    from kubeseg.training.plans import num_input_channels
+
+    model = load_trained_model(folder, [fold])
+    network = model.build_network(torch.device("cpu"))
+    return export_onnx(network, num_input_channels(model.view, model.labels),
+                       [int(p) for p in model.config["patch_size"]], target,
+                       file_sha256(Path(folder) / f"fold_{fold}" / CHECKPOINT_NAME))
 
 
 def export_model_folder(folder: Path, folds: Sequence[str] | None = None) -> list[Path]:
@@ -241,3 +268,10 @@ def _has(module: str) -> bool:
         return True
     except ImportError:
         return False
+
+
+if __name__ == "__main__":  # python -m kubeseg.inference.backends FOLDER FOLD TARGET
+    import sys
+
+    torch.set_num_threads(1)
+    _export_one(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))
