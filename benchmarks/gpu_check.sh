@@ -43,6 +43,9 @@ if ! "$ORACLE" -c "import nnunetv2" 2>/dev/null; then
   timeout 180 "$ORACLE" -m pip install -q "nnunetv2==2.8.1" || echo "FAILED: pip install nnunetv2 (the comparisons below will fail)"
 fi
 export KUBESEG_ORACLE_PYTHON=$(realpath "$ORACLE") PYTHONPATH=$PWD
+# nnunetv2 would torch.compile its network on CUDA (minutes of warm-up, beyond this budget);
+# kubeseg does not compile, so both run eager
+export nnUNet_compile=f
 "$VENV/bin/python" -c "import torch; assert torch.cuda.is_available(), 'torch has no CUDA here'; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))" || exit 4
 
 echo "== CUDA unit tests ($(elapsed))"
