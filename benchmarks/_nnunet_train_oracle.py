@@ -181,7 +181,7 @@ def train(a) -> int:
     torch.set_num_threads(a.threads)
     plans["continue_training"] = False  # nnUNetTrainer.__init__ pops this (run_training.py sets it)
     t0 = time.time()
-    trainer = BenchmarkTrainer(plans, CONFIG, FOLD, dataset_json, device=torch.device("cpu"))
+    trainer = BenchmarkTrainer(plans, CONFIG, FOLD, dataset_json, device=torch.device(a.device))
     trainer.run_training()
     wait_for_turn()
     t_trained = time.time()
@@ -240,6 +240,7 @@ def main(argv=None) -> int:
     pt.add_argument("--val-iterations", type=int, required=True)
     pt.add_argument("--workers", type=int, default=2)
     pt.add_argument("--threads", type=int, default=2)
+    pt.add_argument("--device", default="cpu")
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--expect-val", nargs="*", default=[])
     pt.add_argument("--turns", action="store_true",

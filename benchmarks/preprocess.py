@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,7 @@ from kubeseg.fingerprint import extract_fingerprint, write_fingerprint  # noqa: 
 from kubeseg.planning.planner import plan_experiment, planner_settings  # noqa: E402
 from kubeseg.preprocessing.preprocess import preprocess_dataset  # noqa: E402
 from kubeseg.synth import SynthSettings, synthesize  # noqa: E402
+from tests.oracle import run_oracle  # noqa: E402
 
 CONFIGS = ("3d_fullres", "2d")
 
@@ -47,9 +47,8 @@ def run_kubeseg(raw: Path, out: Path, workers: int) -> dict[str, float]:
 
 
 def run_nnunet(raw: Path, work: Path, workers: int) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "tests.oracle.nnunet_run", str(raw), str(work), "--configs", *CONFIGS,
-           "--all-cases", "-j", str(workers)]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    run_oracle("tests/oracle/nnunet_run.py", str(raw), str(work), "--configs", *CONFIGS,
+               "--all-cases", "-j", str(workers), timeout=3600)
     return json.loads((work / "nnunet" / "timings.json").read_text())
 
 

@@ -92,6 +92,15 @@ from kubeseg.training.trainer import TrainSettings, train_fold  # noqa: E402
 CONFIG = "3d_fullres"
 FOLD = 0
 ORACLE = REPO / "benchmarks" / "_nnunet_train_oracle.py"
+
+
+def oracle_python() -> str:
+    """nnunetv2's interpreter: KUBESEG_ORACLE_PYTHON, else the repository's .venv-oracle (make oracle)."""
+    path = os.environ.get("KUBESEG_ORACLE_PYTHON") or str(REPO / ".venv-oracle" / "bin" / "python")
+    if not Path(path).exists():
+        raise SystemExit(f"nnunetv2 oracle interpreter {path} is missing: run `make oracle` "
+                         "(or set KUBESEG_ORACLE_PYTHON)")
+    return path
 LABEL_NAMES = {v: k for k, v in CT_LABELS.items()}
 _T0 = time.time()
 
@@ -145,7 +154,7 @@ def _echo_oracle_line(line: str) -> None:
 
 def run_oracle(args: list[str]) -> None:
     """Run one step of the nnunetv2 side to its end, echoing its output with a prefix."""
-    cmd = [sys.executable, "-u", str(ORACLE), *args]
+    cmd = [oracle_python(), "-u", str(ORACLE), *args]
     with subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"), bufsize=1) as proc:
         for line in proc.stdout:
@@ -167,7 +176,7 @@ class OracleTrainer:
     over both sides instead of over whichever side happened to run at the time."""
 
     def __init__(self, args: list[str]):
-        cmd = [sys.executable, "-u", str(ORACLE), "train", *args, "--turns"]
+        cmd = [oracle_python(), "-u", str(ORACLE), "train", *args, "--turns"]
         # own process group, so that its augmentation workers can be stopped with it
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
@@ -346,7 +355,7 @@ def train_kubeseg(pre: Path, plans_path: Path, out: Path, a, turns: TakeTurns) -
     logger.propagate = False  # printed once, by the handler above
     torch.set_num_threads(a.threads)
     settings = TrainSettings(
-        device="cpu", schedule=Schedule(a.epochs, a.iterations, a.val_iterations, "benchmark"), seed=a.seed,
+        device=a.device, schedule=Schedule(a.epochs, a.iterations, a.val_iterations, "benchmark"), seed=a.seed,
         num_workers=a.workers, torch_threads=a.threads, callbacks=[clock, turns], save_probabilities=False,
         progress_bar=False, log_to_console=False)
     try:
@@ -443,8 +452,11 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=1,
                    help="augmentation worker processes, both tools (0 = augment in the training process)")
     p.add_argument("--threads", type=int, default=1, help="torch threads, both tools")
+    p.add_argument("--device", default="cpu", help="cpu or cuda, both tools (cuda: AMP, as nnU-Net)")
     p.add_argument("--warmup-epochs", type=int, default=1, help="epochs left out of the speed measurement")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed; also kubeseg's training seed")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed; also both tools' training seed")
+    p.add_argument("--dataset-seed", type=int, help="dataset seed when it should differ from --seed "
+                   "(benchmarks/quality.py: one dataset, several training seeds)")
     p.add_argument("--keep", metavar="DIR", help="work in DIR and keep everything (default: a temporary folder)")
     a = p.parse_args(argv)
     if a.cases < 5:
@@ -467,7 +479,8 @@ def main(argv=None) -> int:
 def run(a, work: Path) -> int:
     say(f"work folder {work}")
     say(f"synthesizing {a.cases} CT-like cases, median shape {tuple(a.shape)}, seed {a.seed}")
-    raw = synthesize(work / "raw", SynthSettings(kind="ct", num_cases=a.cases, shape=tuple(a.shape), seed=a.seed))
+    raw = synthesize(work / "raw", SynthSettings(kind="ct", num_cases=a.cases, shape=tuple(a.shape),
+                                                 seed=a.seed if a.dataset_seed is None else a.dataset_seed))
 
     say("kubeseg: fingerprint, plan (small preset), preprocess 3d_fullres")
     t = time.time()
@@ -506,7 +519,7 @@ def run(a, work: Path) -> int:
     meter.switch("nnunetv2", "setup")
     other = OracleTrainer([str(nn_work), "--epochs", str(a.epochs), "--iterations", str(a.iterations),
                            "--val-iterations", str(a.val_iterations), "--workers", str(a.workers),
-                           "--threads", str(a.threads), "--seed", str(a.seed), "--expect-val", *val_expected])
+                           "--threads", str(a.threads), "--device", a.device, "--seed", str(a.seed), "--expect-val", *val_expected])
     meter.oracle_pid = other.proc.pid
     try:
         other.expect("wait")  # nnunetv2 is set up (workers started) and waits for its first epoch
@@ -549,7 +562,8 @@ def run(a, work: Path) -> int:
         "kubeseg": {k: ours[k] for k in ("epoch_start_timestamps", "epoch_end_timestamps", "iteration_ends")},
         "nnunetv2": {k: ref[k] for k in ("epoch_start_timestamps", "epoch_end_timestamps", "iteration_ends")},
         "speed": {"kubeseg": sp_ours, "nnunetv2": sp_ref},
-        "cpu_windows": meter.windows}, indent=1))
+        "cpu_windows": meter.windows,
+        "dice": {"kubeseg": s_ours, "nnunetv2": s_ref, "validation_cases": keys}}, indent=1))
 
     # ---- report
     print()
@@ -559,7 +573,7 @@ def run(a, work: Path) -> int:
     print(f"plans: patch {cfg['patch_size']}, batch {cfg['batch_size']}"
           + ("" if not plan_problems else f"  (WARNING: {len(plan_problems)} plan difference(s), see above)"))
     print(f"schedule (both): {a.epochs} epochs x {a.iterations} training iterations + {a.val_iterations} "
-          f"validation iterations; device cpu; {a.workers} augmentation worker(s); {a.threads} torch thread(s)")
+          f"validation iterations; device {a.device}; {a.workers} augmentation worker(s); {a.threads} torch thread(s)")
     print(f"validation cases: {', '.join(keys)}")
     print(f"references (preprocessed grid): " + ("identical" if not ref_notes else "; ".join(ref_notes)))
     print()

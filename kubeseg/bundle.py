@@ -161,8 +161,8 @@ def _with_previous_stages(members: list[BundleMember]) -> list[BundleMember]:
         prev = plans["configurations"][m.configuration].get("previous_stage")
         if prev is None or any(o.configuration == prev for o in out):
             continue
-        from kubeseg.inference.run import _previous_stage_folder
-        folder = _previous_stage_folder(m.folder, prev)
+        from kubeseg.inference.run import previous_stage_folder
+        folder = previous_stage_folder(m.folder, prev)
         out.append(BundleMember(folder, prev, m.folds, role="previous_stage"))
     return out
 

@@ -143,7 +143,8 @@ def cmd_predict(a) -> int:
         sig = verify_bundle(a.model, a.public_key)
         print(f"{a.model}: signature by key {sig.key_id} verified")
     settings = PredictSettings(use_mirroring=not a.disable_tta, step=a.step, device=a.device,
-                               batch_size=a.batch_size, fold_average=a.fold_average)
+                               batch_size=a.batch_size, fold_average=a.fold_average, backend=a.backend,
+                               num_threads=a.threads)
     from kubeseg.clinical.dicom_predict import is_dicom_folder
 
     if is_dicom_folder(a.input):
@@ -189,6 +190,15 @@ def cmd_pacs_segment(a) -> int:
                         a.series_uid, mapping, saliency=a.saliency, store=not a.no_store)
     print(f"study {a.study}: series {', '.join(res.fetched_series)} segmented; DICOM-SEG "
           f"{res.outputs.seg_series_uid} {'stored' if not a.no_store else 'written'}; outputs in {res.outputs.folder}")
+
+
+def cmd_export_onnx(a) -> int:
+    from kubeseg.inference.backends import export_models
+
+    written = export_models(a.model, a.configuration, a.folds)
+    for path in written:
+        print(path)
+    print(f"{len(written)} ONNX model(s) written")
     return 0
 
 
@@ -484,8 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-postprocessing", action="store_true", help="skip the bundle's postprocessing")
     p.add_argument("--device", default=_env("DEVICE", "auto"), help="auto, cpu, cuda or cuda:N")
     p.add_argument("--step", type=float, default=0.5, help="sliding-window step, fraction of the patch")
-    p.add_argument("--batch-size", type=int, default=_env("PREDICT_BATCH", 8, int),
-                   help="network inputs per forward call, mirrored copies included")
+    p.add_argument("--batch-size", type=int, default=_env("PREDICT_BATCH", None, int),
+                   help="network inputs per forward call, mirrored copies included (default: 8 on a GPU, 1 on the CPU)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "openvino", "auto"),
+                   default=_env("BACKEND", "torch"),
+                   help="what runs the network: torch, or its ONNX export under ONNX Runtime or OpenVINO "
+                        "(files from `kubeseg export-onnx`, else exported on the fly); auto: the fastest installed")
+    p.add_argument("--threads", type=int, default=_env("THREADS", None, int), help="CPU threads (default: torch's)")
     p.add_argument("--fold-average", choices=("probabilities", "logits"), default="probabilities",
                    help="how folds are combined ('logits' is nnU-Net v2's)")
     p.add_argument("--max-resampled-voxels", type=int, default=_env("MAX_RESAMPLED_VOXELS", 2 ** 29, int),
@@ -516,6 +531,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=_env("DEVICE", "auto"), help="auto, cpu, cuda or cuda:N")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per DICOMweb request")
     p.set_defaults(fn=cmd_pacs_segment)
+
+
+    p = sub.add_parser("export-onnx", help="write fold_<N>/network.onnx (patch-size input, dynamic batch) for "
+                                           "every configuration x fold of a bundle or model folder")
+    p.add_argument("model", help="bundle, trained-model folder, or a folder of those (with -c)")
+    p.add_argument("-c", "--configuration", nargs="+", help="configuration(s)")
+    p.add_argument("-f", "--folds", nargs="+", help="folds (default: all finished)")
+    p.set_defaults(fn=cmd_export_onnx)
 
     p = sub.add_parser("select", help="pick the best configuration or pairwise ensemble by CV Dice")
     p.add_argument("model_dirs", nargs="+", help="training output folders, one per configuration")

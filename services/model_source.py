@@ -61,7 +61,7 @@ def load_served_model(bundle: Path, settings: ServiceSettings, name: str, versio
     """Build every predictor of a bundle (weights on the device), ready for requests."""
     choice = resolve_model(bundle)
     predict_settings = PredictSettings(use_mirroring=settings.use_mirroring, step=settings.step,
-                                       device=settings.device, progress=False)
+                                       device=settings.device, backend=settings.backend, progress=False)
     predictors = build_predictors(choice, predict_settings)
     dataset_json = predictors[0].model.dataset_json
     spec = dataset_spec(dataset_json)

@@ -156,6 +156,9 @@ class ServiceSettings:
     model_bundle: Optional[Path] = None  # a bundle folder instead of the registry
     tracking_uri: Optional[str] = None  # MLflow; None: MLFLOW_TRACKING_URI or MLflow's default
     device: str = "auto"
+    # what runs the network; auto: ONNX Runtime on a CPU (the fastest backend that keeps parity in
+    # benchmarks/predict.py; kubeseg.inference.backends.resolve_backend), torch on a GPU
+    backend: str = "auto"
     max_concurrency: int = 4  # requests inside the service at once; more get HTTP 429
     max_request_bytes: int = 512 * 1024 * 1024
     max_voxels: int = 512 * 512 * 1024  # per channel; larger images get HTTP 413
@@ -181,6 +184,7 @@ class ServiceSettings:
             model_bundle=Path(bundle) if bundle else None,
             tracking_uri=_env("MLFLOW_TRACKING_URI", None, str),
             device=_env("KUBESEG_DEVICE", d.device, str),
+            backend=_env("KUBESEG_BACKEND", d.backend, str),
             max_concurrency=_env("KUBESEG_MAX_CONCURRENCY", d.max_concurrency, int),
             max_request_bytes=_env("KUBESEG_MAX_REQUEST_BYTES", d.max_request_bytes, int),
             max_voxels=_env("KUBESEG_MAX_VOXELS", d.max_voxels, int),
@@ -210,6 +214,8 @@ class ServiceSettings:
             raise SettingsError("set KUBESEG_MODEL_BUNDLE (a bundle folder) or KUBESEG_MODEL_NAME (a registered model)")
         if self.model_bundle is not None and self.model_name:
             raise SettingsError("set only one of KUBESEG_MODEL_BUNDLE and KUBESEG_MODEL_NAME")
+        if self.backend not in ("auto", "torch", "onnxruntime", "openvino"):
+            raise SettingsError(f"KUBESEG_BACKEND={self.backend!r}: choose auto, torch, onnxruntime or openvino")
         for f in ("max_concurrency", "max_request_bytes", "max_voxels", "min_size", "max_resampled_voxels",
                   "max_expanded_bytes"):
             if getattr(self, f) < 1:

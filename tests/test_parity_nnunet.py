@@ -12,8 +12,6 @@ nnunetv2 runs in a subprocess (``tests/oracle/nnunet_run.py``); kubeseg never im
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +25,9 @@ from kubeseg.planning.planner import PRESETS, plan_experiment, planner_settings
 from kubeseg.planning.plans import configuration
 from kubeseg.preprocessing.preprocess import preprocess_arrays
 from kubeseg.synth import SynthSettings, synthesize
+from tests.oracle import run_oracle
 
 pytestmark = pytest.mark.integration
-pytest.importorskip("nnunetv2")
-
-REPO = Path(__file__).resolve().parents[1]
 # Bounds reached on these datasets (seen: max |diff| 1.5e-3 for CT, 0 for MRI; labels >= 99.9999%).
 # CT differs only through the foreground statistics (nnU-Net samples them, kubeseg computes them).
 MAX_ABS_DIFF = 1e-2
@@ -68,12 +64,11 @@ def dataset(request, tmp_path_factory):
     if permute:
         _permute_to_sagittal(raw)
     variant = f"default:8:32:320:512"
-    cmd = [sys.executable, "-m", "tests.oracle.nnunet_run", str(raw), str(root),
-           "--gpu-memory-gb", str(SMALL.gpu_memory_gb), "--base-features", str(SMALL.base_features),
-           "--max-features-3d", str(SMALL.max_features_3d), "--max-features-2d", str(SMALL.max_features_2d),
-           "--variant", variant, "--configs", "3d_fullres", "2d", "3d_lowres", "--cases", "synth_000", "-j", "2"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_oracle("tests/oracle/nnunet_run.py", str(raw), str(root),
+               "--gpu-memory-gb", str(SMALL.gpu_memory_gb), "--base-features", str(SMALL.base_features),
+               "--max-features-3d", str(SMALL.max_features_3d), "--max-features-2d", str(SMALL.max_features_2d),
+               "--variant", variant, "--configs", "3d_fullres", "2d", "3d_lowres", "--cases", "synth_000", "-j", "2",
+               timeout=600)
     fingerprint = extract_fingerprint(raw, num_workers=1, progress=False)
     return name, raw, root / "nnunet", fingerprint
 

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from kubeseg.labels import LabelScheme
-from kubeseg.preprocessing.resampling_functions import probabilities_resampler
+from kubeseg.preprocessing.resampling import resample_probabilities_torch, torch_resampling_supported
+from kubeseg.preprocessing.resampling_functions import DEFAULT_FUNCTION, probabilities_resampler
 
 
 def preprocessed_spacing(properties: dict, plans: dict, config: dict) -> tuple[list[float], list[float]]:
@@ -35,18 +36,42 @@ def preprocessed_spacing(properties: dict, plans: dict, config: dict) -> tuple[l
 
 def log_probabilities_to_original(log_probs: torch.Tensor | np.ndarray, properties: dict, plans: dict,
                                   config: dict, sigmoid: bool = False) -> np.ndarray:
-    """Probabilities ``(C, z, y, x)`` (float32) on the input image's grid; ``sigmoid``: region log-odds in."""
-    log_probs = log_probs.numpy() if isinstance(log_probs, torch.Tensor) else np.asarray(log_probs)
+    """Probabilities ``(C, z, y, x)`` (float32) on the input image's grid; ``sigmoid``: region log-odds in.
+
+    The plans' probabilities resampler decides how
+    (:mod:`kubeseg.preprocessing.resampling_functions`); nnU-Net's default function with linear
+    orders (its defaults for probabilities) runs as one torch interpolation over all classes, on
+    the tensor's device; anything else goes through the dispatcher. Softmax/sigmoid run in place.
+    """
+    log_probs = torch.as_tensor(log_probs)
     grid, original = preprocessed_spacing(properties, plans, config)
     target = [int(s) for s in properties["shape_after_cropping_and_before_resampling"]]
-    resampled = probabilities_resampler(config)(log_probs.astype(np.float32, copy=False), target, grid, original)
-    scores = torch.from_numpy(np.ascontiguousarray(resampled, dtype=np.float32))
-    probs = (torch.sigmoid(scores) if sigmoid else torch.softmax(scores, 0)).numpy()
+    r = probabilities_resampler(config)
+    order, order_z = int(r.kwargs.get("order", 1)), int(r.kwargs.get("order_z", 0))
+    if r.name == DEFAULT_FUNCTION and torch_resampling_supported(order, order_z):
+        axis = r.axis_for(grid, original)
+        try:
+            probs = resample_probabilities_torch(log_probs, target, grid, original, order, order_z, axis)
+        except torch.cuda.OutOfMemoryError:  # the input grid did not fit next to the logits: do it on the CPU
+            log_probs = log_probs.cpu()
+            torch.cuda.empty_cache()
+            probs = resample_probabilities_torch(log_probs, target, grid, original, order, order_z, axis)
+        if probs.data_ptr() == log_probs.data_ptr():  # nothing resampled: do not overwrite the caller's tensor
+            probs = probs.clone()
+    else:
+        probs = torch.from_numpy(np.ascontiguousarray(
+            r(log_probs.float().cpu().numpy(), target, grid, original), dtype=np.float32))
+    if sigmoid:
+        probs = probs.sigmoid_().cpu().numpy()
+    else:
+        probs = probs.sub_(probs.amax(0, keepdim=True)).exp_()
+        probs = probs.div_(probs.sum(0, keepdim=True)).cpu().numpy()
     full = np.zeros((probs.shape[0], *properties["shape_before_cropping"]), dtype=np.float32)
     if not sigmoid:
         full[0] = 1
     box = tuple(slice(lo, hi) for lo, hi in properties["bbox_used_for_cropping"])
     full[(slice(None), *box)] = probs
+    del probs
     backward = plans["transpose_backward"]
     return np.ascontiguousarray(full.transpose([0, *[b + 1 for b in backward]]))
 

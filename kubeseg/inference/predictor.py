@@ -38,23 +38,33 @@ FOLD_AVERAGES = ("probabilities", "logits")
 class PredictSettings:
     """How to predict. ``device``: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``.
 
-    ``batch_size`` counts network inputs per forward call, mirrored copies included.
+    ``batch_size`` counts network inputs per forward call, mirrored copies included; None: 8 on a
+    GPU, 1 on the CPU (a CPU gains nothing from batching, and a batch of eight mirrored copies holds
+    eight times the activations: more memory, more page faults).
+    ``backend``: ``torch``, ``onnxruntime``, ``openvino`` or ``auto`` (the fastest installed on
+    this device, :func:`kubeseg.inference.backends.resolve_backend`).
     ``results_on_device`` keeps the accumulators on the GPU (falls back to CPU memory on OOM).
     ``accumulator``: ``float16`` as nnU-Net v2 (same output), ``float32`` exact at image borders
-    (see :mod:`kubeseg.inference.sliding_window`).
+    (see :mod:`kubeseg.inference.sliding_window`). ``autocast``: the CUDA autocast dtype,
+    ``float16`` (nnU-Net's) or ``bfloat16``.
     """
 
     use_mirroring: bool = True
     step: float = 0.5
     device: str = "auto"
-    batch_size: int = 8
+    batch_size: Optional[int] = None
     fold_average: str = "probabilities"
     results_on_device: bool = True
     accumulator: str = "float16"
     progress: bool = True
     num_threads: Optional[int] = None
+    backend: str = "torch"
+    autocast: str = "float16"
 
     def __post_init__(self) -> None:
+        from kubeseg.inference.backends import BACKENDS
+        if self.backend not in (*BACKENDS, "auto"):
+            raise ValueError(f"backend must be one of {(*BACKENDS, 'auto')}, got {self.backend!r}")
         if self.fold_average not in FOLD_AVERAGES:
             raise ValueError(f"fold_average must be one of {FOLD_AVERAGES}, got {self.fold_average!r}")
 
@@ -85,16 +95,32 @@ class Predictor:
         self.config = model.config
         self.patch_size = tuple(int(p) for p in self.config["patch_size"])
         self.labels = model.labels
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
         self.network = model.build_network(self.device)
         self._loaded_fold = 0
+        self._runners = None
+        from kubeseg.inference.backends import resolve_backend
+        self.backend = resolve_backend(settings.backend, self.device)
+        if self.backend != "torch":
+            from kubeseg.inference.backends import FoldNetworks
+            from kubeseg.training.plans import num_input_channels
+            self._runners = FoldNetworks(self.backend, model.folder, model.folds, model.fold_weights,
+                                         model.build_network(torch.device("cpu")),
+                                         num_input_channels(model.view, model.labels), self.patch_size,
+                                         self.device, settings.num_threads).runners
+            self.network = self._runners[0]
+        batch_size = settings.batch_size or (8 if self.device.type == "cuda" else 1)
         mirror = model.mirror_axes if settings.use_mirroring else None
-        self.window = SlidingWindowSettings(step=settings.step, mirror_axes=mirror, batch_size=settings.batch_size,
+        self.window = SlidingWindowSettings(step=settings.step, mirror_axes=mirror, batch_size=batch_size,
                                             results_on_device=settings.results_on_device,
-                                            accumulator=settings.accumulator)
+                                            accumulator=settings.accumulator, autocast=settings.autocast)
 
     # -- on the preprocessed grid -----------------------------------------------------------------
     def _use_fold(self, i: int) -> None:
-        if i != self._loaded_fold:
+        if self._runners is not None:
+            self.network = self._runners[i]
+        elif i != self._loaded_fold:
             self.network.load_state_dict(self.model.fold_weights[i])
             self._loaded_fold = i
 
@@ -116,11 +142,12 @@ class Predictor:
 
     @torch.inference_mode()
     def log_probabilities(self, data: np.ndarray, desc: str = "", folds: Optional[Sequence[str]] = None,
-                          mirror: Optional[bool] = None) -> torch.Tensor:
+                          mirror: Optional[bool] = None, keep_on_device: bool = False) -> torch.Tensor:
         """Log-probabilities ``(classes, *spatial)`` of a preprocessed case, the folds combined.
 
         ``folds`` names a subset of the model's folds; ``mirror`` overrides the settings' test-time
-        mirroring for this call.
+        mirroring for this call. ``keep_on_device``: on a GPU (torch backend, accumulation on the
+        device) the result stays there, so that resampling back runs there too; else on the CPU.
         """
         indices = self.fold_indices(folds)
         n_folds = len(indices)
@@ -131,11 +158,13 @@ class Predictor:
         bar = tqdm(total=self._num_tiles(data.shape[1:]) * n_folds, desc=desc or self.model.configuration,
                    unit="tile", disable=not self.settings.progress, leave=False, dynamic_ncols=True)
         combined = None
+        on_device = keep_on_device and self.device.type == "cuda" and self.backend == "torch" \
+            and self.settings.results_on_device
         try:
             for i in indices:
                 self._use_fold(i)
                 logits = predict_logits(self.network, data, self.patch_size, n_classes, self.device, window,
-                                        on_tiles=bar.update)
+                                        on_tiles=bar.update, keep_on_device=on_device)
                 if self.labels.has_regions:  # sigmoid outputs: kubeseg.inference.regions
                     combined = accumulate_region_logits(combined, logits, self.settings.fold_average)
                 elif self.settings.fold_average == "logits":  # nnU-Net: summed in the accumulator's dtype
@@ -177,7 +206,7 @@ class Predictor:
                 net_input = np.concatenate([net_input, one_hot(pre.seg[0], self.labels.foreground_labels)])
         with clock("inference"):
             log_probs = self.log_probabilities(net_input, desc=f"{case_id} {self.model.configuration}".strip(),
-                                               folds=folds, mirror=mirror)
+                                               folds=folds, mirror=mirror, keep_on_device=True)
         with clock("postprocess"):
             probs = log_probabilities_to_original(log_probs, pre.properties, self.model.plans, self.config,
                                                   sigmoid=self.labels.has_regions)

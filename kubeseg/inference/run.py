@@ -105,7 +105,8 @@ def resolve_model(model_dir: str | Path, configurations: Optional[Sequence[str]]
     return ModelChoice(chosen, list(folds) if folds else None, rule)
 
 
-def _previous_stage_folder(folder: Path, previous: str) -> Path:
+def previous_stage_folder(folder: Path, previous: str) -> Path:
+    """The model folder of a cascade stage's first stage (a sibling folder)."""
     parsed = parse_model_folder_name(folder)
     if parsed is not None:
         sibling = folder.parent / str(parsed.with_configuration(previous))
@@ -124,7 +125,7 @@ def build_predictors(choice: ModelChoice, settings: PredictSettings) -> list[Pre
         model = load_trained_model(folder, choice.folds)
         previous = None
         if model.previous_stage is not None:
-            previous = Predictor(load_trained_model(_previous_stage_folder(folder, model.previous_stage),
+            previous = Predictor(load_trained_model(previous_stage_folder(folder, model.previous_stage),
                                                     choice.folds), settings)
         predictors.append(Predictor(model, settings, previous))
     return predictors

@@ -54,8 +54,11 @@ class SlidingWindowSettings:
     batch_size: int = 8
     results_on_device: bool = True
     accumulator: str = "float16"
+    autocast: str = "float16"  # the CUDA autocast dtype: float16 (nnU-Net's) or bfloat16
 
     def __post_init__(self) -> None:
+        if self.autocast not in ("float16", "bfloat16"):
+            raise ValueError(f"autocast must be float16 or bfloat16, got {self.autocast!r}")
         if self.accumulator not in ACCUMULATORS:
             raise ValueError(f"accumulator must be one of {sorted(ACCUMULATORS)}, got {self.accumulator!r}")
         if not 0 < self.step <= 1:
@@ -153,9 +156,11 @@ def _mirrored_forward(network: torch.nn.Module, x: torch.Tensor, combos: list[tu
         out = out.float()
         for j, c in enumerate(group):
             part = out[j * x.shape[0]:(j + 1) * x.shape[0]]
-            part = torch.flip(part, c) if c else part
-            total = part.clone() if total is None else total.add_(part)
-    return total / len(combos) if len(combos) > 1 else total
+            if total is None:  # the first (unflipped) output becomes the sum: no copy
+                total = torch.flip(part, c) if c else part
+            else:  # flip and add in one pass, no flipped temporary
+                total.add_(torch.flip(part, c) if c else part)
+    return total.div_(len(combos)) if len(combos) > 1 else total
 
 
 def _run(network, data: torch.Tensor, patch_size, num_classes: int, device: torch.device, results_device,
@@ -167,7 +172,8 @@ def _run(network, data: torch.Tensor, patch_size, num_classes: int, device: torc
     weights = tile_weights(tuple(int(p) for p in patch_size), dtype, settings.use_gaussian).to(results_device)
     combos = mirror_combinations(settings.mirror_axes)
     tiles_per_call = max(1, settings.batch_size // len(combos))
-    autocast = torch.autocast(device.type) if device.type == "cuda" else _null()
+    autocast = torch.autocast(device.type, dtype=getattr(torch, settings.autocast)) if device.type == "cuda" \
+        else _null()
     with autocast:
         for i in range(0, len(slicers), tiles_per_call):
             group = slicers[i:i + tiles_per_call]
@@ -193,8 +199,11 @@ class _null:
 def predict_logits(network: torch.nn.Module, data: np.ndarray | torch.Tensor, patch_size: Sequence[int],
                    num_classes: int, device: torch.device = torch.device("cpu"),
                    settings: SlidingWindowSettings = SlidingWindowSettings(),
-                   on_tiles: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+                   on_tiles: Optional[Callable[[int], None]] = None, keep_on_device: bool = False) -> torch.Tensor:
     """Logits ``(num_classes, *spatial)`` (accumulator dtype, on the CPU) of one preprocessed case ``(C, *spatial)``.
+
+    ``keep_on_device``: return them where they were accumulated (the GPU, unless it ran out of
+    memory), so that softmax and resampling run there too.
 
     The network must be in eval mode with deep supervision off and already on ``device``.
     ``on_tiles(n)`` is called after every forward call with the number of tiles done (progress).
@@ -221,4 +230,5 @@ def predict_logits(network: torch.nn.Module, data: np.ndarray | torch.Tensor, pa
         logits = _run(network, data, patch_size, num_classes, device, torch.device("cpu"), settings, slicers,
                       on_tiles)
     crop = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, spatial))
-    return logits[(slice(None), *crop)].cpu()
+    logits = logits[(slice(None), *crop)]
+    return logits if keep_on_device else logits.cpu()

@@ -16,6 +16,8 @@ from scipy import ndimage
 
 from kubeseg.anisotropy import ANISOTROPY_THRESHOLD  # noqa: E402 - the one owner
 
+TIE_TOLERANCE = 1e-4  # label scores closer than this count as a tie (float32 interpolation weights)
+
 
 def compute_new_shape(old_shape, old_spacing, new_spacing) -> tuple[int, ...]:
     """Voxel counts that keep the physical extent when going from ``old_spacing`` to ``new_spacing``."""
@@ -89,6 +91,8 @@ def _resample_labels(labels: np.ndarray, shape, order: int, keep_axis: int | Non
     if len(values) == 1:
         return np.full(shape, values[0], dtype=labels.dtype)
     nearest = _zoom(labels, shape, 0, keep_axis)
+    if order in (0, 1):
+        return _resample_labels_torch(labels, values, nearest, shape, order, keep_axis)
     best = np.full(shape, -np.inf, dtype=np.float32)
     winner = np.zeros(shape, dtype=labels.dtype)
     nearest_score = np.full(shape, -np.inf, dtype=np.float32)
@@ -101,6 +105,30 @@ def _resample_labels(labels: np.ndarray, shape, order: int, keep_axis: int | Non
         nearest_score[is_nearest] = score[is_nearest]
     winner[nearest_score == best] = nearest[nearest_score == best]
     return winner
+
+
+def _resample_labels_torch(labels: np.ndarray, values: np.ndarray, nearest: np.ndarray, shape, order: int,
+                           keep_axis: int | None) -> np.ndarray:
+    """:func:`_resample_labels` for linear (or nearest) orders: every label's indicator in one torch
+    interpolation call (the per-label scipy loop was the slow part of preprocessing), the same
+    winner rule (the first label of the highest score, ties to the nearest-neighbour label)."""
+    import torch
+    index = torch.from_numpy(np.searchsorted(values, labels).astype(np.int64))
+    onehot = torch.zeros((len(values), *labels.shape), dtype=torch.float32)
+    onehot.scatter_(0, index[None], 1.0)
+    del index
+    if keep_axis is None:
+        scores = _interpolate(onehot[None], shape, order)[0]
+    else:  # in-plane only, with the kept axis as the batch
+        plane = [n for a, n in enumerate(shape) if a != keep_axis]
+        scores = _interpolate(onehot.movedim(keep_axis + 1, 0), plane, order).movedim(0, keep_axis + 1)
+    del onehot
+    best, winner = scores.max(0)  # the first maximal label, as the scipy loop's strict ">"
+    nearest_index = torch.from_numpy(np.searchsorted(values, nearest).astype(np.int64))
+    # float32 weights: a tie that is exact in float64 (two labels at 0.5) may come out 0.49999 vs 0.50001
+    tie = scores.gather(0, nearest_index[None])[0] >= best - TIE_TOLERANCE
+    winner = torch.where(tie, nearest_index, winner)
+    return values[winner.numpy()].astype(labels.dtype, copy=False)
 
 
 def resample_seg(seg: np.ndarray, shape, current_spacing, new_spacing, order: int = 1, order_z: int = 0,
@@ -119,3 +147,67 @@ def resample_seg(seg: np.ndarray, shape, current_spacing, new_spacing, order: in
         plane = _resample_labels(labels, in_plane, order, keep_axis=axis)
         out.append(plane if shape[axis] == labels.shape[axis] else _zoom(plane, shape, 0))
     return np.stack(out)
+
+
+# -- torch path for the (log-)probabilities: linear in-plane, nearest or linear along the coarse axis --
+
+def _nearest_indices(n_in: int, n_out: int):
+    """The source voxel of each output voxel in an order-0 zoom from ``n_in`` to ``n_out`` voxels.
+
+    Taken from scipy's own zoom of ``arange(n_in)`` so that the torch path picks exactly the
+    voxels :func:`_zoom` picks (rounding at exact halves included).
+    """
+    import torch
+    picked = ndimage.zoom(np.arange(n_in, dtype=np.float64), n_out / n_in, order=0, mode="nearest", grid_mode=True)
+    if len(picked) != n_out:  # the zoom rounds its output length; never seen, but cheap to be sure
+        picked = np.clip(np.floor((np.arange(n_out) + 0.5) * n_in / n_out), 0, n_in - 1)
+    return torch.from_numpy(picked.astype(np.int64))
+
+
+def _interpolate(x, size, order: int):
+    """``x`` (N, C, *spatial) to ``size``: order 0 as scipy's zoom picks, order 1 (bi/tri)linear,
+    ``align_corners=False`` with edges held (the same grid convention as :func:`_zoom`)."""
+    import torch
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    if order == 1:
+        mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(size)]
+        return torch.nn.functional.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+    for axis, (n_in, n_out) in enumerate(zip(x.shape[2:], size)):
+        if n_in != n_out:
+            x = x.index_select(axis + 2, _nearest_indices(n_in, n_out).to(x.device))
+    return x
+
+
+def torch_resampling_supported(order: int, order_z: int) -> bool:
+    """The orders :func:`resample_probabilities_torch` handles (nnU-Net's probability defaults: 1 and 0)."""
+    return order in (0, 1) and order_z in (0, 1)
+
+
+def resample_probabilities_torch(data, shape, current_spacing, new_spacing, order: int = 1, order_z: int = 0,
+                                 axis: int | None | str = AUTO):
+    """Resample float ``data`` (C, *spatial) torch tensor to ``shape`` on its own device, float32 out.
+
+    The same result as :func:`resample_image` with these orders (up to float32 rounding; the
+    scipy path computes in float64), at a fraction of the time: one interpolation call over all
+    channels instead of one scipy zoom per channel and slice. This is the fast path nnU-Net's
+    maintainers point to for exporting predictions; spline orders (>1) are not supported here.
+    """
+    import torch
+    if not torch_resampling_supported(order, order_z):
+        raise ValueError(f"torch resampling supports orders 0 and 1, got order={order}, order_z={order_z}")
+    data = data.float()
+    shape = tuple(int(s) for s in shape)
+    if tuple(data.shape[1:]) == shape:
+        return data
+    axis = separate_axis(current_spacing, new_spacing) if axis == AUTO else axis
+    if axis is None:
+        return _interpolate(data[None], shape, order)[0]
+    # in-plane, with the coarse axis as the batch: (slices, C, *plane)
+    plane = [s for a, s in enumerate(shape) if a != axis]
+    x = data.movedim(axis + 1, 0)
+    x = _interpolate(x, plane, order)
+    x = x.movedim(0, axis + 1)
+    if shape[axis] != data.shape[axis + 1]:
+        x = _interpolate(x[None], shape, order_z)[0]
+    return x.contiguous()

@@ -94,15 +94,20 @@ class Resampler:
     def resamples(self) -> bool:
         return self.name != NO_RESAMPLING
 
+    def axis_for(self, current_spacing, new_spacing) -> int | None:
+        """The axis this entry resamples on its own (None: all axes together)."""
+        kw = self.kwargs
+        threshold = float(kw.get("separate_z_anisotropy_threshold", resampling.ANISOTROPY_THRESHOLD))
+        # the functions' own defaults differ: resample_data_or_seg_to_shape never separates unless told
+        force = kw.get("force_separate_z", False if self.name == DEFAULT_FUNCTION else None)
+        return separate_axis(force, current_spacing, new_spacing, threshold)
+
     def __call__(self, array: np.ndarray, shape, current_spacing, new_spacing) -> np.ndarray:
         """Resample ``array`` (C, *spatial) to ``shape``; spacings in the same (transposed) axis order."""
         if self.name == NO_RESAMPLING:
             return array
         kw = self.kwargs
-        threshold = float(kw.get("separate_z_anisotropy_threshold", resampling.ANISOTROPY_THRESHOLD))
-        # the functions' own defaults differ: resample_data_or_seg_to_shape never separates unless told
-        force = kw.get("force_separate_z", False if self.name == DEFAULT_FUNCTION else None)
-        axis = separate_axis(force, current_spacing, new_spacing, threshold)
+        axis = self.axis_for(current_spacing, new_spacing)
         shape = tuple(int(s) for s in shape)
         if self.name == TORCH_FUNCTION:
             return resample_torch(array, shape, axis, is_seg=self.is_seg, mode=kw.get("mode", "linear"),

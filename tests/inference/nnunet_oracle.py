@@ -8,9 +8,9 @@ folders ``WORK/nnunet/results/Dataset987_Oracle/nnUNetTrainer__<plans>__<config>
 network, randomly initialised with a fixed seed per fold, saved in nnU-Net's checkpoint format
 (numpy scalars in ``logging``, a ``torch.device`` in ``init_args``).
 
-``predict JOBS.json``: for each job ``{model_dir, out, images, folds, tta[, probabilities]}``,
-nnUNetPredictor on the CPU (no multiprocessing), probabilities saved, and ``out/timings.json``
-with the seconds and peak resident memory of each case. One process for all jobs: nnunetv2 is
+``predict JOBS.json``: for each job ``{model_dir, out, images, folds, tta[, probabilities, repeats, device]}``,
+nnUNetPredictor on the job's device (default CPU; no multiprocessing), probabilities saved, and ``out/timings.json``
+with the seconds, CPU seconds and peak resident memory of each case (and repetition). One process for all jobs: nnunetv2 is
 imported once.
 
     python -m tests.inference.nnunet_oracle make-model RAW WORK --configs 3d_fullres 2d --folds 0 1
@@ -59,6 +59,13 @@ class PeakRSS:
         self._thread.join()
         self.peak = max(self.peak, self._rss())
         return False
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads) so far."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _env(work: Path) -> Path:
@@ -152,22 +159,27 @@ def predict(a) -> int:
     jobs = json.loads(Path(a.jobs).read_text())
     for job in jobs:
         with contextlib.redirect_stdout(io.StringIO()):
+            device = torch.device(job.get("device", "cpu"))
             predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=job["tta"],
-                                        perform_everything_on_device=False, device=torch.device("cpu"),
+                                        perform_everything_on_device=device.type == "cuda", device=device,
                                         verbose=False, verbose_preprocessing=False, allow_tqdm=False)
             predictor.initialize_from_trained_model_folder(job["model_dir"], use_folds=[int(f) for f in job["folds"]])
         out = Path(job["out"])
         out.mkdir(parents=True, exist_ok=True)
         timings = []
-        for image in job["images"]:
-            case = Path(image).name[: -len("_0000.nii.gz")]
-            with PeakRSS() as mem, contextlib.redirect_stdout(io.StringIO()):
-                t = time.perf_counter()
-                predictor.predict_from_files_sequential([[image]], [str(out / case)],
-                                                        save_probabilities=job.get("probabilities", True),
-                                                        overwrite=True)
-                seconds = time.perf_counter() - t
-            timings.append({"case": case, "seconds": seconds, "peak_rss_mib": mem.peak})
+        for repeat in range(int(job.get("repeats", 1))):
+            for image in job["images"]:
+                case = Path(image).name[: -len("_0000.nii.gz")]
+                with PeakRSS() as mem, contextlib.redirect_stdout(io.StringIO()):
+                    t, cpu = time.perf_counter(), _cpu_seconds()
+                    predictor.predict_from_files_sequential([[image]], [str(out / case)],
+                                                            save_probabilities=job.get("probabilities", True),
+                                                            overwrite=True)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    seconds, cpu = time.perf_counter() - t, _cpu_seconds() - cpu
+                timings.append({"case": case, "repeat": repeat, "seconds": seconds, "cpu_seconds": cpu,
+                                "peak_rss_mib": mem.peak})
         (out / "timings.json").write_text(json.dumps(timings, indent=1))
     return 0
 

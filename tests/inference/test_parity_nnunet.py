@@ -30,8 +30,6 @@ voxel whose two best classes are within that of each other may flip.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +39,8 @@ import SimpleITK as sitk
 from kubeseg.inference.predictor import PredictSettings
 from kubeseg.inference.run import predict
 from kubeseg.synth import SynthSettings, synthesize
+from tests.oracle import run_oracle
 
-REPO = Path(__file__).resolve().parents[2]
 AGREEMENT = 0.999
 PROB_BOUND = 2e-3
 
@@ -56,14 +54,11 @@ SCENARIOS = {  # name: (configuration, folds, tta, fold_average)
 
 
 def _oracle(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "tests.inference.nnunet_oracle", *args], cwd=REPO,
-                          capture_output=True, text=True, encoding="utf-8", errors="replace")
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_oracle("-m", "tests.inference.nnunet_oracle", *args)
 
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
-    pytest.importorskip("nnunetv2")
     root = tmp_path_factory.mktemp("parity")
     raw = synthesize(root / "raw", SynthSettings(kind="ct", num_cases=3, shape=(16, 32, 32), num_test_cases=1,
                                                  seed=0, oblique=True))

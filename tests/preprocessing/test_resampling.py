@@ -64,3 +64,58 @@ def test_upsampling_a_label_blob_keeps_its_volume():
     seg[0, 5:15, 6:14, 4:16] = 1
     out = resample_seg(seg, (40, 40, 40), (1, 1, 1), (0.5, 0.5, 0.5))
     assert abs((out == 1).sum() / 8 - (seg == 1).sum()) / (seg == 1).sum() < 0.05
+
+
+# -- the torch paths (logits of the predictor, label maps of preprocessing) against scipy ----------
+
+@pytest.mark.parametrize("shape,target,current,new", [
+    ((3, 20, 33, 41), (20, 50, 61), (3, 0.7, 0.7), (3, 1.0, 1.0)),   # in-plane only
+    ((3, 20, 33, 41), (57, 50, 61), (5.0, 0.7, 0.8), (1, 1, 1)),     # coarse axis separate, nearest along it
+    ((2, 20, 33, 41), (13, 27, 30), (1, 1, 1), (1.5, 1.2, 1.3)),     # isotropic, downsampling
+    ((2, 30, 33, 11), (31, 44, 29), (1, 1, 4.0), (1, 1, 1)),         # coarse axis last
+])
+def test_torch_probability_resampling_matches_scipy(shape, target, current, new):
+    import torch
+    from kubeseg.preprocessing.resampling import resample_image, resample_probabilities_torch
+    data = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    for order, order_z in ((1, 0), (1, 1), (0, 0)):
+        ref = resample_image(data, target, current, new, order, order_z)
+        ours = resample_probabilities_torch(torch.from_numpy(data), target, current, new, order, order_z).numpy()
+        assert ours.shape == ref.shape
+        assert np.abs(ours - ref).max() < (1e-4 if order else 1e-12)  # float32 weights vs scipy's float64
+
+
+def test_torch_label_resampling_matches_the_scipy_loop(monkeypatch):
+    from scipy import ndimage
+    from kubeseg.preprocessing import resampling
+    rng = np.random.default_rng(1)
+    blocks = rng.integers(-1, 4, size=(6, 8, 8))
+    for shape, target, current, new in (((40, 63, 71), (33, 57, 60), (1, 1, 1), (1.2, 1.1, 1.2)),
+                                        ((20, 33, 41), (57, 50, 61), (5.0, 0.7, 0.8), (1, 1, 1))):
+        seg = ndimage.zoom(blocks, [a / b for a, b in zip(shape, blocks.shape)], order=0).astype(np.int16)[None]
+        ours = resampling.resample_seg(seg, target, current, new)
+        with monkeypatch.context() as m:  # order 1 through the per-label scipy loop
+            m.setattr(resampling, "_resample_labels_torch", None)
+            m.setattr(resampling, "_resample_labels", _scipy_loop(resampling))
+            ref = resampling.resample_seg(seg, target, current, new)
+        assert ours.dtype == ref.dtype and ours.shape == ref.shape
+        assert set(np.unique(ours)) <= set(np.unique(seg))
+        assert (ours == ref).mean() >= 0.99999
+
+
+def _scipy_loop(resampling):
+    def loop(labels, shape, order, keep_axis=None):
+        values = np.unique(labels)
+        nearest = resampling._zoom(labels, shape, 0, keep_axis)
+        best = np.full(shape, -np.inf, dtype=np.float32)
+        winner = np.zeros(shape, dtype=labels.dtype)
+        nearest_score = np.full(shape, -np.inf, dtype=np.float32)
+        for value in values:
+            score = resampling._zoom((labels == value).astype(np.float32), shape, order, keep_axis)
+            better = score > best
+            winner[better] = value
+            best[better] = score[better]
+            nearest_score[nearest == value] = score[nearest == value]
+        winner[nearest_score == best] = nearest[nearest_score == best]
+        return winner
+    return loop

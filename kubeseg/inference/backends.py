@@ -1,0 +1,277 @@
+"""Inference backends: the same sliding window on torch, ONNX Runtime or OpenVINO.
+
+A backend is a callable ``network(x: torch.Tensor (N, C, *patch)) -> torch.Tensor (N, classes, *patch)``
+(float32 logits); :func:`~kubeseg.inference.sliding_window.predict_logits` cannot tell them apart.
+
+ONNX files: ``kubeseg export-onnx`` writes ``<model folder>/fold_<N>/network.onnx`` per fold, with
+the input shape of the configuration's patch and a dynamic batch axis, and the sha256 of the
+checkpoint it came from in the model's metadata. A predictor with an ONNX backend uses that file
+when its checksum matches the checkpoint; otherwise (no file, stale file) it exports the fold to
+a temporary file first (seconds, in a child process: torch's exporter holds the GIL, and a
+service must keep answering health checks while it loads a model), so any model folder or bundle
+works with any backend, and a downloaded (checksummed) bundle is never written to.
+
+Why: on a CPU the same network runs in roughly half the CPU time under ONNX Runtime and about a
+third under OpenVINO than in eager torch, which allocates every activation afresh (page faults:
+a third of torch's CPU time goes to the kernel). OpenVINO is asked for float32 inference: on
+CPUs with bfloat16 units it would otherwise choose bfloat16 and the answer would drift; even so
+its float32 kernels differ from torch's by up to ~1e-3 in the logits, enough to flip about 0.25 %
+of the voxels of a random-weight benchmark model whose classes compete everywhere (ONNX Runtime:
+~1e-4 and 0.03 %).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from kubeseg.errors import KubesegError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnxruntime", "openvino")
+ONNX_NAME = "network.onnx"
+CHECKSUM_KEY = "kubeseg.checkpoint_sha256"
+OPSET = 17
+
+Network = Callable[[torch.Tensor], torch.Tensor]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto``: on a CPU the fastest installed runtime that keeps parity, on a GPU torch
+    (autocast, accumulation on the device). Any other name is returned as given.
+
+    Measured by benchmarks/predict.py (README): OpenVINO is the fastest on a CPU but agrees with
+    torch on only about 99.75 % of voxels of the benchmark's model (below the 99.9 % bar), so
+    ``auto`` picks ONNX Runtime (99.95 %+); OpenVINO stays available by name."""
+    if backend != "auto":
+        return backend
+    if device.type == "cpu" and _has("onnx") and _has("onnxruntime"):
+        return "onnxruntime"
+    return "torch"
+
+
+def check_backend(backend: str) -> None:
+    """Refuse an unknown backend, or one whose runtime is not installed, naming what to install."""
+    if backend not in BACKENDS:
+        raise KubesegError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return
+    modules = {"onnxruntime": ("onnx", "onnxruntime"), "openvino": ("onnx", "openvino")}[backend]
+    for module in modules:
+        try:
+            __import__(module)
+        except ImportError:
+            raise KubesegError(f"backend {backend!r} needs the Python package {module!r}, which is not installed "
+                               f"(pip install 'kubeseg[onnx]')") from None
+
+
+def export_onnx(network: torch.nn.Module, in_channels: int, patch_size: Sequence[int], path: Path,
+                checkpoint_sha256: str = "") -> Path:
+    """Write ``network`` (eval mode, deep supervision off, on the CPU) as ONNX: input ``(batch, C, *patch)``.
+
+    Written to a temporary name and renamed, so a reader never sees half a file.
+    """
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros((1, in_channels, *[int(p) for p in patch_size]), dtype=torch.float32)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and instance-norm notices
+        torch.onnx.export(network.cpu().eval(), (example,), str(tmp), input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=OPSET,
+                          dynamo=False)
+    model = onnx.load(str(tmp))
+    if checkpoint_sha256:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = CHECKSUM_KEY, checkpoint_sha256
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def onnx_checksum(path: Path) -> str:
+    """The checkpoint checksum recorded in an exported model ('' if none)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((p.value for p in model.metadata_props if p.key == CHECKSUM_KEY), "")
+
+
+class OnnxRuntimeNetwork:
+    """An ONNX model under ONNX Runtime's CPU (or CUDA, if that build is installed) provider."""
+
+    def __init__(self, path: Path, num_threads: int, device: torch.device):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = num_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {"input": np.ascontiguousarray(x.detach().cpu().float().numpy())})[0]
+        return torch.from_numpy(out)
+
+
+class OpenVINONetwork:
+    """An ONNX model compiled by OpenVINO for the CPU, float32 inference precision."""
+
+    def __init__(self, path: Path, num_threads: int):
+        import openvino as ov
+
+        core = ov.Core()
+        self.compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": num_threads,
+                                                               "INFERENCE_PRECISION_HINT": "f32",
+                                                               "PERFORMANCE_HINT": "LATENCY"})
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.request.infer({0: np.ascontiguousarray(x.detach().cpu().float().numpy())})
+        return torch.from_numpy(np.array(self.request.get_output_tensor(0).data, copy=True))
+
+
+def open_network(backend: str, path: Path, device: torch.device, num_threads: int | None = None) -> Network:
+    """The runner of one exported fold."""
+    threads = num_threads or torch.get_num_threads()
+    if backend == "onnxruntime":
+        return OnnxRuntimeNetwork(path, threads, device)
+    if backend == "openvino":
+        if device.type != "cpu":
+            raise KubesegError("the openvino backend runs on the CPU here; use --device cpu (or the torch backend)")
+        return OpenVINONetwork(path, threads)
+    raise KubesegError(f"backend {backend!r} does not run ONNX files")
+
+
+class FoldNetworks:
+    """One runner per fold of a model folder, from its ``network.onnx`` or exported on the fly."""
+
+    def __init__(self, backend: str, folder: Path, folds: Sequence[str], weights: Sequence[dict],
+                 network: torch.nn.Module, in_channels: int, patch_size: Sequence[int], device: torch.device,
+                 num_threads: int | None = None):
+        check_backend(backend)
+        self.runners: list[Network] = []
+        self._tmp = None
+        for fold, state in zip(folds, weights):
+            path = self._exported(folder, fold, state, network, in_channels, patch_size)
+            self.runners.append(open_network(backend, path, device, num_threads))
+        if self._tmp is not None:  # the runtimes hold the models in memory now
+            self._tmp.cleanup()
+
+    def _exported(self, folder: Path, fold: str, state: dict, network: torch.nn.Module, in_channels: int,
+                  patch_size: Sequence[int]) -> Path:
+        from kubeseg.inference.model import CHECKPOINT_NAME
+
+        checkpoint = folder / f"fold_{fold}" / CHECKPOINT_NAME
+        checksum = file_sha256(checkpoint) if checkpoint.is_file() else ""
+        saved = folder / f"fold_{fold}" / ONNX_NAME
+        if saved.is_file():
+            if checksum and onnx_checksum(saved) == checksum:
+                return saved
+            log.warning("%s was not exported from this fold's checkpoint; exporting it again (in a temporary "
+                        "folder)", saved)
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="kubeseg-onnx-")
+        target = Path(self._tmp.name) / f"fold_{fold}.onnx"
+        if checkpoint.is_file():  # in a child process: the exporter holds the GIL for seconds (a service's
+            return _export_in_subprocess(folder, fold, target)  # health checks must not wait on it)
+        network.load_state_dict(state)
+        return export_onnx(network, in_channels, patch_size, target, checksum)
+
+
+def _export_in_subprocess(folder: Path, fold: str, target: Path) -> Path:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "kubeseg.inference.backends", str(folder), str(fold), str(target)],
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=1800)
+    if done.returncode != 0 or not target.is_file():
+        raise KubesegError(f"ONNX export of {folder} fold {fold} failed: {done.stderr[-2000:]}")
+    return target
+
+
+def _export_one(folder: Path, fold: str, target: Path) -> Path:
+    """One fold of a model folder to ``target`` (the child process of :func:`_export_in_subprocess`)."""
+    from kubeseg.inference.model import CHECKPOINT_NAME, load_trained_model
+    from kubeseg.training.plans import num_input_channels
+
+    model = load_trained_model(folder, [fold])
+    network = model.build_network(torch.device("cpu"))
+    return export_onnx(network, num_input_channels(model.view, model.labels),
+                       [int(p) for p in model.config["patch_size"]], target,
+                       file_sha256(Path(folder) / f"fold_{fold}" / CHECKPOINT_NAME))
+
+
+def export_model_folder(folder: Path, folds: Sequence[str] | None = None) -> list[Path]:
+    """Write ``fold_<N>/network.onnx`` for the folds of one trained-model folder (all finished folds by default)."""
+    from kubeseg.inference.model import CHECKPOINT_NAME, load_trained_model
+    from kubeseg.training.plans import num_input_channels
+
+    model = load_trained_model(folder, folds)
+    network = model.build_network(torch.device("cpu"))
+    in_channels = num_input_channels(model.view, model.labels)
+    patch = [int(p) for p in model.config["patch_size"]]
+    written = []
+    for fold, state in zip(model.folds, model.fold_weights):
+        network.load_state_dict(state)
+        checksum = file_sha256(Path(folder) / f"fold_{fold}" / CHECKPOINT_NAME)
+        written.append(export_onnx(network, in_channels, patch, Path(folder) / f"fold_{fold}" / ONNX_NAME, checksum))
+        log.info("exported %s fold %s -> %s", model.configuration, fold, written[-1])
+    return written
+
+
+def export_models(model_dir: Path, configurations: Sequence[str] | None = None,
+                  folds: Sequence[str] | None = None) -> list[Path]:
+    """``kubeseg export-onnx``: every configuration × fold that ``kubeseg predict -m model_dir`` would run
+    (a bundle's members and their cascade first stages, a model folder, ...), as ONNX files."""
+    from kubeseg.inference.model import load_trained_model
+    from kubeseg.inference.run import previous_stage_folder, resolve_model
+
+    check_backend("onnxruntime" if _has("onnxruntime") else "openvino")
+    choice = resolve_model(model_dir, configurations, folds)
+    folders: list[Path] = []
+    for member in choice.members:
+        folders.append(member)
+        previous = load_trained_model(member, choice.folds).previous_stage
+        if previous is not None:
+            folders.append(previous_stage_folder(member, previous))
+    written = []
+    for folder in dict.fromkeys(folders):
+        written += export_model_folder(folder, choice.folds)
+    return written
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except ImportError:
+        return False
+
+
+if __name__ == "__main__":  # python -m kubeseg.inference.backends FOLDER FOLD TARGET
+    import sys
+
+    torch.set_num_threads(1)
+    _export_one(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]))

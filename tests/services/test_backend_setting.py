@@ -1,0 +1,26 @@
+"""KUBESEG_BACKEND: the service's network runtime, auto by default (ONNX Runtime on a CPU, torch on a GPU)."""
+
+import pytest
+import torch
+
+from kubeseg.inference.backends import resolve_backend
+from services.settings import ServiceSettings, SettingsError
+
+
+def test_backend_from_env_and_refused_when_unknown(monkeypatch):
+    monkeypatch.setenv("KUBESEG_MODEL_NAME", "liver")
+    monkeypatch.delenv("KUBESEG_MODEL_BUNDLE", raising=False)
+    monkeypatch.delenv("KUBESEG_BACKEND", raising=False)
+    assert ServiceSettings.from_env().backend == "auto"
+    monkeypatch.setenv("KUBESEG_BACKEND", "openvino")
+    assert ServiceSettings.from_env().backend == "openvino"
+    monkeypatch.setenv("KUBESEG_BACKEND", "tensorrt")
+    with pytest.raises(SettingsError, match="KUBESEG_BACKEND"):
+        ServiceSettings.from_env()
+
+
+def test_auto_is_onnxruntime_on_a_cpu_and_torch_on_a_gpu():
+    pytest.importorskip("onnxruntime")
+    assert resolve_backend("auto", torch.device("cpu")) == "onnxruntime"
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "torch"
+    assert resolve_backend("openvino", torch.device("cpu")) == "openvino"
