@@ -28,7 +28,7 @@ $(VENV)/.demo: $(VENV)/.base pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base pyproject.toml constraints.txt
-	$(PIP) install -q -c constraints.txt -e '.[test,pipelines,registry,serving,deploy]'
+	$(PIP) install -q -c constraints.txt -e '.[test,pipelines,registry,serving,deploy,onnx]'
 	touch $@
 
 $(ORACLE_VENV)/.oracle: oracle-requirements.txt constraints.txt
