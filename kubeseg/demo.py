@@ -39,6 +39,7 @@ class DemoSettings:
 def run_demo(out_dir: str | Path, s: DemoSettings = DemoSettings()) -> dict:
     """Run every step into ``out_dir``; a rerun reuses finished steps (training resumes). Returns a summary."""
     from kubeseg.bundle import make_bundle
+    from kubeseg.model_folder import model_folder_name
     from kubeseg.inference import PredictSettings, predict
     from kubeseg.selection import select_model
     from kubeseg.training.trainer import TrainSettings, train_fold
@@ -64,7 +65,7 @@ def run_demo(out_dir: str | Path, s: DemoSettings = DemoSettings()) -> dict:
     preprocess_dataset(raw, plans, s.configuration, pre, fp_path, s.num_workers)
     step(3, f"preprocessed {s.configuration}: {pre}")
 
-    model = out / "models" / f"nnUNetTrainer__{plans['plans_name']}__{s.configuration}"
+    model = out / "models" / model_folder_name(plans, s.configuration)
     fold_dir = train_fold(pre, pre / "plans.json", s.configuration, 0, model,
                           TrainSettings(device=s.device, schedule=s.schedule, num_workers=s.num_workers,
                                         validation_mirroring=False, log_to_console=False))
