@@ -22,6 +22,7 @@ from typing import Callable
 from kfp import dsl
 
 from components import steps
+from pipelines.secrets import PodSecrets, with_mlflow_credentials
 from pipelines.training import BuildOptions, RunKnobs, preprocess_task, selection_tail, training_waves
 
 PIPELINE_NAME = "kubeseg-retraining"
@@ -30,7 +31,7 @@ PIPELINE_NAME = "kubeseg-retraining"
 def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = True,
                               s3_secret: str = "") -> Callable:
     """The retraining pipeline function; compile-time choices as :func:`pipelines.training.build_pipeline`."""
-    o = BuildOptions(parallelism, retries, resources, s3_secret)
+    o = BuildOptions(parallelism, retries, resources, s3_secret, PodSecrets.from_env() if resources else None)
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="kubeseg retraining: add new labelled cases to the dataset, fine-tune from the "
@@ -61,6 +62,7 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
         closer = steps.close_run(mlflow_uri=mlflow_uri, experiment=experiment,
                                  pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
         closer.set_caching_options(False).set_display_name("close MLflow run")
+        with_mlflow_credentials(closer, o.secrets)
         with dsl.ExitHandler(closer, name="retraining"):
             raw = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset, reimport=False)
             raw.set_display_name("raw dataset")
@@ -72,6 +74,7 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
                                  schedule=schedule, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, kind="retraining",
                                  new_cases_uri=new_cases_uri, mode=mode)
             run.set_caching_options(False).set_display_name("open MLflow run")
+            with_mlflow_credentials(run, o.secrets)
 
             merged = steps.merge_cases(raw=raw.output, new_cases=new.output, num_workers=num_workers)
             # a drop folder keeps its URI while its cases change: never reuse an earlier merge
@@ -82,6 +85,7 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
                                             mode=mode, model_name=model_name, mlflow_uri=mlflow_uri,
                                             preset=planner_preset, configurations=configurations, folds=folds)
             planned.set_caching_options(False).set_display_name("plan (champion or new)")  # the champion moves
+            with_mlflow_credentials(planned, o.secrets)
             k = RunKnobs(planned.outputs["candidates"], schedule, device, gpu_type, gpu_count, train_cpu,
                          train_memory, num_workers, torch_threads, validation_tta, allow_ensembles, mlflow_uri,
                          experiment, model_name, checkpoint_uri, checkpoint_interval_s)
@@ -93,6 +97,7 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
                                      dataset=merged.outputs["merged"], holdout_uri=holdout_uri, tolerance=tolerance,
                                      device=device)
                 gate.set_caching_options(False).set_display_name("gated promotion")
+                with_mlflow_credentials(gate, o.secrets)
                 if o.resources:
                     gate.set_memory_limit(train_memory)
                 return gate

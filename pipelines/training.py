@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 from kfp import dsl
 
 from components import steps
+from pipelines.secrets import PodSecrets, with_mlflow_credentials, with_signing_key
 
 PIPELINE_NAME = "kubeseg-training"
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
@@ -65,6 +66,8 @@ class BuildOptions:
     retries: int = 2
     resources: bool = True
     s3_secret: str = ""
+    # MLflow account and registration key from Secrets (pipelines/secrets.py); cluster builds only
+    secrets: Optional[PodSecrets] = None
 
 
 def _train_task(pre, item, k: RunKnobs, o: BuildOptions, name: str, **inputs):
@@ -74,6 +77,7 @@ def _train_task(pre, item, k: RunKnobs, o: BuildOptions, name: str, **inputs):
                      checkpoint_uri=k.checkpoint_uri, checkpoint_interval_s=k.checkpoint_interval_s,
                      **{key: v for key, v in inputs.items() if v is not None})
     tr.set_display_name(name)
+    with_mlflow_credentials(tr, o.secrets)
     if o.s3_secret:
         from kfp import kubernetes
         kubernetes.use_secret_as_env(tr, o.s3_secret, {k_: k_ for k_ in S3_SECRET_KEYS}, optional=True)
@@ -91,6 +95,7 @@ def selection_tail(models, cascade_models, pre, fp, run, k: RunKnobs, o: BuildOp
     sel = steps.select(models=models, preprocessed=pre.outputs["preprocessed"], configurations=k.configurations,
                        allow_ensembles=k.allow_ensembles, tracking=run.outputs["tracking"], **inputs)
     sel.set_display_name("select")
+    with_mlflow_credentials(sel, o.secrets)
     if o.resources:
         sel.set_memory_limit(k.train_memory)
     bun = steps.bundle(selection=sel.outputs["selection"], fingerprint=fp.outputs["fingerprint"])
@@ -98,6 +103,7 @@ def selection_tail(models, cascade_models, pre, fp, run, k: RunKnobs, o: BuildOp
     reg = steps.register(bundle=bun.outputs["bundle"], model_name=k.model_name, tracking=run.outputs["tracking"],
                          pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
     reg.set_caching_options(False).set_display_name("register")
+    with_signing_key(with_mlflow_credentials(reg, o.secrets), o.secrets)
     return reg
 
 
@@ -134,7 +140,7 @@ def build_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = Tru
     GPU/CPU/memory requests from the run parameters. ``kfp.local`` ignores resource requests, and
     kfp 2.17's local orchestrator cannot resolve parameter-valued ones inside a ``ParallelFor``,
     so local runs build the pipeline with ``resources=False``; the graph is otherwise the same."""
-    o = BuildOptions(parallelism, retries, resources, s3_secret)
+    o = BuildOptions(parallelism, retries, resources, s3_secret, PodSecrets.from_env() if resources else None)
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="nnU-Net-style self-configuring segmentation: plan, preprocess, train every "
@@ -166,6 +172,7 @@ def build_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = Tru
         closer = steps.close_run(mlflow_uri=mlflow_uri, experiment=experiment,
                                  pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
         closer.set_caching_options(False).set_display_name("close MLflow run")
+        with_mlflow_credentials(closer, o.secrets)
         with dsl.ExitHandler(closer, name="training"):
             raw = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset, reimport=False)
             raw.set_display_name("raw dataset")
@@ -174,6 +181,7 @@ def build_pipeline(parallelism: int = 0, retries: int = 2, resources: bool = Tru
                                  dataset_uri=dataset_uri, configurations=configurations, folds=folds,
                                  schedule=schedule, pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
             run.set_caching_options(False).set_display_name("open MLflow run")
+            with_mlflow_credentials(run, o.secrets)
 
             fp, planned, pre = data_steps(raw.output, planner_preset, configurations, folds, k, o)
             training_waves(planned, pre, run, k, o,

@@ -218,3 +218,35 @@ def test_cli_run_local_arguments(monkeypatch, tmp_path, capsys):
     assert args["configurations"] == ["2d"] and args["schedule"] == "2x3x1" and args["planner_preset"] == "small"
     assert args["mlflow_uri"] == "sqlite:///mlflow.db" and seen["parallelism"] == 2
     assert "m version 7 (challenger)" in capsys.readouterr().out
+
+
+def test_cluster_pods_get_mlflow_credentials_and_only_register_the_signing_key(tmp_path, monkeypatch):
+    """On a cluster, MLflow runs with authentication and the service serves signed versions only:
+    every task that talks to MLflow gets the pipelines' account from a Secret, the register task
+    alone mounts the registration key (pipelines/secrets.py)."""
+    import yaml
+
+    from pipelines.secrets import SIGNING_MOUNT
+    from pipelines.training import compile_pipeline
+
+    monkeypatch.setenv("KUBESEG_MLFLOW_SECRET", "team-mlflow")
+    monkeypatch.setenv("KUBESEG_SIGNING_SECRET", "team-signing")
+    for pipeline, mlflow_tasks in (("training", {"open-run", "close-run", "train", "select", "register"}),
+                                   ("retraining", {"open-run", "close-run", "train", "select", "register",
+                                                   "plan-retraining", "promote"})):
+        out = tmp_path / f"{pipeline}.yaml"
+        compile_pipeline(str(out), pipeline=pipeline)
+        docs = list(yaml.safe_load_all(out.read_text()))
+        executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+        base = {name.removeprefix("exec-").rsplit("-", 1)[0] if name[-1].isdigit() else name.removeprefix("exec-"): v
+                for name, v in executors.items()}
+        assert mlflow_tasks <= set(base), (pipeline, sorted(base))
+        for name, spec in executors.items():
+            envs = {e["secretName"]: {k["envVar"] for k in e["keyToEnv"]} for e in spec.get("secretAsEnv", [])}
+            if any(name.removeprefix("exec-").startswith(t) for t in mlflow_tasks):
+                assert envs.get("team-mlflow") == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}, name
+            volumes = spec.get("secretAsVolume", [])
+            if name.removeprefix("exec-").startswith("register"):
+                assert [(v["secretName"], v["mountPath"]) for v in volumes] == [("team-signing", SIGNING_MOUNT)]
+            else:
+                assert volumes == [], f"{name} must not see the registration key"
