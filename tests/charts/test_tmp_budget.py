@@ -31,6 +31,9 @@ def test_tmp_size_limit_covers_the_request_budget(values):
     container = next(c for c in pod["containers"] if c["name"] == "segmentation") if any(
         c["name"] == "segmentation" for c in pod["containers"]) else pod["containers"][0]
     env = {k: str(v) for k, v in env_of(container).items() if isinstance(v, (str, int, float))}
+    # the Secret files auth and signatures name are mounted in the pod only (test_chart checks both
+    # are on by default); the request and /tmp budget is what this test reads
+    env.update(KUBESEG_AUTH="disabled", KUBESEG_MODEL_SIGNATURES="disabled")
     with mock.patch.dict(os.environ, {**env, "KUBESEG_MODEL_NAME": "m"}, clear=True):
         settings = ServiceSettings.from_env()  # the chart's values parse (no 2.1e+09 renderings)
     tmp = next(v for v in pod["volumes"] if v["name"] == "tmp")
