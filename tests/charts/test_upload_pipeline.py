@@ -108,6 +108,6 @@ def test_compiles_the_real_pipeline_for_the_given_image(upload, tmp_path, monkey
     out = tmp_path / "training.yaml"
     env = {"KUBESEG_IMAGE": "registry.example.org/kubeseg:test", "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", code, str(out)], check=True, cwd=CHART.parents[1], env=env, timeout=120)
-    spec = yaml.safe_load(out.read_text())
+    spec = next(yaml.safe_load_all(out.read_text()))  # the pipeline spec, then the platform (Secrets) spec
     images = {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values() if "container" in e}
     assert images == {"registry.example.org/kubeseg:test"}

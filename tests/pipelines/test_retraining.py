@@ -22,7 +22,7 @@ from pipelines.training import compile_pipeline  # noqa: E402
 def spec(tmp_path_factory):
     path = tmp_path_factory.mktemp("spec") / "retraining.yaml"
     compile_pipeline(str(path), parallelism=0, retries=2, pipeline="retraining")
-    return yaml.safe_load(path.read_text())
+    return next(yaml.safe_load_all(path.read_text()))  # the pipeline spec (a platform spec may follow)
 
 
 def _dag(spec, task):
@@ -69,7 +69,7 @@ def test_retraining_spec(spec):
 def test_cli_compile_retraining(tmp_path, capsys):
     assert main(["pipeline", "compile", "--pipeline", "retraining", "-o", str(tmp_path / "r.yaml")]) == 0
     assert "retraining pipeline spec written" in capsys.readouterr().out
-    assert yaml.safe_load((tmp_path / "r.yaml").read_text())["pipelineInfo"]["name"] == "kubeseg-retraining"
+    assert next(yaml.safe_load_all((tmp_path / "r.yaml").read_text()))["pipelineInfo"]["name"] == "kubeseg-retraining"
 
 
 class FakeClient:
