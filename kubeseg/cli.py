@@ -190,6 +190,7 @@ def cmd_pacs_segment(a) -> int:
                         a.series_uid, mapping, saliency=a.saliency, store=not a.no_store)
     print(f"study {a.study}: series {', '.join(res.fetched_series)} segmented; DICOM-SEG "
           f"{res.outputs.seg_series_uid} {'stored' if not a.no_store else 'written'}; outputs in {res.outputs.folder}")
+    return 0
 
 
 def cmd_export_onnx(a) -> int:
