@@ -110,9 +110,13 @@ def saliency_map(predictor: Predictor, data: np.ndarray, geometry: Geometry, seg
     window = tuple(slice(st, st + p) for st, p in zip(starts, patch))
     tensor = torch.from_numpy(np.ascontiguousarray(padded[(slice(None), *window)]))[None].to(predictor.device)
     class_index = list(predictor.labels.all_labels).index(label_value)
-    predictor._use_fold(0)  # the first fold's weights (a request may have left another fold loaded)
+    # a torch network of its own with the first fold's weights: the predictor's may be an ONNX
+    # runner (no gradients) or hold another fold, and other requests may be using it
+    network = model.build_network(predictor.device)
+    network.load_state_dict(model.fold_weights[0])
+    network.eval()
     cam_grid = np.zeros([s + q[0] for s, q in zip(shape, pad)], dtype=np.float32)
-    cam_grid[window] = gradcam_pp(predictor.network, tensor, class_index)
+    cam_grid[window] = gradcam_pp(network, tensor, class_index)
     cam_grid = cam_grid[tuple(slice(0, s) for s in shape)]
     heat = to_input_grid(cam_grid, pre.properties, plans, config)
     peak = float(heat.max())

@@ -114,15 +114,22 @@ def test_service_answers_dicom_seg_and_a_fhir_report(model, tmp_path):
             zf.write(f, f"study/{f.name}")
     study_zip = buf.getvalue()
     queue = tmp_path / "queue"
+    from services.auth import new_key
+
+    key, key_line = new_key("clinical-test")
+    # a bundle folder, not a registered version: signatures are the registry's (tests/services)
     env = {"KUBESEG_MODEL_BUNDLE": str(model["bundle"]), "KUBESEG_DEVICE": "cpu", "KUBESEG_TTA": "false",
            "KUBESEG_REVIEW_QUEUE_DIR": str(queue), "KUBESEG_QA_MIN_DICE": "0.99", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(Path.cwd())}
+           "KUBESEG_API_KEYS": key_line, "KUBESEG_MODEL_SIGNATURES": "disabled", "PYTHONPATH": str(Path.cwd())}
     with bentoml_server(tmp_path, env) as service:
         url = service.url
         files = [("images", ("study.zip", study_zip))]
-        nifti = requests.post(f"{url}/segment", files=files, timeout=300)
+        # the clinical endpoints are behind the service's authentication like every other door
+        assert requests.post(f"{url}/segment_report", files=files, timeout=60).status_code == 401
+        client = _Authorized(key)
+        nifti = client.post(f"{url}/segment", files=files, timeout=300)
         assert nifti.status_code == 200, nifti.text[:300]
-        r = requests.post(f"{url}/segment", files=files, headers={"Accept": "application/dicom"}, timeout=300)
+        r = client.post(f"{url}/segment", files=files, headers={"Accept": "application/dicom"}, timeout=300)
         assert r.status_code == 200 and r.headers["content-type"].startswith("application/dicom"), r.text[:300]
         (tmp_path / "seg.dcm").write_bytes(r.content)
         (tmp_path / "seg.nii.gz").write_bytes(nifti.content)
@@ -131,12 +138,12 @@ def test_service_answers_dicom_seg_and_a_fhir_report(model, tmp_path):
                                       sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "seg.nii.gz"))))
         # a NIfTI input cannot be answered with DICOM-SEG: 406 names why
         case = sorted((model["raw"] / "imagesTr").iterdir())[0]
-        r = requests.post(f"{url}/segment", files=[("images", (case.name, case.read_bytes()))],
+        r = client.post(f"{url}/segment", files=[("images", (case.name, case.read_bytes()))],
                           data={"output": "dicom-seg"}, timeout=300)
         assert r.status_code == 406 and "DICOM input" in r.text
         # FHIR report with a reference: Dice below the (raised) threshold flags the case for review
         reference = model["raw"] / "labelsTr" / case.name.replace("_0000", "")
-        r = requests.post(f"{url}/segment_report", files=[("images", (case.name, case.read_bytes())),
+        r = client.post(f"{url}/segment_report", files=[("images", (case.name, case.read_bytes())),
                                                           ("reference", (reference.name, reference.read_bytes()))],
                           timeout=300)
         assert r.status_code == 200, r.text[:300]
@@ -144,12 +151,27 @@ def test_service_answers_dicom_seg_and_a_fhir_report(model, tmp_path):
         codes = {e.resource.code.coding[0].code for e in bundle.entry[1:]
                  if e.resource.get_resource_type() == "Observation" and e.resource.code.coding}
         assert "low_dice" in codes and "review-needed" in codes
-        r = requests.post(f"{url}/segment_report", files=files, data={"saliency": "true"}, timeout=300)
+        r = client.post(f"{url}/segment_report", files=files, data={"saliency": "true"}, timeout=300)
         assert r.status_code == 200, r.text[:300]
         report = Bundle.model_validate(r.json()).entry[0].resource
         assert {a.contentType for a in report.presentedForm} == {"application/dicom", "application/gzip", "image/png"}
         assert report.subject.identifier.value == "PAT-42"
-        metrics = requests.get(f"{url}/metrics", timeout=10).text
+        metrics = client.get(f"{url}/metrics", timeout=10).text
         assert 'kubeseg_qa_flags_total{flag="low_dice"}' in metrics
     entries = [json.loads(line) for line in (queue / "queue.jsonl").read_text().splitlines()]
     assert any("low_dice" in {f["flag"] for f in e["qa"]["flags"]} for e in entries)
+
+
+class _Authorized:
+    """``requests`` with the service's API key on every call."""
+
+    def __init__(self, key: str):
+        self.headers = {"Authorization": f"Bearer {key}"}
+
+    def post(self, url, headers=None, **kw):
+        import requests as http
+        return http.post(url, headers={**self.headers, **(headers or {})}, **kw)
+
+    def get(self, url, headers=None, **kw):
+        import requests as http
+        return http.get(url, headers={**self.headers, **(headers or {})}, **kw)
