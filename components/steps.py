@@ -198,35 +198,27 @@ def train(preprocessed: Input[Dataset], configuration: str, fold: int, schedule:
 
     from kubeseg.jsonio import read_json
     from kubeseg.tracking import write_run_ref
-    from kubeseg.training.trainer import TrainSettings, train_fold
-    from kubeseg.workflow import fold_dice, model_folder_name, parse_schedule, task_inputs, training_checkpoints
+    from kubeseg.training.trainer import train_fold
+    from kubeseg.workflow import fold_dice, prepare_training_task
 
     pre = Path(preprocessed.path)
-    p = read_json(pre / "plans.json")
-    prev_dir, weights = task_inputs(pre, configuration, fold, previous_stage.path if previous_stage else None,
-                                    pretrained.path if pretrained else None)
     callbacks = []
     if mlflow_uri:
         from kubeseg.tracking import MlflowTrainingCallback
-        callbacks.append(MlflowTrainingCallback(mlflow_uri, experiment=experiment, plans=p))
-    out_dir = Path(model.path) / model_folder_name(p, configuration)
-    store = training_checkpoints(pre, configuration, fold, schedule, out_dir / f"fold_{fold}", checkpoint_uri,
-                                 checkpoint_interval_s, weights)
-    settings = TrainSettings(device=device, schedule=parse_schedule(schedule),
-                             callbacks=([store] if store else []) + callbacks,
-                             num_workers=None if num_workers < 0 else num_workers, deterministic_workers=True,
-                             torch_threads=torch_threads or None, progress_bar=False, log_to_console=False,
-                             validation_mirroring=validation_tta, previous_stage_dir=prev_dir,
-                             pretrained_weights=weights)
-    fold_dir = train_fold(pre, pre / "plans.json", configuration, fold, out_dir, settings)
+        callbacks.append(MlflowTrainingCallback(mlflow_uri, experiment=experiment, plans=read_json(pre / "plans.json")))
+    task = prepare_training_task(pre, configuration, fold, schedule, device, num_workers, torch_threads,
+                                 validation_tta, model.path, previous_stage.path if previous_stage else None,
+                                 pretrained.path if pretrained else None, checkpoint_uri, checkpoint_interval_s,
+                                 callbacks)
+    fold_dir = train_fold(pre, pre / "plans.json", configuration, fold, task.out_dir, task.settings)
     write_run_ref(Path(model.path) / "mlflow_run.json", mlflow_uri, callbacks[0].run_id if callbacks else "",
                   experiment)
     for label, dice in fold_dice(fold_dir).items():
         metrics.log_metric(f"{configuration}.fold{fold}.dice_{label}", dice)
     model.metadata.update({"configuration": configuration, "fold": fold,
-                           "checkpoint_upload_failures": store.failures if store else 0,
+                           "checkpoint_upload_failures": task.store.failures if task.store else 0,
                            "tracking": callbacks[0].report if callbacks else {},
-                           "pretrained": str(weights.relative_to(pretrained.path)) if weights else ""})
+                           "pretrained": str(task.weights.relative_to(pretrained.path)) if task.weights else ""})
 
 
 @component

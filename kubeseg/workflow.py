@@ -8,6 +8,7 @@ Nothing here knows about Kubeflow or MLflow: inputs and outputs are paths and pl
 from __future__ import annotations
 
 import base64
+from dataclasses import dataclass
 import html
 import math
 import shutil
@@ -357,3 +358,40 @@ def training_checkpoints(preprocessed_dir: str | Path, configuration: str, fold:
                                            "fold": str(fold)})
     return checkpoint_callback(CheckpointSettings(uri=uri, interval_s=interval_s, run_key=key), configuration,
                                fold, Path(fold_dir))
+
+
+@dataclass(frozen=True)
+class TrainingTask:
+    """One (configuration, fold) training task, ready to run: where it writes, its settings, its
+    durable checkpoint store (None when off) and its fine-tuning weights (None when none)."""
+
+    out_dir: Path
+    settings: object  # kubeseg.training.trainer.TrainSettings
+    store: object = None
+    weights: Optional[Path] = None
+
+
+def prepare_training_task(preprocessed_dir: str | Path, configuration: str, fold: int | str, schedule: str,
+                          device: str, num_workers: int, torch_threads: int, validation_tta: bool,
+                          out_root: str | Path, previous_stage_root: str | Path | None = None,
+                          pretrained_root: str | Path | None = None, checkpoint_uri: str = "",
+                          checkpoint_interval_s: float = 300.0, callbacks: Sequence = ()) -> TrainingTask:
+    """What the pipeline's train step runs, from its inputs: the model folder under ``out_root``,
+    the cascade input and fine-tuning weights (:func:`task_inputs`), the durable checkpoints
+    (:func:`training_checkpoints`, restored first into an empty fold folder) and the trainer's
+    settings (``num_workers`` < 0: the default; ``torch_threads`` 0: the default)."""
+    from kubeseg.training.trainer import TrainSettings
+
+    pre = Path(preprocessed_dir)
+    plans = read_json(pre / "plans.json")
+    prev_dir, weights = task_inputs(pre, configuration, fold, previous_stage_root, pretrained_root)
+    out_dir = Path(out_root) / model_folder_name(plans, configuration)
+    store = training_checkpoints(pre, configuration, fold, schedule, out_dir / f"fold_{fold}", checkpoint_uri,
+                                 checkpoint_interval_s, weights)
+    settings = TrainSettings(device=device, schedule=parse_schedule(schedule),
+                             callbacks=([store] if store else []) + list(callbacks),
+                             num_workers=None if num_workers < 0 else num_workers, deterministic_workers=True,
+                             torch_threads=torch_threads or None, progress_bar=False, log_to_console=False,
+                             validation_mirroring=validation_tta, previous_stage_dir=prev_dir,
+                             pretrained_weights=weights)
+    return TrainingTask(out_dir, settings, store, weights)
