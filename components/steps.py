@@ -311,9 +311,10 @@ def register(bundle: Input[Model], model_name: str, tracking: Input[Artifact], p
 
 @component
 def promote(model_name: str, version: str, tracking: Input[Artifact], dataset: Input[Dataset], holdout_uri: str,
-            tolerance: float, device: str) -> str:
+            tolerance: float, device: str, label_floor: float = 0.1) -> str:
     """Gated promotion of the new version to `champion`: CV foreground Dice within `tolerance` of
-    the champion's and a sanity prediction of the held-out images (`holdout_uri`, default the
+    the champion's, every label's CV Dice at least `label_floor`, and a sanity prediction of the
+    held-out images (`holdout_uri`, default the
     dataset's imagesTs). A refused gate is an outcome (returned as JSON, `promoted` false, with
     the reason), not a failure; the champion is then unchanged."""
     import json
@@ -325,5 +326,6 @@ def promote(model_name: str, version: str, tracking: Input[Artifact], dataset: I
     mlflow_uri = require_tracking_uri(read_run_ref(tracking.path)[0])
     holdout = holdout_uri or (str(Path(dataset.path) / "imagesTs") if (Path(dataset.path) / "imagesTs").is_dir()
                               else "")
-    outcome = gated_promotion(model_name, version, mlflow_uri, holdout, tolerance, device=device)
+    outcome = gated_promotion(model_name, version, mlflow_uri, holdout, tolerance, device=device,
+                              label_floor=label_floor)
     return json.dumps(outcome.to_json())

@@ -71,6 +71,7 @@ class RetrainRequest:
     allow_ensembles: bool = True
     experiment: str = "kubeseg"  # MLflow experiment
     tolerance: float = 0.02
+    label_floor: float = 0.1  # every label's CV Dice must reach it (kubeseg.registry.GateSettings)
     holdout: str = ""  # held-out images for the gate; "" = the dataset's imagesTs
     kfp_experiment: str = "kubeseg-retraining"
     namespace: Optional[str] = None
@@ -109,7 +110,8 @@ def pipeline_arguments(request: RetrainRequest, tracking_uri: Optional[str] = No
             "gpu_count": request.gpu_count, "train_cpu": request.train_cpu, "train_memory": request.train_memory,
             "num_workers": request.num_workers, "torch_threads": request.torch_threads,
             "validation_tta": request.validation_tta, "allow_ensembles": request.allow_ensembles,
-            "experiment": request.experiment, "tolerance": request.tolerance, "holdout_uri": request.holdout}
+            "experiment": request.experiment, "tolerance": request.tolerance, "label_floor": request.label_floor,
+            "holdout_uri": request.holdout}
 
 
 def _check(request: RetrainRequest) -> None:

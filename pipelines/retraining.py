@@ -56,6 +56,7 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
                    allow_ensembles: bool = True,
                    experiment: str = "kubeseg",
                    tolerance: float = 0.02,
+                   label_floor: float = 0.1,
                    holdout_uri: str = "",
                    checkpoint_uri: str = "",
                    checkpoint_interval_s: float = 300.0):
@@ -95,6 +96,7 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
                 reg = selection_tail(models, cascade_models, pre, fp, run, k, o)
                 gate = steps.promote(model_name=model_name, version=reg.output, tracking=run.outputs["tracking"],
                                      dataset=merged.outputs["merged"], holdout_uri=holdout_uri, tolerance=tolerance,
+                                     label_floor=label_floor,
                                      device=device)
                 gate.set_caching_options(False).set_display_name("gated promotion")
                 with_mlflow_credentials(gate, o.secrets)

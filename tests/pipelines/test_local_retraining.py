@@ -35,7 +35,8 @@ def champion(server, tmp_path_factory):
     root = tmp_path_factory.mktemp("champion")
     made = tiny_bundle(root)  # 3d_fullres fold 0 of the small preset's plans
     v = register_bundle(made["bundle"], NAME, server.uri, source_run="seed")
-    promote(NAME, v.version, GateSettings(tolerance=1.0, holdout=str(made["raw"] / "imagesTs"), device="cpu"),
+    promote(NAME, v.version, GateSettings(tolerance=1.0, holdout=str(made["raw"] / "imagesTs"), device="cpu",
+                                          label_floor=0.0),  # tiny model: the floor has its own tests
             server.uri)
     return {**made, "root": root, "version": v.version, "new": new_cases(root, cases=2)}
 
@@ -47,6 +48,7 @@ def finetuned(server, champion, tmp_path_factory):
     run = start_retraining(RetrainRequest(dataset=str(champion["raw"]), new_cases=str(champion["new"]),
                                           model_name=NAME, tracking_uri=server.uri, mode="finetune",
                                           schedule=q.pop("schedule"), work_dir=str(work), tolerance=1.0,
+                                          label_floor=0.0,  # a tiny model: the floor has its own tests
                                           reason="drift alert (test)", **q))
     deadline = time.time() + 1200
     while read_status(run)["state"] in ("starting", "running") and time.time() < deadline:

@@ -9,6 +9,8 @@ from services.settings import ServiceSettings, SettingsError
 
 def test_backend_from_env_and_refused_when_unknown(monkeypatch):
     monkeypatch.setenv("KUBESEG_MODEL_NAME", "liver")
+    monkeypatch.setenv("KUBESEG_AUTH", "disabled")  # the backend setting is the point here
+    monkeypatch.setenv("KUBESEG_MODEL_SIGNATURES", "disabled")
     monkeypatch.delenv("KUBESEG_MODEL_BUNDLE", raising=False)
     monkeypatch.delenv("KUBESEG_BACKEND", raising=False)
     assert ServiceSettings.from_env().backend == "auto"

@@ -74,7 +74,7 @@ def stack(tmp_path_factory):
     with mlflow_auth_server(root / "mlflow", ADMIN[1]) as mlflow:
         with as_user(ADMIN):
             bootstrap(NAME, WRITER, READER, mlflow.url)
-        gate = GateSettings(holdout=str(made["raw"] / "imagesTs"), device="cpu")
+        gate = GateSettings(holdout=str(made["raw"] / "imagesTs"), device="cpu", label_floor=0.0)  # tiny model
         with as_user(WRITER):
             register_bundle(made["bundle"], NAME, mlflow.url, signing_key=ours[0])
             promote(NAME, "1", gate, mlflow.url, reason="first signed model", public_key=ours[1])

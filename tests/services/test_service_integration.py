@@ -96,7 +96,7 @@ def stack(tmp_path_factory):
     token_file.write_text(TRIGGER_TOKEN)
     with MlflowServer(root / "mlflow") as mlflow:
         register_bundle(made["bundle"], NAME, mlflow.uri, signing_key=signing_key)
-        gate = GateSettings(holdout=str(made["raw"] / "imagesTs"), device="cpu")
+        gate = GateSettings(holdout=str(made["raw"] / "imagesTs"), device="cpu", label_floor=0.0)  # tiny model
         promote(NAME, "1", gate, mlflow.uri)
         common = {"MLFLOW_TRACKING_URI": mlflow.uri, "KUBESEG_MODEL_NAME": NAME, "PYTHONPATH": str(Path.cwd())}
         trigger_env = {**common, "KUBESEG_TRIGGER_MODE": "local", "KUBESEG_RETRAIN_DATASET": str(made["raw"]),
