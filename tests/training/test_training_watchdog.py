@@ -91,22 +91,27 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.integration
-def test_dead_worker_stops_the_training(training_cmd, tmp_path):
-    log = open(tmp_path / "train.log", "w")
-    proc = subprocess.Popen(training_cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+def _interrupt_training(cmd, log_path, interrupt) -> tuple[int, list[int]]:
+    """Start a training, wait for its augmentation workers, ``interrupt(proc, workers)``, and return
+    its exit code (within :data:`LIMIT_S`) and the workers' pids; never leaves it running."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         workers = _wait_for(lambda: len(_children(proc.pid)) >= 2 and _children(proc.pid), 120,
                             "the augmentation workers")
         time.sleep(1.0)
-        os.kill(workers[0], signal.SIGKILL)
-        started = time.time()
-        code = proc.wait(timeout=LIMIT_S)
-        assert time.time() - started < LIMIT_S
+        interrupt(proc, workers)
+        return proc.wait(timeout=LIMIT_S), workers
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.integration
+def test_dead_worker_stops_the_training(training_cmd, tmp_path):
+    code, workers = _interrupt_training(training_cmd, tmp_path / "train.log",
+                                        lambda proc, workers: os.kill(workers[0], signal.SIGKILL))
     text = (tmp_path / "train.log").read_text(errors="replace")
     assert code != 0
     assert "augmentation worker" in text and "SIGKILL" in text, text[-2000:]
@@ -139,18 +144,8 @@ def test_orphaned_training_stops_and_its_workers_die(training_cmd, tmp_path):
 
 @pytest.mark.integration
 def test_sigterm_ends_the_training_and_its_workers(training_cmd, tmp_path):
-    log = open(tmp_path / "train.log", "w")
-    proc = subprocess.Popen(training_cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        workers = _wait_for(lambda: len(_children(proc.pid)) >= 2 and _children(proc.pid), 120,
-                            "the augmentation workers")
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=LIMIT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    code, workers = _interrupt_training(training_cmd, tmp_path / "train.log",
+                                        lambda proc, workers: proc.send_signal(signal.SIGTERM))
     assert code != 0
     _wait_for(lambda: not [w for w in workers if _alive(w)], 10, "the workers to exit")
     assert "SIGTERM" in (tmp_path / "train.log").read_text(errors="replace")
