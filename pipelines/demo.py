@@ -13,6 +13,7 @@ checks keep the harder default. Its budget is sized for a 2-core CPU: under 10 m
 """
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ def run_demo(out_dir, s: DemoSettings = DemoSettings()) -> dict:
     gate = GateSettings(tolerance=s.tolerance, holdout=str(raw / "imagesTs"), holdout_labels=str(raw / "labelsTs"),
                         label_floor=s.label_floor, device=s.device)
     promoted = None
+    logging.getLogger("kubeseg").setLevel(logging.WARNING)  # the gate says its verdict below; no per-case lines
     try:
         p = promote(s.model_name, version, gate, uri)
         promoted = p.version
