@@ -37,8 +37,11 @@ def _marked_processes(token: str) -> dict[int, str]:
             if state == "Z":
                 continue
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
+        if ppid == os.getpid() and "from multiprocessing." in cmd:
+            continue  # this process's own resource tracker / forkserver: they end with it, by design
         found[pid] = cmd[:200]
     return found
 
