@@ -33,6 +33,7 @@ from kubeseg.preprocessing.preprocess import preprocess_arrays
 from kubeseg.preprocessing.resampling_functions import check_configuration, resampler
 from kubeseg.synth import SynthSettings, synthesize
 from tests.oracle import run_oracle
+from tests.oracle.compare import assert_same  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -54,21 +55,6 @@ def oracle(tmp_path_factory):
     return raw, root / "nnunet", fingerprint
 
 
-def _same(ours, ref, path=""):
-    if isinstance(ref, dict):
-        assert isinstance(ours, dict) and set(ours) == set(ref), f"{path}: keys {sorted(ours)} != {sorted(ref)}"
-        for k in ref:
-            _same(ours[k], ref[k], f"{path}.{k}")
-    elif isinstance(ref, (list, tuple)):
-        assert isinstance(ours, (list, tuple)) and len(ours) == len(ref), f"{path}: {ours} != {ref}"
-        for i, (a, b) in enumerate(zip(ours, ref)):
-            _same(a, b, f"{path}[{i}]")
-    elif isinstance(ref, float) or isinstance(ours, float):
-        assert ours == pytest.approx(ref, rel=1e-9, abs=1e-9), f"{path}: {ours} != {ref}"
-    else:
-        assert ours == ref, f"{path}: {ours!r} != {ref!r}"
-
-
 @pytest.mark.parametrize("preset,gb", [("resenc-m", None), ("resenc-l", None), ("resenc-xl", None),
                                        ("resenc-l", 1.0)])
 def test_resenc_plans_equal_nnunet(oracle, preset, gb):
@@ -79,7 +65,7 @@ def test_resenc_plans_equal_nnunet(oracle, preset, gb):
     assert ours["plans_name"] == ref["plans_name"]
     assert ref["configurations"]["3d_fullres"]["architecture"]["network_class_name"].endswith("ResidualEncoderUNet")
     # everything in the configurations, data identifiers and resampling entries included
-    _same(ours["configurations"], ref["configurations"], tag)
+    assert_same(ours["configurations"], ref["configurations"], tag)
     for key in ("transpose_forward", "transpose_backward", "original_median_shape_after_transp"):
         assert ours[key] == ref[key], key
 

@@ -26,6 +26,7 @@ from kubeseg.planning.plans import configuration
 from kubeseg.preprocessing.preprocess import preprocess_arrays
 from kubeseg.synth import SynthSettings, synthesize
 from tests.oracle import run_oracle
+from tests.oracle.compare import assert_same  # noqa: E402
 
 pytestmark = pytest.mark.integration
 # Bounds reached on these datasets (seen: max |diff| 1.5e-3 for CT, 0 for MRI; labels >= 99.9999%).
@@ -73,22 +74,6 @@ def dataset(request, tmp_path_factory):
     return name, raw, root / "nnunet", fingerprint
 
 
-def _same(ours, ref, path=""):
-    """Assert recursive equality; numbers compared with a tight relative tolerance."""
-    if isinstance(ref, dict):
-        assert isinstance(ours, dict) and set(ours) == set(ref), f"{path}: keys {sorted(ours)} != {sorted(ref)}"
-        for k in ref:
-            _same(ours[k], ref[k], f"{path}.{k}")
-    elif isinstance(ref, (list, tuple)):
-        assert isinstance(ours, (list, tuple)) and len(ours) == len(ref), f"{path}: {ours} != {ref}"
-        for i, (a, b) in enumerate(zip(ours, ref)):
-            _same(a, b, f"{path}[{i}]")
-    elif isinstance(ref, float) or isinstance(ours, float):
-        assert ours == pytest.approx(ref, rel=1e-9, abs=1e-9), f"{path}: {ours} != {ref}"
-    else:
-        assert ours == ref, f"{path}: {ours!r} != {ref!r}"
-
-
 PLAN_KEYS = ("batch_size", "patch_size", "median_image_size_in_voxels", "spacing", "normalization_schemes",
              "use_mask_for_norm", "architecture", "batch_dice", "next_stage", "inherits_from", "previous_stage",
              "resampling_fn_data_kwargs", "resampling_fn_seg_kwargs", "resampling_fn_probabilities_kwargs")
@@ -104,11 +89,11 @@ def test_plans_equal_nnunet(dataset, preset):
         assert ref["transpose_forward"][0] == 2, "the sagittal dataset no longer exercises the transpose"
     for key in ("transpose_forward", "transpose_backward", "original_median_shape_after_transp"):
         assert ours[key] == ref[key], key
-    _same(ours["original_median_spacing_after_transp"], ref["original_median_spacing_after_transp"])
+    assert_same(ours["original_median_spacing_after_transp"], ref["original_median_spacing_after_transp"])
     for config, ref_config in ref["configurations"].items():
         for key in PLAN_KEYS:
             if key in ref_config:
-                _same(ours["configurations"][config].get(key), ref_config[key], f"{name}/{preset}/{config}.{key}")
+                assert_same(ours["configurations"][config].get(key), ref_config[key], f"{name}/{preset}/{config}.{key}")
         if "data_identifier" in ref_config:
             assert ours["configurations"][config]["data_identifier"] == ref_config["data_identifier"]
 
@@ -126,7 +111,7 @@ def test_lowres_planned_exactly_when_nnunet_plans_it(dataset):
 def test_foreground_intensity_statistics_match(dataset):
     _, _, oracle, fingerprint = dataset
     ref = json.loads((oracle / "fingerprint.json").read_text())
-    _same(fingerprint.spacings, ref["spacings"])
+    assert_same(fingerprint.spacings, ref["spacings"])
     assert fingerprint.shapes_after_crop == ref["shapes_after_crop"]
     assert fingerprint.median_relative_size_after_cropping == pytest.approx(ref["median_relative_size_after_cropping"])
     for channel, stats in ref["foreground_intensity_properties_per_channel"].items():
