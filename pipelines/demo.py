@@ -80,8 +80,7 @@ def run_demo(out_dir, s: DemoSettings = DemoSettings()) -> dict:
     try:
         with quiet_console(log_path) as terminal:
             emit = lambda line: print(line, file=terminal, flush=True)  # noqa: E731
-            with RunWatcher(out / "kfp", pipeline_name, emit) as watcher:
-                watcher.t0 = started
+            with RunWatcher(out / "kfp", pipeline_name, emit, t0=started):
                 result = run_local(args, out / "kfp", parallelism=2)
     except Exception as e:
         say(f"the pipeline failed: {type(e).__name__}: {e}")
