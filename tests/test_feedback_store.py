@@ -106,7 +106,7 @@ def test_export_is_a_dataset_that_merge_accepts(tmp_path):
     export = tmp_path / "export"
     assert sorted(p.name for p in (export / "labelsTr").iterdir()) == ["review_c2.nii.gz", "review_c3.nii.gz"]
     assert [json.loads(x)["case_id"] for x in (export / "feedback.jsonl").read_text().splitlines()] == ["c2", "c3"]
-    merged = merge_cases(raw, export, tmp_path / "merged")
+    merged = merge_cases(raw, export, tmp_path / "merged", num_workers=1)
     assert merged.added == ("review_c2", "review_c3") and merged.num_training == 4
     everything = store.export(tmp_path / "all", all_labelled=True)
     assert len(everything["cases"]) == 4
