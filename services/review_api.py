@@ -37,7 +37,8 @@ from kubeseg.feedback_store import (DECISIONS, STATUS, CorrectionError, Feedback
 log = logging.getLogger("kubeseg.review")
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_CASE = re.compile(r"^/review/cases/(?P<id>[^/]+)(?:/(?P<what>image|segmentation|saliency)(?:/(?P<channel>[^/]+))?)?/?$")
+_CASE = re.compile(r"^/review/cases/(?P<id>[^/]+)"
+                   r"(?:/(?P<what>image|segmentation|saliency)(?:/(?P<channel>[^/]+))?)?/?$")
 MAX_REASON = 2000
 PUBLIC = ("id", "queued_at", "confidence", "qa_flags", "model", "volumes_ml", "status", "reasons", "review")
 

@@ -77,7 +77,8 @@ def test_rule_and_batches(tmp_path):
     assert [x["case_id"] for x in lines] == [f"r{i:02d}" for i in range(11)]
     assert {"by", "at", "model_version", "decision", "reason"} <= set(lines[2]) and lines[2]["decision"] == "reject"
     root = tmp_path / "store"
-    assert (root / "imagesTr" / "review_r00_0000.nii.gz").is_file() and (root / "labelsTr" / "review_r00.nii.gz").is_file()
+    assert (root / "imagesTr" / "review_r00_0000.nii.gz").is_file()
+    assert (root / "labelsTr" / "review_r00.nii.gz").is_file()
     assert not (root / "labelsTr" / "review_r02.nii.gz").exists()  # a reject stores no label
     with pytest.raises(FeedbackConflict, match="already reviewed"):
         _review(store2, tmp_path, "r01", "approve")

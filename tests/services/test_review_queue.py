@@ -105,7 +105,8 @@ def _nifti(array, path: Path, spacing=(0.7, 0.8, 3.0)) -> Path:
 def _queued(q: ReviewQueue, tmp: Path, n: int, flagged=False) -> str:
     seg = np.zeros(SHAPE, np.uint8)
     seg[1:3, 2:4, 2:5] = 1
-    files = {"image_0000.nii.gz": _nifti(np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE), tmp / f"i{n}.nii.gz"),
+    image = np.arange(np.prod(SHAPE), dtype=np.int16).reshape(SHAPE)
+    files = {"image_0000.nii.gz": _nifti(image, tmp / f"i{n}.nii.gz"),
              "segmentation.nii.gz": _nifti(seg, tmp / f"s{n}.nii.gz"), "summary.json": tmp / f"j{n}.json"}
     files["summary.json"].write_text("{}")
     return q.put({"confidence": 0.5 + n / 100, "qa_flags": ["low_confidence"] if flagged else [],
