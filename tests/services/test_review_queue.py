@@ -192,3 +192,10 @@ def test_feedback_approve_correct_reject_and_refusals(tmp_path):
         api.file(ids[0], "image", "1")
     assert e.value.status == 404
     assert api.file(ids[0], "segmentation", None).name == "segmentation.nii.gz"
+    # a store that cannot be written: 503 naming it, the case stays pending
+    (tmp_path / "not-a-folder").write_text("x")
+    broken = ReviewApi(q, FeedbackStore(tmp_path / "not-a-folder" / "store"))
+    with pytest.raises(Refusal) as e:
+        broken.feedback(ids[3], "approve", "", None, "x")
+    assert e.value.status == 503 and "not-a-folder" in e.value.message
+    assert q.get(ids[3])["status"] == "pending"
