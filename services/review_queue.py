@@ -168,7 +168,8 @@ class ReviewQueue:
     # -- adding ----------------------------------------------------------------------------------------
     def put(self, entry: dict, files: Optional[Mapping[str, Path]] = None) -> str:
         """Queue one case (``files``: name → local file, moved into ``cases/<id>/``); returns its id."""
-        item = {"id": entry.get("id") or uuid.uuid4().hex, "queued_at": time.time(), "status": "pending", **entry}
+        item = {"queued_at": time.time(), "status": "pending", **entry}
+        item["id"] = entry.get("id") or uuid.uuid4().hex
         staged = None
         if files:
             self.cases.mkdir(parents=True, exist_ok=True)
