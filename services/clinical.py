@@ -155,7 +155,7 @@ class Clinical:
         if outcome.image is not None and outcome.image.dicom is not None:
             entry["dicom"] = identifiers(outcome.image.dicom)
         files: dict[str, Path] = {}
-        with tempfile.TemporaryDirectory(prefix=".stage-", dir=_mkdir(self.queue.folder)) as tmp:
+        with tempfile.TemporaryDirectory(prefix=".tmp-stage.", dir=_mkdir(self.queue.cases)) as tmp:
             if outcome.image is not None and outcome.segmentation is not None:
                 for c, channel in enumerate(outcome.image.data):
                     files[f"image_{c:04d}.nii.gz"] = Path(tmp) / f"image_{c:04d}.nii.gz"
