@@ -29,8 +29,10 @@ from kubeseg.dataset_check import load_case
 from kubeseg.fingerprint import extract_fingerprint
 from kubeseg.inference.predictor import PredictSettings
 from kubeseg.inference.run import predict
+from kubeseg.labels import label_scheme
 from kubeseg.planning.planner import plan_experiment, planner_settings
 from kubeseg.planning.plans import configuration
+from kubeseg.postprocessing import apply_postprocessing, decide_postprocessing
 from kubeseg.preprocessing.preprocess import preprocess_arrays
 from kubeseg.synth import SynthSettings, synthesize
 from tests.oracle import run_oracle
@@ -72,27 +74,118 @@ SETTINGS = {"regions": ("small", {}), "sparse": ("small", {}),
                                     "max_features_2d": 64})}
 
 
+def _write_labels(folder: Path, name: str, array: np.ndarray) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.uint8)), str(folder / f"{name}.nii.gz"))
+
+
+def _ellipsoid(shape, centre, radii) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1
+
+
+def _random_pair(rng, shape=(12, 24, 24), ignore=None) -> tuple[np.ndarray, np.ndarray]:
+    """Body ⊃ organ, one or two lesions; the prediction off by a voxel with 0-3 spurious islands of any label."""
+    centre = np.array(shape) / 2 + rng.uniform(-2, 2, 3)
+    ref = np.zeros(shape, np.uint8)
+    ref[_ellipsoid(shape, centre, np.array(shape) * 0.4)] = 1
+    ref[_ellipsoid(shape, centre + rng.uniform(-2, 2, 3), np.array(shape) * 0.2)] = 2
+    for _ in range(rng.randint(1, 3)):
+        ref[_ellipsoid(shape, centre + rng.uniform(-4, 4, 3), (1.5, 2.5, 2.5))] = 3
+    pred = np.roll(ref, rng.randint(-1, 2), axis=rng.randint(3))
+    for _ in range(rng.randint(0, 4)):
+        z, y, x = rng.randint(0, shape[0] - 2), rng.randint(0, shape[1] - 3), rng.randint(0, shape[2] - 3)
+        pred[z:z + 2, y:y + 3, x:x + 3] = rng.randint(1, 4)
+    if ignore is not None:
+        ref[np.arange(shape[0]) % 3 != 0] = ignore  # every third slice annotated
+    return pred, ref
+
+
+def _postprocessing_scenarios(top: Path) -> dict[str, Path]:
+    """Folders of predicted and reference label maps (+ dataset.json) on which both decide postprocessing:
+    the designed cases of tests/test_postprocessing_regions.py and random ones (regions with an ignore
+    label, plain labels)."""
+    regions = {"background": 0, "body": [1, 2, 3], "organ": [2, 3], "lesion": [3]}
+    plain = {"background": 0, "body": 1, "organ": 2, "lesion": 3}
+    rng = np.random.RandomState(4)  # random cases where a foreground and a per-class step are both taken
+    pairs = {"regions_designed": (regions, []), "ignore_on_ignored": (None, []), "ignore_on_annotated": (None, []),
+             "regions_ignore_random": ({**regions, "ignore": IGNORE}, [_random_pair(rng, ignore=IGNORE)
+                                                                       for _ in range(4)]),
+             "labels_random": (plain, [_random_pair(rng) for _ in range(4)])}
+    for shift in (0, 1):  # a lesion-valued blob in the body, away from the organ: a second organ-region component
+        ref = np.zeros((12, 24, 24), np.uint8)
+        ref[1:11, 2:22, 2:22], ref[3:9, 4:12, 4:12], ref[5:7, 6:9, 6:9] = 1, 2, 3
+        ref = np.roll(ref, shift, axis=2)
+        pred = ref.copy()
+        pred[4:6, 16:18, 15 + shift:17 + shift] = 3
+        pairs["regions_designed"][1].append((pred, ref))
+    ref = np.zeros((10, 20, 20), np.uint8)
+    ref[2:8, 4:12, 4:12], ref[3:6, 6:10, 6:10] = 1, 2
+    pred = ref.copy()
+    ref[1::2] = 3
+    for name, z in (("ignore_on_ignored", 9), ("ignore_on_annotated", 8)):  # an island on an (un)annotated slice
+        island = pred.copy()
+        island[z, 0:2, 0:2] = 1
+        pairs[name] = ({"background": 0, "organ": 1, "core": 2, "ignore": 3}, [(island, ref)])
+    out = {}
+    for name, (labels, cases) in pairs.items():
+        folder = top / name
+        for i, (pred, ref) in enumerate(cases):
+            _write_labels(folder / "pred", f"case_{i}", pred)
+            _write_labels(folder / "ref", f"case_{i}", ref)
+        dataset_json = {"labels": labels, "channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                        "numTraining": len(cases)}
+        if any(isinstance(v, list) for v in labels.values()):
+            dataset_json["regions_class_order"] = [1, 2, 3]
+        (folder / "dataset.json").write_text(json.dumps(dataset_json))
+        out[name] = folder
+    return out
+
+
+def _model_dir(work: Path) -> Path:
+    """Where the oracle's make-model writes the 3d_fullres model (plans name fixed by nnunet_oracle.py)."""
+    return work / "nnunet" / "results" / "Dataset987_Oracle" / "nnUNetTrainer__nnUNetSmallPlans__3d_fullres"
+
+
+@pytest.fixture(scope="module")
+def nnunet(tmp_path_factory):
+    """Every kind's dataset, and ONE oracle process for all of nnunetv2's work (nnunetv2 imported once):
+    make-model and preprocess per kind, one predict for all, and the postprocessing decisions."""
+    top = tmp_path_factory.mktemp("nnunet")
+    jobs, predict_jobs, made = [], [], {}
+    for kind in sorted(KINDS):
+        root = top / kind
+        raw = synthesize(root / "raw", SynthSettings(kind="ct", num_cases=4, shape=(20, 40, 40), num_test_cases=1,
+                                                     seed=5))
+        KINDS[kind](raw)
+        model = _model_dir(root / "work")
+        image = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[0]
+        jobs.append(["model", "make-model", raw, root / "work", "--configs", "3d_fullres", "--folds", "0",
+                     "--patch-3d", "16", "32", "32",
+                     "--planner", "nnUNetPlannerResEncM" if kind == "resenc" else "ExperimentPlanner"])
+        predict_jobs.append({"model_dir": str(model), "out": str(root / "nnunet_pred"), "images": [str(image)],
+                             "folds": ["0"], "tta": False})
+        if kind != "resenc":  # preprocessing does not depend on the network
+            jobs.append(["coverage", "preprocess", raw, model / "plans.json", root / "nnunet_pre",
+                         "--configs", "3d_fullres", "--cases", "synth_000"])
+        made[kind] = (kind, raw, root, model, image)
+    (top / "predict.json").write_text(json.dumps(predict_jobs))
+    jobs.append(["model", "predict", top / "predict.json", "--threads", "1"])
+    scenarios = _postprocessing_scenarios(top / "postprocessing")
+    (top / "postprocessing.json").write_text(json.dumps(
+        [{"predictions": str(d / "pred"), "references": str(d / "ref"), "dataset_json": str(d / "dataset.json")}
+         for d in scenarios.values()]))
+    jobs.append(["coverage", "postprocess", top / "postprocessing.json"])
+    (top / "jobs.json").write_text(json.dumps(jobs, default=str))
+    run_oracle(COVERAGE, "batch", str(top / "jobs.json"))
+    for kind, (_, _, root, model, _) in made.items():
+        assert json.loads((root / "work" / "nnunet" / "models.json").read_text())["3d_fullres"] == str(model)
+    return made, scenarios
+
+
 @pytest.fixture(scope="module", params=sorted(KINDS))
-def oracle(request, tmp_path_factory):
-    kind = request.param
-    root = tmp_path_factory.mktemp(kind)
-    raw = synthesize(root / "raw", SynthSettings(kind="ct", num_cases=4, shape=(20, 40, 40), num_test_cases=1,
-                                                 seed=5))
-    KINDS[kind](raw)
-    run_oracle(MODEL_ORACLE, "make-model", str(raw), str(root / "work"), "--configs", "3d_fullres",
-               "--folds", "0", "--patch-3d", "16", "32", "32",
-               "--planner", "nnUNetPlannerResEncM" if kind == "resenc" else "ExperimentPlanner")
-    models = json.loads((root / "work" / "nnunet" / "models.json").read_text())
-    model = Path(models["3d_fullres"])
-    image = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[0]
-    jobs = [{"model_dir": str(model), "out": str(root / "nnunet_pred"), "images": [str(image)], "folds": ["0"],
-             "tta": False}]
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    run_oracle(MODEL_ORACLE, "predict", str(root / "jobs.json"), "--threads", "1")
-    if kind != "resenc":  # preprocessing does not depend on the network
-        run_oracle(COVERAGE, "preprocess", str(raw), str(model / "plans.json"), str(root / "nnunet_pre"),
-                   "--configs", "3d_fullres", "--cases", "synth_000")
-    return kind, raw, root, model, image
+def oracle(request, nnunet):
+    return nnunet[0][request.param]
 
 
 def test_plans_equal_nnunet(oracle):
@@ -160,3 +253,43 @@ def test_prediction_equals_nnunet(oracle):
     assert len(np.unique(ref)) > 1
     assert agreement >= AGREEMENT
     assert max_diff <= PROB_BOUND
+
+
+def _values(labels_or_regions) -> list[int]:
+    """nnU-Net's ``labels_or_regions`` (a label, a region, or a list of them) as the values of their union."""
+    if isinstance(labels_or_regions, int):
+        return [labels_or_regions]
+    return [v for item in labels_or_regions for v in _values(item)]
+
+
+def test_postprocessing_decision_equals_nnunet(nnunet):
+    """kubeseg's decision (selection's, per region / on annotated voxels) equals nnunetv2's
+    determine_postprocessing on the same label maps: the steps, every class's mean Dice before and after,
+    and the postprocessed label maps."""
+    _, scenarios = nnunet
+    decided = {}
+    for name, folder in scenarios.items():
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+        scheme = label_scheme(dataset_json)
+        cases = sorted(f.name for f in (folder / "ref").glob("*.nii.gz"))
+        read = lambda f: sitk.GetArrayFromImage(sitk.ReadImage(str(f)))  # noqa: E731
+        preds = [read(folder / "pred" / c) for c in cases]
+        refs = [read(folder / "ref" / c) for c in cases]
+        rule, report = decide_postprocessing(preds, refs, scheme.foreground_labels, scheme.classes,
+                                             scheme.ignore_label)
+        ref = json.loads((folder / "pred" / "postprocessing.json").read_text())
+        assert ref["postprocessing_fns"] == rule.to_json()["postprocessing_fns"], name
+        assert [_values(kw["labels_or_regions"]) for kw in ref["postprocessing_kwargs"]] == \
+            [list(step) for step in rule.steps], name
+        for ours, theirs in ((report["dice_before"], ref["input_folder"]["mean"]),
+                             (report["dice_after"], ref["postprocessed"]["mean"])):
+            theirs = {(k.strip("(,)") if k.endswith(",)") else k): v["Dice"] for k, v in theirs.items()}
+            assert ours == pytest.approx(theirs, rel=1e-12, nan_ok=True), name
+        for case, pred in zip(cases, preds):
+            np.testing.assert_array_equal(apply_postprocessing(pred, rule),
+                                          read(folder / "pred" / "postprocessed" / case), err_msg=name)
+        decided[name] = rule.steps
+    print("postprocessing decided:", decided)
+    # the designed scenarios exercise what they are meant to (see tests/test_postprocessing_regions.py)
+    assert decided["regions_designed"] == ((2, 3),)
+    assert decided["ignore_on_ignored"] == () and decided["ignore_on_annotated"] == ((1, 2),)
