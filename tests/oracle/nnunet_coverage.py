@@ -55,6 +55,7 @@ def plan(a) -> int:
         link.symlink_to(Path(a.raw).resolve())
     os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
                       nnUNet_results=str(work / "results"))
+    _set_nnunet_paths()  # in a batch, nnunetv2 may have been imported already
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 
     _serial_pools()
