@@ -20,7 +20,6 @@ label maps (regions, ignore label, plain labels); kubeseg's decision must be the
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
