@@ -1,15 +1,27 @@
 """Postprocessing: keep only the largest connected component, where cross-validation says it helps.
 
-The decision follows nnU-Net v2 on the out-of-fold predictions:
+The decision follows nnU-Net v2 on the out-of-fold predictions (label maps):
 
-1. all foreground labels taken as one region: keep its largest component if that raises the
-   mean foreground Dice and lowers no label's Dice;
-2. then, with more than one foreground label, each label on its own (on top of what was kept so
-   far): keep its largest component if that raises this label's mean Dice.
+1. all foreground labels taken as one mask: keep its largest component if that raises the mean
+   foreground Dice and lowers no class's Dice;
+2. then, with more than one class, each class on its own (on top of what was kept so far, in the
+   order of ``dataset.json``): keep its largest component if that raises this class's mean Dice.
+
+A *class* is a foreground label, or for region models (BraTS-style, :mod:`kubeseg.labels`) a
+region: its mask on the label map is the union of the region's values, so Dice is scored per
+region and step 2 keeps the largest component of each region's mask; removed voxels become
+background, on the label map, exactly as the rule is later applied. With an ignore label, the
+reference's ignored voxels count in no Dice, so a decision never rests on unannotated voxels.
+
+Means follow nnU-Net: per class the mean over cases where the class is in the prediction or the
+reference (Dice undefined elsewhere); the foreground mean is the mean over classes (kubeseg
+leaves out a class that is absent everywhere, where nnU-Net's mean becomes undefined and no
+step is taken).
 
 Components are fully connected (26-neighbourhood in 3D), as nnU-Net's. The rule is stored as
 JSON (``postprocessing.json``) with nnU-Net's own ``postprocessing_fns`` / ``postprocessing_kwargs``
-keys, never as a pickle, so nnU-Net's ``postprocessing.json`` is read by the same code.
+keys, never as a pickle, so nnU-Net's ``postprocessing.json`` is read by the same code: each step
+is a label, or a list of labels or regions, whose union is one mask.
 """
 
 from __future__ import annotations
@@ -17,7 +29,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -50,12 +62,27 @@ class PostprocessingRule:
         for fn, kw in zip(fns, kwargs):
             if fn != _FN_NAME:
                 raise KubesegError(f"{source}: unknown postprocessing function {fn!r}")
-            labels = kw.get("labels_or_regions") if isinstance(kw, dict) else None
-            labels = labels if isinstance(labels, list) else [labels]
-            if not labels or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
-                raise KubesegError(f"{source}: labels_or_regions must be labels (regions are not supported): {kw}")
+            labels = _flatten(kw.get("labels_or_regions") if isinstance(kw, dict) else None)
+            if not labels:
+                raise KubesegError(f"{source}: labels_or_regions must be a label, a region (list of labels) or a "
+                                   f"list of them: {kw}")
             steps.append(tuple(labels))
         return cls(tuple(steps))
+
+
+def _flatten(value) -> tuple[int, ...] | None:
+    """The label values of a ``labels_or_regions`` entry (a label, a region, or a list of them), or None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if not isinstance(value, list) or not value:
+        return None
+    out: list[int] = []
+    for v in value:
+        inner = _flatten(v)
+        if inner is None:
+            return None
+        out += [x for x in inner if x not in out]
+    return tuple(out)
 
 
 def keep_largest_component(seg: np.ndarray, labels: Sequence[int], background: int = 0) -> np.ndarray:
@@ -80,54 +107,85 @@ def apply_postprocessing(seg: np.ndarray, rule: PostprocessingRule) -> np.ndarra
 
 def dice(pred: np.ndarray, ref: np.ndarray, label: int) -> float:
     """Dice of one label; NaN when both are empty (ignored by the means, as nnU-Net)."""
-    p, r = pred == label, ref == label
-    denom = int(p.sum()) + int(r.sum())
-    return float("nan") if denom == 0 else 2.0 * int((p & r).sum()) / denom
+    return class_dice(pred, ref, (label,))
 
 
-def mean_dice(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], labels: Sequence[int]) -> dict[int, float]:
-    """Per label, the mean Dice over cases (NaN cases left out)."""
+def class_dice(pred: np.ndarray, ref: np.ndarray, values: Sequence[int], ignore_label: Optional[int] = None) -> float:
+    """Dice of a label or region (the union of ``values``); the reference's ``ignore_label`` voxels count nowhere.
+
+    NaN when neither holds the class (on the annotated voxels)."""
+    p = pred == values[0] if len(values) == 1 else np.isin(pred, values)
+    r = ref == values[0] if len(values) == 1 else np.isin(ref, values)
+    if ignore_label is not None:
+        annotated = ref != ignore_label
+        p, r = p & annotated, r & annotated
+    denom = int(np.count_nonzero(p)) + int(np.count_nonzero(r))
+    return float("nan") if denom == 0 else 2.0 * int(np.count_nonzero(p & r)) / denom
+
+
+def _key(cls: Sequence[int]) -> int | tuple[int, ...]:
+    return int(cls[0]) if len(cls) == 1 else tuple(int(v) for v in cls)
+
+
+def mean_dice(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray], labels: Sequence,
+              ignore_label: Optional[int] = None) -> dict:
+    """Per label (an int) or region (a tuple), the mean Dice over cases (NaN cases left out)."""
     out = {}
     for lab in labels:
-        values = [d for d in (dice(p, r, lab) for p, r in zip(preds, refs)) if not np.isnan(d)]
-        out[int(lab)] = float(np.mean(values)) if values else float("nan")
+        cls = (lab,) if isinstance(lab, (int, np.integer)) else tuple(lab)
+        values = [d for d in (class_dice(p, r, cls, ignore_label) for p, r in zip(preds, refs)) if not np.isnan(d)]
+        out[_key(cls)] = float(np.mean(values)) if values else float("nan")
     return out
 
 
-def foreground_mean(per_label: dict[int, float]) -> float:
+def foreground_mean(per_label: dict) -> float:
     values = [v for v in per_label.values() if not np.isnan(v)]
     return float(np.mean(values)) if values else float("nan")
 
 
+def _key_str(key) -> str:
+    return str(key) if isinstance(key, int) else "(" + ", ".join(str(v) for v in key) + ")"
+
+
 def decide_postprocessing(preds: Sequence[np.ndarray], refs: Sequence[np.ndarray],
-                          foreground_labels: Sequence[int]) -> tuple[PostprocessingRule, dict]:
-    """The rule for these out-of-fold predictions, and a report (Dice before and after)."""
+                          foreground_labels: Sequence[int], classes: Optional[Sequence[Sequence[int]]] = None,
+                          ignore_label: Optional[int] = None) -> tuple[PostprocessingRule, dict]:
+    """The rule for these out-of-fold label maps, and a report (Dice before and after).
+
+    ``classes``: what is scored, in ``dataset.json`` order: the regions of a region model, by
+    default each foreground label. ``ignore_label``: the reference's unannotated value."""
     labels = [int(v) for v in foreground_labels]
-    base = mean_dice(preds, refs, labels)
+    scored = [tuple(int(v) for v in c) for c in classes] if classes is not None else [(v,) for v in labels]
+    keys = [_key(c) for c in scored]
+
+    def score(segs):
+        return mean_dice(segs, refs, scored, ignore_label)
+
+    base = score(preds)
     current, current_dice, steps = list(preds), dict(base), []
 
     candidate = [keep_largest_component(p, labels) for p in current]
-    cand_dice = mean_dice(candidate, refs, labels)
+    cand_dice = score(candidate)
     if foreground_mean(cand_dice) > foreground_mean(current_dice) and \
-            all(not (cand_dice[k] < current_dice[k]) for k in labels):
+            all(not (cand_dice[k] < current_dice[k]) for k in keys):
         log.info("keeping the largest foreground component: mean Dice %.5f -> %.5f",
                  foreground_mean(current_dice), foreground_mean(cand_dice))
         current, current_dice, steps = candidate, cand_dice, [tuple(labels)]
     else:
         log.info("keeping the largest foreground component does not help (mean Dice %.5f -> %.5f)",
                  foreground_mean(current_dice), foreground_mean(cand_dice))
-    if len(labels) > 1:
-        for lab in labels:
-            candidate = [keep_largest_component(p, [lab]) for p in current]
-            cand_dice = mean_dice(candidate, refs, labels)
-            if cand_dice[lab] > current_dice[lab]:
-                log.info("label %d: keeping its largest component: Dice %.5f -> %.5f", lab, current_dice[lab],
-                         cand_dice[lab])
+    if len(scored) > 1:
+        for cls, key in zip(scored, keys):
+            candidate = [keep_largest_component(p, cls) for p in current]
+            cand_dice = score(candidate)
+            if cand_dice[key] > current_dice[key]:
+                log.info("%s: keeping its largest component: Dice %.5f -> %.5f", _key_str(key), current_dice[key],
+                         cand_dice[key])
                 current, current_dice = candidate, cand_dice
-                steps.append((lab,))
+                steps.append(cls)
     rule = PostprocessingRule(tuple(steps))
-    report = {"dice_before": {str(k): v for k, v in base.items()}, "foreground_dice_before": foreground_mean(base),
-              "dice_after": {str(k): v for k, v in current_dice.items()},
+    report = {"dice_before": {_key_str(k): v for k, v in base.items()}, "foreground_dice_before": foreground_mean(base),
+              "dice_after": {_key_str(k): v for k, v in current_dice.items()},
               "foreground_dice_after": foreground_mean(current_dice), "num_cases": len(preds)}
     return rule, report
 

@@ -3,9 +3,10 @@
 Every trained configuration and every pairwise ensemble of them (probabilities averaged) is
 scored on the out-of-fold predictions by mean foreground Dice (per label the mean over cases,
 then the mean over labels) in the *original* image geometry, against the reference labels of
-the preprocessed dataset (``PRE/gt_segmentations``). The best candidate wins (ties: the simpler
-one, listed first); its postprocessing is decided on the same predictions
-(:mod:`kubeseg.postprocessing`). Writes ``selection.json`` and ``postprocessing.json``.
+the preprocessed dataset (``PRE/gt_segmentations``); region models are scored per region, and an
+ignore label's voxels count nowhere. The best candidate wins (ties: the simpler one, listed
+first); its postprocessing is decided on the same predictions and the same scores
+(:mod:`kubeseg.postprocessing`, per region for region models). Writes ``selection.json`` and ``postprocessing.json``.
 
 Out-of-fold predictions are read from ``MODEL/fold_*/validation/<case>.npz`` (``probabilities``).
 kubeseg's trainer stores them on the network's grid; they are brought back to the image grid
@@ -34,11 +35,11 @@ from kubeseg.inference.model import available_folds
 from kubeseg.inference.run import SELECTION_FILENAME
 from kubeseg.inference.safe_load import load_checkpoint_safe
 from kubeseg.jsonio import read_json, write_json
-from kubeseg.labels import LabelScheme, label_scheme
+from kubeseg.labels import label_scheme
 from kubeseg.model_folder import configuration_of
 from kubeseg.planning.plans import configuration as resolve_configuration
-from kubeseg.postprocessing import FILENAME as PP_FILENAME, PostprocessingRule, decide_postprocessing, dice, \
-    foreground_mean, save_postprocessing
+from kubeseg.postprocessing import FILENAME as PP_FILENAME, class_dice, decide_postprocessing, foreground_mean, \
+    save_postprocessing
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def select_model(model_dirs: Sequence[str | Path], preprocessed_dir: str | Path,
         for c in candidates:
             avg = probs[c[0]] if len(c) == 1 else sum(probs[i] for i in c) / len(c)
             seg = scheme.to_segmentation(avg)
-            per_case[c].append({key: class_dice(seg, ref, cls, scheme) for key, cls in classes.items()})
+            per_case[c].append({key: class_dice(seg, ref, cls, scheme.ignore_label) for key, cls in classes.items()})
 
     scores = []
     for c, name in zip(candidates, names):
@@ -170,14 +171,9 @@ def select_model(model_dirs: Sequence[str | Path], preprocessed_dir: str | Path,
         probs = [models[i].probabilities(case, ref.shape, pre) for i in winner]
         segs.append(scheme.to_segmentation(sum(probs) / len(probs)))
         refs.append(ref)
-    if scheme.has_regions or scheme.has_ignore_label:
-        # nnU-Net decides region postprocessing on region masks; kubeseg does not (yet): no rule
-        rule = PostprocessingRule()
-        report = {"dice_after": scores[best]["dice"], "foreground_dice_after": scores[best]["foreground_dice"],
-                  "note": "no postprocessing decided for region / ignore-label models"}
-        log.info("region or ignore-label model: no postprocessing rule decided")
-    else:
-        rule, report = decide_postprocessing(segs, refs, list(scheme.foreground_labels))
+    # per region for region models, ignored voxels left out: the same scores as above
+    rule, report = decide_postprocessing(segs, refs, list(scheme.foreground_labels), scheme.classes,
+                                         scheme.ignore_label)
     out_dir = Path(out_dir)
     save_postprocessing(rule, out_dir / PP_FILENAME, report)
     selection = {
@@ -205,18 +201,6 @@ def _volume_ranges(pre: Path, cases: list[str], ending: str, labels: dict) -> di
         array, geometry = read_label(pre / "gt_segmentations" / f"{case}{ending}")
         refs.append((array[0], geometry.spacing))
     return label_volume_ranges(refs, {n: v for n, v in labels.items() if isinstance(v, int)})
-
-
-def class_dice(seg: np.ndarray, ref: np.ndarray, cls: Sequence[int], scheme: LabelScheme) -> float:
-    """Dice of a label or region (its values); voxels the reference leaves unannotated count nowhere."""
-    if len(cls) == 1 and not scheme.has_ignore_label:
-        return dice(seg, ref, cls[0])
-    p, r = scheme.mask(seg, cls), scheme.mask(ref, cls)
-    annotated = scheme.annotated(ref)
-    if annotated is not None:
-        p, r = p & annotated, r & annotated
-    denom = int(p.sum()) + int(r.sum())
-    return float("nan") if denom == 0 else 2.0 * int((p & r).sum()) / denom
 
 
 def _nanmean(values: list[float]) -> float:

@@ -176,7 +176,7 @@ class Clinical:
                                                       "or the DICOM files); this input was "
                                                       f"{outcome.image.source if outcome.image else 'not DICOM'}")
         card = self.card(model)
-        return write_segmentation(outcome.segmentation, outcome.image.dicom.reference, card.labels, card.codes,
+        return write_segmentation(outcome.segmentation, outcome.image.dicom.reference, card.segments, card.codes,
                                   work / "segmentation.seg.dcm", model_name=model.name, model_version=model.version)
 
     def saliency(self, outcome: Outcome, model: ServedModel, work: Path) -> Optional[tuple[Path, Path, dict]]:

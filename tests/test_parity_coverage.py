@@ -1,7 +1,7 @@
 """Parity with nnunetv2 2.8.1 for the plans variants: ResEnc planners, torch and no resampling.
 
 One synthetic anisotropic CT dataset; nnunetv2 (the oracle, ``tests/oracle/nnunet_coverage.py``,
-run in its own interpreter) plans it with ``nnUNetPlannerResEncM/L/XL`` (L also with a 1 GB
+run in its own interpreter, one process for the whole file) plans it with ``nnUNetPlannerResEncM/L/XL`` (L also with a 1 GB
 budget), ``nnUNetPlanner_torchres``, ``nnUNetPlannerResEncL_torchres_sepz`` and
 ``nnUNetPlannerResEncL_noResampling`` and preprocesses one case with the last three. kubeseg must
 
@@ -46,19 +46,33 @@ RESAMPLING_PLANNERS = ("nnUNetPlanner_torchres", "nnUNetPlannerResEncL_torchres_
 
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory):
+    """Everything nnunetv2 computes for this file, in ONE oracle process (nnunetv2 imported once): the plans
+    and preprocessed cases, the resampling calls, the ResEnc network and the losses."""
     root = tmp_path_factory.mktemp("coverage")
     raw = synthesize(root / "raw", SynthSettings(kind="ct", num_cases=6, shape=(40, 96, 96), seed=1))
-    run_oracle(ORACLE, "plan", str(raw), str(root), "--planner", *RESENC.values(), "nnUNetPlannerResEncL:1",
-               *RESAMPLING_PLANNERS, "--preprocess", *RESAMPLING_PLANNERS,
-               "--configs", "3d_fullres", "2d", "3d_lowres", "--cases", "synth_000")
     fingerprint = extract_fingerprint(raw, num_workers=1, progress=False)
-    return raw, root / "nnunet", fingerprint
+    # nnU-Net's ResEnc-M rules with narrow stages, so that the network's forward pass is cheap
+    net_plans = plan_experiment(load_dataset_json(raw), fingerprint,
+                                planner_settings("resenc-m", base_features=4, max_features_3d=16, max_features_2d=16))
+    (root / "net_plans.json").write_text(json.dumps(net_plans))
+    _resampling_inputs(root / "resample")
+    _loss_inputs(root / "loss")
+    jobs = [["coverage", "plan", raw, root, "--planner", *RESENC.values(), "nnUNetPlannerResEncL:1",
+             *RESAMPLING_PLANNERS, "--preprocess", *RESAMPLING_PLANNERS,
+             "--configs", "3d_fullres", "2d", "3d_lowres", "--cases", "synth_000"],
+            ["coverage", "resample", root / "resample" / "spec.json", root / "resample" / "in.npz",
+             root / "resample" / "out.npz"],
+            ["coverage", "network", root / "net_plans.json", raw / "dataset.json", "3d_fullres", root / "net.npz"],
+            ["coverage", "loss", root / "loss" / "spec.json", root / "loss" / "in.npz", root / "loss" / "out.npz"]]
+    (root / "jobs.json").write_text(json.dumps(jobs, default=str))
+    run_oracle(ORACLE, "batch", str(root / "jobs.json"))
+    return raw, root / "nnunet", fingerprint, root
 
 
 @pytest.mark.parametrize("preset,gb", [("resenc-m", None), ("resenc-l", None), ("resenc-xl", None),
                                        ("resenc-l", 1.0)])
 def test_resenc_plans_equal_nnunet(oracle, preset, gb):
-    raw, ref_dir, fingerprint = oracle
+    raw, ref_dir, fingerprint, _ = oracle
     tag = RESENC[preset] + (f"_{gb:g}" if gb else "")
     ref = json.loads((ref_dir / f"plans_{tag}.json").read_text())
     ours = plan_experiment(load_dataset_json(raw), fingerprint, planner_settings(preset, gpu_memory_gb=gb))
@@ -72,7 +86,7 @@ def test_resenc_plans_equal_nnunet(oracle, preset, gb):
 
 def test_gpu_memory_override_changes_resenc_plans(oracle):
     """The 1 GB variant must differ from the 24 GB one, or the override test above proves nothing."""
-    _, ref_dir, _ = oracle
+    _, ref_dir, _, _ = oracle
     l24 = json.loads((ref_dir / "plans_nnUNetPlannerResEncL.json").read_text())["configurations"]
     l12 = json.loads((ref_dir / "plans_nnUNetPlannerResEncL_1.json").read_text())["configurations"]
     assert any(l24[c]["patch_size"] != l12[c]["patch_size"] or l24[c]["batch_size"] != l12[c]["batch_size"]
@@ -81,7 +95,7 @@ def test_gpu_memory_override_changes_resenc_plans(oracle):
 
 @pytest.mark.parametrize("planner", RESAMPLING_PLANNERS)
 def test_preprocessing_with_nnunet_resampling_plans(oracle, planner):
-    raw, ref_dir, _ = oracle
+    raw, ref_dir, _, _ = oracle
     plans = json.loads((ref_dir / f"plans_{planner}.json").read_text())
     spec = load_dataset_json(raw)
     case = next(c for c in list_training_cases(raw, spec, []) if c.case_id == "synth_000")
@@ -126,22 +140,31 @@ def _resampling_cases():
     return calls
 
 
-def test_resampling_functions_match_nnunet(tmp_path):
+def _resampling_arrays() -> dict:
     rng = np.random.RandomState(0)
     z, y, x = np.meshgrid(np.arange(7), np.arange(24), np.arange(20), indexing="ij")
     img = (np.sin(y / 3.0) + np.cos(x / 4.0) * z / 7 + 0.1 * rng.randn(7, 24, 20))[None].astype(np.float32)
     seg = ((y - 12) ** 2 + (x - 10) ** 2 < (4 + z) ** 2).astype(np.int8) + (y > 18)
     seg = np.where(x < 2, -1, seg)[None].astype(np.int8)
-    calls = _resampling_cases()
+    return {"img": img, "seg": seg}
+
+
+def _resampling_inputs(folder: Path) -> None:
+    """The oracle's spec: every call of _resampling_cases, then resample_torch_simple (which nnunetv2 cannot call)."""
+    folder.mkdir(parents=True)
     spec = [{"fn": fn, "kwargs": kw, "array": arr, "shape": shape, "current": cur, "new": new}
-            for _, fn, kw, arr, shape, cur, new in calls]
+            for _, fn, kw, arr, shape, cur, new in _resampling_cases()]
     spec.append({"fn": "resample_torch_simple", "kwargs": {"is_seg": False}, "array": "img", "shape": [9, 9, 9],
                  "current": [1.0, 1.0, 1.0], "new": [1.0, 1.0, 1.0]})
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    np.savez(tmp_path / "in.npz", img=img, seg=seg)
-    run_oracle(ORACLE, "resample", str(tmp_path / "spec.json"), str(tmp_path / "in.npz"), str(tmp_path / "out.npz"))
-    arrays = {"img": img, "seg": seg}
-    with np.load(tmp_path / "out.npz") as out:
+    (folder / "spec.json").write_text(json.dumps(spec))
+    np.savez(folder / "in.npz", **_resampling_arrays())
+
+
+def test_resampling_functions_match_nnunet(oracle):
+    root = oracle[3]
+    calls = _resampling_cases()
+    arrays = _resampling_arrays()
+    with np.load(root / "resample" / "out.npz") as out:
         ref = dict(out)
     for i, (key, fn, kw, arr, shape, cur, new) in enumerate(calls):
         r = resampler({key: fn, f"{key}_kwargs": kw}, key)
@@ -163,17 +186,12 @@ def test_resampling_functions_match_nnunet(tmp_path):
         check_configuration({"resampling_fn_data": "resample_torch_simple"})
 
 
-def test_resenc_network_equals_nnunet(tmp_path, oracle):
+def test_resenc_network_equals_nnunet(oracle):
     """Same class, state_dict keys and shapes; nnunetv2's initialised weights give the same logits here."""
-    raw, _, fingerprint = oracle
+    raw, _, _, root = oracle
     spec = load_dataset_json(raw)
-    # nnU-Net's ResEnc-M rules with narrow stages, so that the forward pass is cheap
-    plans = plan_experiment(spec, fingerprint, planner_settings("resenc-m", base_features=4, max_features_3d=16,
-                                                                max_features_2d=16))
-    (tmp_path / "plans.json").write_text(json.dumps(plans))
-    run_oracle(ORACLE, "network", str(tmp_path / "plans.json"), str(raw / "dataset.json"), "3d_fullres",
-               str(tmp_path / "net.npz"))
-    with np.load(tmp_path / "net.npz") as z:
+    plans = json.loads((root / "net_plans.json").read_text())  # ResEnc-M rules, narrow stages
+    with np.load(root / "net.npz") as z:
         ref = dict(z)
     assert str(ref["cls"]) == "ResidualEncoderUNet"
     net = build_network_from_plans(plans, "3d_fullres", spec.raw, deep_supervision=False)
@@ -188,26 +206,36 @@ def test_resenc_network_equals_nnunet(tmp_path, oracle):
     np.testing.assert_allclose(logits, ref["logits"], rtol=1e-5, atol=1e-5)
 
 
-def test_region_and_ignore_losses_equal_nnunet(tmp_path):
-    """Dice + CE with an ignore label, Dice + BCE for regions (with and without one), vs nnunetv2's losses."""
-    from kubeseg.training.loss import build_loss
+LOSS_CASES = [("ce", True, 3), ("ce", False, 3), ("bce", True, None), ("bce", False, 4), ("bce", True, 4)]
 
+
+def _loss_arrays() -> dict:
     rng = np.random.RandomState(7)
-    cases = [("ce", True, 3), ("ce", False, 3), ("bce", True, None), ("bce", False, 4), ("bce", True, 4)]
-    arrays, spec = {}, []
-    for i, (kind, batch_dice, ignore) in enumerate(cases):
+    arrays = {}
+    for i, (kind, batch_dice, ignore) in enumerate(LOSS_CASES):
         arrays[f"x_{i}"] = rng.randn(2, 3, 6, 12, 12).astype(np.float32)
         if kind == "ce":
             arrays[f"y_{i}"] = rng.randint(0, 4, (2, 1, 6, 12, 12)).astype(np.float32)
         else:
             arrays[f"y_{i}"] = (rng.rand(2, 3 + (ignore is not None), 6, 12, 12) > 0.6).astype(np.int16)
-        spec.append({"kind": kind, "batch_dice": batch_dice, "ignore_label": ignore})
-    np.savez(tmp_path / "in.npz", **arrays)
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    run_oracle(ORACLE, "loss", str(tmp_path / "spec.json"), str(tmp_path / "in.npz"), str(tmp_path / "out.npz"))
-    with np.load(tmp_path / "out.npz") as out:
+    return arrays
+
+
+def _loss_inputs(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    np.savez(folder / "in.npz", **_loss_arrays())
+    (folder / "spec.json").write_text(json.dumps([{"kind": kind, "batch_dice": batch_dice, "ignore_label": ignore}
+                                                  for kind, batch_dice, ignore in LOSS_CASES]))
+
+
+def test_region_and_ignore_losses_equal_nnunet(oracle):
+    """Dice + CE with an ignore label, Dice + BCE for regions (with and without one), vs nnunetv2's losses."""
+    from kubeseg.training.loss import build_loss
+
+    arrays = _loss_arrays()
+    with np.load(oracle[3] / "loss" / "out.npz") as out:
         ref = {k: float(v) for k, v in out.items()}
-    for i, (kind, batch_dice, ignore) in enumerate(cases):
+    for i, (kind, batch_dice, ignore) in enumerate(LOSS_CASES):
         fn = build_loss(batch_dice, None, regions=kind == "bce", ignore_label=ignore)
         ours = float(fn(torch.from_numpy(arrays[f"x_{i}"]), torch.from_numpy(arrays[f"y_{i}"])))
         assert ours == pytest.approx(ref[str(i)], rel=1e-5, abs=1e-6), (kind, batch_dice, ignore)

@@ -8,17 +8,18 @@ All three are synthesized from the CT generator (body ⊃ organ ⊃ lesion):
   label 4;
 * ``resenc``: plain labels, the model planned by ``nnUNetPlannerResEncM`` (ResidualEncoderUNet).
 
-nnunetv2 (in its own interpreter) fingerprints and plans each (the small preset's budget and
-widths), preprocesses one case, and writes a model folder with its own randomly initialised
-network in its checkpoint format; then predicts a test case with it. kubeseg must plan the same,
-preprocess to the same arrays, and predict the same label map (>= 99.9 % of voxels) and
-probabilities (within 2e-3) from nnunetv2's model folder.
+nnunetv2 (in its own interpreter, one process for everything: tests/oracle/nnunet_models.py)
+fingerprints and plans each (the small preset's budget and widths), preprocesses one case, and
+writes a model folder with its own randomly initialised network in its checkpoint format; then
+predicts a test case with it. kubeseg must plan the same, preprocess to the same arrays, and
+predict the same label map (>= 99.9 % of voxels) and probabilities (within 2e-3) from nnunetv2's
+model folder. The same process decides postprocessing (``determine_postprocessing``) on folders of
+label maps (regions, ignore label, plain labels); kubeseg's decision must be the same.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,70 +30,31 @@ from kubeseg.dataset_check import load_case
 from kubeseg.fingerprint import extract_fingerprint
 from kubeseg.inference.predictor import PredictSettings
 from kubeseg.inference.run import predict
+from kubeseg.labels import label_scheme
 from kubeseg.planning.planner import plan_experiment, planner_settings
 from kubeseg.planning.plans import configuration
+from kubeseg.postprocessing import apply_postprocessing, decide_postprocessing
 from kubeseg.preprocessing.preprocess import preprocess_arrays
-from kubeseg.synth import SynthSettings, synthesize
-from tests.oracle import run_oracle
+from tests.oracle.nnunet_models import IGNORE, KINDS, nnunet_models
 
 pytestmark = pytest.mark.integration
 
-HERE = Path(__file__).resolve().parent
-COVERAGE = str(HERE / "oracle" / "nnunet_coverage.py")
-MODEL_ORACLE = str(HERE / "inference" / "nnunet_oracle.py")
 AGREEMENT = 0.999
 PROB_BOUND = 2e-3
-IGNORE = 4
-
-
-def _to_regions(raw: Path) -> None:
-    d = json.loads((raw / "dataset.json").read_text())
-    d["labels"] = {"background": 0, "body": [1, 2, 3], "organ": [2, 3], "lesion": [3]}
-    d["regions_class_order"] = [1, 2, 3]
-    (raw / "dataset.json").write_text(json.dumps(d, indent=1))
-
-
-def _to_sparse(raw: Path) -> None:
-    d = json.loads((raw / "dataset.json").read_text())
-    d["labels"]["ignore"] = IGNORE
-    (raw / "dataset.json").write_text(json.dumps(d, indent=1))
-    for f in sorted((raw / "labelsTr").glob("*.nii.gz")):
-        image = sitk.ReadImage(str(f))
-        seg = sitk.GetArrayFromImage(image)
-        seg[np.arange(seg.shape[0]) % 3 != 0] = IGNORE  # every third slice annotated
-        out = sitk.GetImageFromArray(seg)
-        out.CopyInformation(image)
-        sitk.WriteImage(out, str(f))
-
-
-KINDS = {"regions": _to_regions, "sparse": _to_sparse, "resenc": lambda raw: None}
 # kubeseg's planner settings equal to the oracle's (CPU-sized budget and widths, see nnunet_oracle.py)
 SETTINGS = {"regions": ("small", {}), "sparse": ("small", {}),
             "resenc": ("resenc-m", {"gpu_memory_gb": 0.5, "base_features": 8, "max_features_3d": 64,
                                     "max_features_2d": 64})}
 
 
+@pytest.fixture(scope="module")
+def nnunet(tmp_path_factory):
+    return nnunet_models(tmp_path_factory)
+
+
 @pytest.fixture(scope="module", params=sorted(KINDS))
-def oracle(request, tmp_path_factory):
-    kind = request.param
-    root = tmp_path_factory.mktemp(kind)
-    raw = synthesize(root / "raw", SynthSettings(kind="ct", num_cases=4, shape=(20, 40, 40), num_test_cases=1,
-                                                 seed=5))
-    KINDS[kind](raw)
-    run_oracle(MODEL_ORACLE, "make-model", str(raw), str(root / "work"), "--configs", "3d_fullres",
-               "--folds", "0", "--patch-3d", "16", "32", "32",
-               "--planner", "nnUNetPlannerResEncM" if kind == "resenc" else "ExperimentPlanner")
-    models = json.loads((root / "work" / "nnunet" / "models.json").read_text())
-    model = Path(models["3d_fullres"])
-    image = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[0]
-    jobs = [{"model_dir": str(model), "out": str(root / "nnunet_pred"), "images": [str(image)], "folds": ["0"],
-             "tta": False}]
-    (root / "jobs.json").write_text(json.dumps(jobs))
-    run_oracle(MODEL_ORACLE, "predict", str(root / "jobs.json"), "--threads", "1")
-    if kind != "resenc":  # preprocessing does not depend on the network
-        run_oracle(COVERAGE, "preprocess", str(raw), str(model / "plans.json"), str(root / "nnunet_pre"),
-                   "--configs", "3d_fullres", "--cases", "synth_000")
-    return kind, raw, root, model, image
+def oracle(request, nnunet):
+    return nnunet[0][request.param]
 
 
 def test_plans_equal_nnunet(oracle):
@@ -160,3 +122,43 @@ def test_prediction_equals_nnunet(oracle):
     assert len(np.unique(ref)) > 1
     assert agreement >= AGREEMENT
     assert max_diff <= PROB_BOUND
+
+
+def _values(labels_or_regions) -> list[int]:
+    """nnU-Net's ``labels_or_regions`` (a label, a region, or a list of them) as the values of their union."""
+    if isinstance(labels_or_regions, int):
+        return [labels_or_regions]
+    return [v for item in labels_or_regions for v in _values(item)]
+
+
+def test_postprocessing_decision_equals_nnunet(nnunet):
+    """kubeseg's decision (selection's, per region / on annotated voxels) equals nnunetv2's
+    determine_postprocessing on the same label maps: the steps, every class's mean Dice before and after,
+    and the postprocessed label maps."""
+    _, scenarios = nnunet
+    decided = {}
+    for name, folder in scenarios.items():
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+        scheme = label_scheme(dataset_json)
+        cases = sorted(f.name for f in (folder / "ref").glob("*.nii.gz"))
+        read = lambda f: sitk.GetArrayFromImage(sitk.ReadImage(str(f)))  # noqa: E731
+        preds = [read(folder / "pred" / c) for c in cases]
+        refs = [read(folder / "ref" / c) for c in cases]
+        rule, report = decide_postprocessing(preds, refs, scheme.foreground_labels, scheme.classes,
+                                             scheme.ignore_label)
+        ref = json.loads((folder / "pred" / "postprocessing.json").read_text())
+        assert ref["postprocessing_fns"] == rule.to_json()["postprocessing_fns"], name
+        assert [_values(kw["labels_or_regions"]) for kw in ref["postprocessing_kwargs"]] == \
+            [list(step) for step in rule.steps], name
+        for ours, theirs in ((report["dice_before"], ref["input_folder"]["mean"]),
+                             (report["dice_after"], ref["postprocessed"]["mean"])):
+            theirs = {(k.strip("(,)") if k.endswith(",)") else k): v["Dice"] for k, v in theirs.items()}
+            assert ours == pytest.approx(theirs, rel=1e-12, nan_ok=True), name
+        for case, pred in zip(cases, preds):
+            np.testing.assert_array_equal(apply_postprocessing(pred, rule),
+                                          read(folder / "pred" / "postprocessed" / case), err_msg=name)
+        decided[name] = rule.steps
+    print("postprocessing decided:", decided)
+    # the designed scenarios exercise what they are meant to (see tests/test_postprocessing_regions.py)
+    assert decided["regions_designed"] == ((2, 3),)
+    assert decided["ignore_on_ignored"] == () and decided["ignore_on_annotated"] == ((1, 2),)

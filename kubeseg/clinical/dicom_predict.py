@@ -103,10 +103,10 @@ class DicomSegmenter:
         seg = result.segmentation
         seg_path = out_dir / "segmentation.nii.gz"
         write_image(seg, study.geometry, seg_path)
-        dicom_seg = write_segmentation(seg, study.reference, self.card.labels, self.card.codes,
+        dicom_seg = write_segmentation(seg, study.reference, self.card.segments, self.card.codes,
                                        out_dir / "segmentation.seg.dcm", model_name=self.card.name,
                                        model_version=self.card.version)
-        volumes = label_volumes_ml(seg, study.geometry.spacing, self.card.labels)
+        volumes = label_volumes_ml(seg, study.geometry.spacing, self.card.segments)
         conf = confidence(result.probabilities, seg)
         drifted = scores = drift_json = None
         if self.drift_reference is not None and self.drift_thresholds:

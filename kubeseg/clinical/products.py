@@ -18,6 +18,7 @@ from kubeseg.clinical.label_codes import LabelCode, default_label_codes, load_la
 from kubeseg.clinical.qa import (VOLUME_RANGES_KEY, QAReport, QASettings, per_label_confidence, qa_flags,
                                  reference_metrics)
 from kubeseg.jsonio import read_json
+from kubeseg.labels import IGNORE_KEY
 
 SELECTION = "selection.json"
 
@@ -29,6 +30,8 @@ class ModelCard:
     labels: dict[str, int]
     codes: dict[str, LabelCode] = field(default_factory=dict)
     volume_ranges: Optional[dict] = None
+    # what a DICOM-SEG shows and a volume is reported for: the labels, or a region model's regions (lists)
+    segments: dict[str, "int | list[int]"] = field(default_factory=dict)
 
     @classmethod
     def from_bundle(cls, bundle: Optional[Path], labels: Mapping[str, int], name: str = "kubeseg",
@@ -37,8 +40,9 @@ class ModelCard:
         ranges = None
         if bundle is not None and (Path(bundle) / SELECTION).is_file():
             ranges = read_json(Path(bundle) / SELECTION).get(VOLUME_RANGES_KEY)
-        codes = load_label_codes(bundle, fg) if bundle is not None else default_label_codes(fg)
-        return cls(name, str(version), fg, codes, ranges)
+        segments = {k: v for k, v in labels.items() if k != IGNORE_KEY}
+        codes = load_label_codes(bundle, segments) if bundle is not None else default_label_codes(segments)
+        return cls(name, str(version), fg, codes, ranges, segments)
 
 
 def assess(segmentation: np.ndarray, probabilities: np.ndarray, spacing: Sequence[float], card: ModelCard,

@@ -14,6 +14,13 @@ never imports nnunetv2.
         -> OUT[str(i)] = fn(IN[array], shape, current, new, **kwargs)
     python tests/oracle/nnunet_coverage.py loss SPEC.json IN.npz OUT.npz
         -> nnunetv2's DC_and_CE_loss / DC_and_BCE_loss (regions, ignore label) on fixed inputs
+    python tests/oracle/nnunet_coverage.py postprocess SPEC.json
+        SPEC: [{"predictions": DIR, "references": DIR, "dataset_json": FILE}] -> nnunetv2's
+           determine_postprocessing on each (serially, no worker pools): DIR/postprocessing.json and the
+           postprocessed label maps in DIR/postprocessed/
+    python tests/oracle/nnunet_coverage.py batch JOBS.json
+        JOBS: [[SCRIPT, ACTION, ARG, ...], ...] with SCRIPT "coverage" (this file) or "model"
+           (tests/inference/nnunet_oracle.py): every job in this one process, so nnunetv2 is imported once
     python tests/oracle/nnunet_coverage.py network PLANS.json DATASET.json CONFIG OUT.npz [--seed 0] [--weights CKPT]
         -> the network nnunetv2 builds from the plans (its own init, seeded): every state_dict tensor
            (``w:<key>``) and its logits (deep supervision off) for a fixed input (``input``, ``logits``);
@@ -48,8 +55,10 @@ def plan(a) -> int:
         link.symlink_to(Path(a.raw).resolve())
     os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "preprocessed"),
                       nnUNet_results=str(work / "results"))
+    _set_nnunet_paths()  # in a batch, nnunetv2 may have been imported already
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
 
+    _serial_pools()
     if not (work / "preprocessed" / name / "dataset_fingerprint.json").is_file():
         extractor = DatasetFingerprintExtractor(name, a.num_workers)
         extractor.show_progress_bar = False
@@ -199,6 +208,99 @@ def loss(a) -> int:
     return 0
 
 
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def ready(self) -> bool:
+        return True
+
+    def get(self, timeout=None):
+        return self.value
+
+
+class _SerialPool:
+    """Stands in for a multiprocessing pool: the same calls, in this process (no spawned workers to start,
+    each of which would import nnunetv2 again)."""
+
+    _pool: list = []  # no workers to watch
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def starmap(self, fn, iterable):
+        return [fn(*args) for args in iterable]
+
+    def starmap_async(self, fn, iterable):
+        return _Done(self.starmap(fn, iterable))
+
+
+class _SerialMultiprocessing:
+    class _Context:
+        Pool = _SerialPool
+
+    @staticmethod
+    def get_context(_method=None):
+        return _SerialMultiprocessing._Context
+
+
+def _serial_pools() -> None:
+    """nnunetv2's fingerprint extraction and postprocessing decision without worker processes."""
+    import nnunetv2.evaluation.evaluate_predictions as evaluation
+    import nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor as fingerprint
+    import nnunetv2.postprocessing.remove_connected_components as pp
+
+    evaluation.multiprocessing = pp.multiprocessing = fingerprint.multiprocessing = _SerialMultiprocessing
+
+
+def postprocess(a) -> int:
+    """nnunetv2's postprocessing decision (determine_postprocessing) on folders of label maps."""
+    import nnunetv2.postprocessing.remove_connected_components as pp
+
+    _serial_pools()
+    for job in json.loads(Path(a.spec).read_text()):
+        plans = {"plans_name": "oracle", "image_reader_writer": "SimpleITKIO", "configurations": {}}
+        dataset_json = json.loads(Path(job["dataset_json"]).read_text())
+        with contextlib.redirect_stdout(io.StringIO()):
+            pp.determine_postprocessing(job["predictions"], job["references"], plans, dataset_json, num_processes=1,
+                                        keep_postprocessed_files=True)
+    return 0
+
+
+def _set_nnunet_paths() -> None:
+    """nnunetv2 reads its folder variables once, at import; a batch job that moved them updates every copy."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("nnunetv2"):
+            for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+                if hasattr(module, var):
+                    setattr(module, var, os.environ.get(var))
+
+
+def batch(a) -> int:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nnunet_oracle", Path(__file__).resolve().parents[1] / "inference"
+                                                  / "nnunet_oracle.py")
+    model_oracle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_oracle)
+    _serial_pools()
+    for job in json.loads(Path(a.jobs).read_text()):
+        script, argv = job[0], [str(x) for x in job[1:]]
+        if script == "model" and argv[0] == "make-model":  # sets the folder variables before nnunetv2 reads them
+            model_oracle._env(Path(argv[2]).resolve())
+            _set_nnunet_paths()
+        code = (model_oracle.main if script == "model" else main)(argv)
+        if code:
+            return code
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="action", required=True)
@@ -226,6 +328,10 @@ def main(argv=None) -> int:
     pl.add_argument("spec")
     pl.add_argument("inputs")
     pl.add_argument("out")
+    po = sub.add_parser("postprocess")
+    po.add_argument("spec")
+    pb = sub.add_parser("batch")
+    pb.add_argument("jobs")
     pn = sub.add_parser("network")
     pn.add_argument("plans")
     pn.add_argument("dataset_json")
@@ -235,7 +341,7 @@ def main(argv=None) -> int:
     pn.add_argument("--weights", help="also load this checkpoint (strictly) and save its logits")
     a = p.parse_args(argv)
     return {"plan": plan, "preprocess": preprocess, "resample": resample, "network": network,
-            "loss": loss}[a.action](a)
+            "loss": loss, "postprocess": postprocess, "batch": batch}[a.action](a)
 
 
 if __name__ == "__main__":
