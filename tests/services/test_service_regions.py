@@ -5,8 +5,8 @@
   ``/segment`` label map agrees with nnunetv2's own prediction (>= 99.9 % of voxels, the same rule
   applied), ``/segment_summary`` gives one volume per region, and a DICOM input gets a DICOM-SEG
   with one (overlapping) segment per region;
-* a ResEnc model (``ResidualEncoderUNet``): ``kubeseg import-nnunet``, then ``kubeseg predict`` on
-  the bundle agrees with nnunetv2's prediction.
+* a ResEnc model (``ResidualEncoderUNet``): ``kubeseg import-nnunet``, then the service's ``/segment``
+  agrees with nnunetv2's prediction (``kubeseg predict`` on nnunetv2's folder: tests/test_parity_regions.py).
 
 nnunetv2's models and predictions come from tests/oracle/nnunet_models.py (one oracle process per
 session, shared with tests/test_parity_regions.py).
@@ -120,8 +120,11 @@ def test_region_model_from_nnunet_served(tmp_path_factory, tmp_path):
     assert masks["organ"].any() and (masks["organ"] & ~masks["body"]).sum() == 0  # overlapping, nested
 
 
-def test_resenc_model_from_nnunet_imported_and_predicted(tmp_path_factory, tmp_path):
-    from kubeseg.cli import main as cli
+def test_resenc_model_from_nnunet_imported_and_served(tmp_path_factory, tmp_path):
+    import requests
+
+    from services.auth import new_key
+    from tests.services.servers import bentoml_server
 
     made, _ = nnunet_models(tmp_path_factory)
     _, raw, root, model, image = made["resenc"]
@@ -129,11 +132,17 @@ def test_resenc_model_from_nnunet_imported_and_predicted(tmp_path_factory, tmp_p
     assert plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"].endswith(
         "ResidualEncoderUNet")
     bundle = _import(model, tmp_path / "bundle")
-    out = tmp_path / "pred"
-    assert cli(["predict", "-i", str(image.parent), "-o", str(out), "-m", str(bundle), "--device", "cpu",
-                "--disable-tta"]) == 0
+    key, key_line = new_key("resenc-test")
+    env = {"KUBESEG_MODEL_BUNDLE": str(bundle), "KUBESEG_DEVICE": "cpu", "KUBESEG_TTA": "false",
+           "OMP_NUM_THREADS": "1", "KUBESEG_API_KEYS": key_line, "KUBESEG_MODEL_SIGNATURES": "disabled",
+           "KUBESEG_REVIEW_QUEUE_DIR": str(tmp_path / "queue"), "PYTHONPATH": str(Path.cwd())}
+    with bentoml_server(tmp_path, env) as service:
+        r = requests.post(f"{service.url}/segment", files=[("images", (image.name, image.read_bytes()))],
+                          headers={"Authorization": f"Bearer {key}"}, timeout=300)
+        assert r.status_code == 200, r.text[:300]
+    (tmp_path / "answer.nii.gz").write_bytes(r.content)
     case = image.name[: -len("_0000.nii.gz")]
-    ours, ref = _labels(out / f"{case}.nii.gz"), _labels(root / "nnunet_pred" / f"{case}.nii.gz")
+    ours, ref = _labels(tmp_path / "answer.nii.gz"), _labels(root / "nnunet_pred" / f"{case}.nii.gz")
     agreement = float((ours == ref).mean())
-    print(f"ResEnc model through import-nnunet + predict: agreement with nnunetv2 {agreement:.6f}")
+    print(f"ResEnc model through import-nnunet + the service: agreement with nnunetv2 {agreement:.6f}")
     assert len(np.unique(ref)) > 1 and agreement >= AGREEMENT
