@@ -22,6 +22,7 @@ import bentoml
 from bentoml.exceptions import BentoMLException
 
 from services.auth import AuthMiddleware, warn_if_disabled
+from services import review_page
 from services.clinical import Clinical, ClinicalSettings, parse_series, read_reference, wants_dicom_seg, zip_files
 from services.decode import BadInput, Limits
 from services.metrics import STAGES, RollingWindow, service_metrics
@@ -303,5 +304,7 @@ def _count_refusal() -> None:
 # first added = outermost: a request is authenticated (deny by default, services/auth.py) before anything else
 Segmentation.add_asgi_middleware(AuthMiddleware, settings=SETTINGS.auth, on_refusal=_count_refusal)
 Segmentation.add_asgi_middleware(ReadyWithVersion)
+# the review page (static files, /review/ui/; services/review_page.py)
+review_page.mount(Segmentation)
 Segmentation.add_asgi_middleware(RequestBodyLimit, max_bytes=SETTINGS.max_request_bytes,
                                   paths=("/segment", "/segment_summary", "/segment_report"))
