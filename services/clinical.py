@@ -7,7 +7,10 @@ card cache, the review queue and HTTP errors. Settings (environment):
 * ``KUBESEG_QA_MIN_CONFIDENCE``, ``KUBESEG_QA_MIN_DICE``, ``KUBESEG_QA_MAX_HD95_MM``,
   ``KUBESEG_QA_VOLUME_MARGIN`` — :class:`kubeseg.clinical.qa.QASettings`;
 * ``KUBESEG_REVIEW_QUEUE_DIR`` (default ``<tmp>/kubeseg-review-queue``), ``KUBESEG_REVIEW_QUEUE_MAX``
-  (10000 entries).
+  (1000 cases), ``KUBESEG_REVIEW_QUEUE_MAX_BYTES`` (10 GiB of case files), and the active-learning rule
+  (:class:`services.review_queue.QueueRule`): a QA-flagged or low-confidence case is queued with its
+  input channels, predicted label map (NIfTI, the input's geometry; for DICOM input the NIfTI made from
+  the series) and summary, for ``/review`` (:mod:`services.review_api`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from kubeseg.clinical.products import ModelCard, assess, identifiers, source_ser
 from kubeseg.clinical.qa import QAReport, QASettings, most_uncertain_label
 
 from services.decode import _ENDING, BadInput, sniff
-from services.review_queue import ReviewQueue
+from services.review_queue import QueueRule, ReviewQueue
 
 if TYPE_CHECKING:  # type names only: importing them pulls the registry client
     from services.model_source import ServedModel
@@ -45,15 +48,24 @@ OUTPUTS = ("nifti", "dicom-seg")
 class ClinicalSettings:
     qa: QASettings
     review_queue_dir: Path
-    review_queue_max: int = 10000
+    review_queue_max: int = 1000
+    review_queue_max_bytes: int = 10 * 2 ** 30
+    review_rule: QueueRule = QueueRule()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "ClinicalSettings":
         folder = env.get("KUBESEG_REVIEW_QUEUE_DIR") or str(Path(tempfile.gettempdir()) / "kubeseg-review-queue")
-        raw = env.get("KUBESEG_REVIEW_QUEUE_MAX") or "10000"
-        if not raw.isdigit() or int(raw) < 1:
-            raise ValueError(f"KUBESEG_REVIEW_QUEUE_MAX={raw!r} must be a positive integer")
-        return cls(QASettings.from_env(env), Path(folder), int(raw))
+        bounds = []
+        for name, default in (("KUBESEG_REVIEW_QUEUE_MAX", cls.review_queue_max),
+                              ("KUBESEG_REVIEW_QUEUE_MAX_BYTES", cls.review_queue_max_bytes)):
+            raw = env.get(name) or str(default)
+            if not raw.isdigit() or int(raw) < 1:
+                raise ValueError(f"{name}={raw!r} must be a positive integer")
+            bounds.append(int(raw))
+        return cls(QASettings.from_env(env), Path(folder), bounds[0], bounds[1], QueueRule.from_env(env))
+
+    def queue(self) -> ReviewQueue:
+        return ReviewQueue(self.review_queue_dir, self.review_queue_max, self.review_queue_max_bytes)
 
 
 def wants_dicom_seg(output: Optional[str], accept: Optional[str]) -> bool:
@@ -90,7 +102,8 @@ class Clinical:
     def __init__(self, settings: ClinicalSettings, metrics):
         self.settings = settings
         self.metrics = metrics
-        self.queue = ReviewQueue(settings.review_queue_dir, settings.review_queue_max)
+        self.queue = settings.queue()
+        metrics.review_queue_length.set(self.queue.pending())  # the series exists before any review
         self._cards: dict[tuple, ModelCard] = {}
         self._lock = threading.Lock()
 
@@ -116,15 +129,45 @@ class Clinical:
         outcome.summary["qa"] = _json_safe(qa.to_json())
         for f in qa.flags:
             self.metrics.qa_flags.labels(f.flag).inc()
-        if qa.flagged:
-            entry = {"endpoint": endpoint, "model": outcome.summary.get("model"),
-                     "input": outcome.summary.get("input"), "volumes_ml": outcome.summary.get("volumes_ml"),
-                     "confidence": outcome.summary.get("confidence"), "qa": outcome.summary["qa"]}
-            if outcome.image is not None and outcome.image.dicom is not None:
-                entry["dicom"] = identifiers(outcome.image.dicom)
-            outcome.summary["qa"]["review_id"] = self.queue.put(entry)
+        reasons = self.settings.review_rule.reasons(
+            outcome.confidence, qa.flagged, self.queue.observe(outcome.confidence, self.settings.review_rule.window))
+        if reasons:
+            outcome.summary["qa"]["review_id"] = self.enqueue(outcome, model, endpoint, reasons)
             self.metrics.review_queued.inc()
+            self.metrics.review_queue_length.set(self.queue.pending())
         return qa
+
+    def enqueue(self, outcome: Outcome, model: ServedModel, endpoint: str, reasons: list[str]) -> str:
+        """Put a case on the review queue with its input channels, predicted label map (NIfTI, the
+        input's geometry) and summary; returns its id."""
+        from kubeseg.imageio import write_image
+
+        summary = _json_safe(outcome.summary)
+        qa = summary.get("qa") or {}
+        entry = {"endpoint": endpoint, "reasons": reasons, "model": _model_of(summary, model),
+                 "input": summary.get("input"), "volumes_ml": summary.get("volumes_ml"),
+                 "confidence": summary.get("confidence"), "qa": qa, "drift": summary.get("drift"),
+                 "qa_flags": [f["flag"] + (f":{f['label']}" if f.get("label") else "") for f in qa.get("flags", [])],
+                 "labels": {str(v): k for k, v in model.labels.items() if not isinstance(v, list)},
+                 "dataset_labels": dict(model.spec.raw.get("labels") or model.labels),
+                 "label_values": [int(v) for v in model.spec.label_values],
+                 "channel_names": {str(k): v for k, v in model.spec.channel_names.items()}, "channels": 0}
+        if outcome.image is not None and outcome.image.dicom is not None:
+            entry["dicom"] = identifiers(outcome.image.dicom)
+        files: dict[str, Path] = {}
+        with tempfile.TemporaryDirectory(prefix=".stage-", dir=_mkdir(self.queue.folder)) as tmp:
+            if outcome.image is not None and outcome.segmentation is not None:
+                for c, channel in enumerate(outcome.image.data):
+                    files[f"image_{c:04d}.nii.gz"] = Path(tmp) / f"image_{c:04d}.nii.gz"
+                    write_image(_compact(channel), outcome.image.geometry, files[f"image_{c:04d}.nii.gz"])
+                files["segmentation.nii.gz"] = Path(tmp) / "segmentation.nii.gz"
+                write_image(outcome.segmentation.astype(np.uint8 if outcome.segmentation.max(initial=0) < 256
+                                                        else np.int16), outcome.image.geometry,
+                            files["segmentation.nii.gz"])
+                entry["channels"] = int(outcome.image.data.shape[0])
+            files["summary.json"] = Path(tmp) / "summary.json"
+            files["summary.json"].write_text(json.dumps(summary, indent=1))
+            return self.queue.put(entry, files)
 
     # -- on request -----------------------------------------------------------------------------------
     def dicom_seg(self, outcome: Outcome, model: ServedModel, work: Path) -> Path:
@@ -149,6 +192,9 @@ class Clinical:
                                label, self.card(model).labels[label])
         nii, png = work / "saliency.nii.gz", work / "saliency.png"
         write_saliency(sal, outcome.image.data[0], outcome.image.geometry, nii, png)
+        review_id = outcome.summary.get("qa", {}).get("review_id")
+        if review_id:  # a queued case keeps its saliency map for the reviewer
+            self.queue.attach(review_id, "saliency.nii.gz", nii)
         info = {"label": label, "peak_slice": sal.peak_slice, "seconds": round(sal.seconds, 3)}
         outcome.summary["saliency"] = info
         return nii, png, info
@@ -208,6 +254,29 @@ def zip_files(files: list[Path], summary: dict, target: Path) -> Path:
         zf.writestr("summary.json", json.dumps(_json_safe(summary), indent=1))
     target.write_bytes(buf.getvalue())
     return target
+
+
+def _model_of(summary: dict, model: ServedModel) -> dict:
+    """``{"name", "version"[, "semver"]}`` of the model that made the prediction."""
+    m = dict(summary.get("model") or {"name": model.name, "version": model.version})
+    semver = m.get("semver") or getattr(model, "semver", None)
+    out = {"name": m.get("name"), "version": m.get("version")}
+    if semver:
+        out["semver"] = semver
+    return out
+
+
+def _compact(channel: np.ndarray) -> np.ndarray:
+    """int16 when every voxel is an integer in its range (CT, most MR): half the bytes of float32."""
+    if channel.size and np.all(np.isfinite(channel)) and -32768 <= channel.min() and channel.max() <= 32767 \
+            and np.array_equal(np.rint(channel), channel):
+        return channel.astype(np.int16)
+    return channel
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _json_safe(x):

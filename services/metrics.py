@@ -38,6 +38,8 @@ class ServiceMetrics:
     gpu_memory: object
     qa_flags: object
     review_queued: object
+    review_queue_length: object
+    reviews: object
     auth_refusals: object
     signature_refusals: object
 
@@ -89,7 +91,12 @@ def service_metrics() -> ServiceMetrics:
                                  ["device", "kind"], multiprocess_mode="livesum"),
                 qa_flags=Counter("kubeseg_qa_flags_total", "QA flags raised, by flag (kubeseg.clinical.qa.FLAGS)",
                                  ["flag"]),
-                review_queued=Counter("kubeseg_review_queued_total", "Flagged cases put on the review queue"),
+                review_queued=Counter("kubeseg_review_queued_total",
+                                      "Cases put on the review queue (QA-flagged or low confidence)"),
+                review_queue_length=Gauge("kubeseg_review_queue_length", "Cases on the review queue waiting for a "
+                                          "review (status pending)", multiprocess_mode="mostrecent"),
+                reviews=Counter("kubeseg_reviews_total", "Reviews by outcome (approve|reject|correct) and the "
+                                "reviewed prediction's model version", ["outcome", "model_version"]),
                 auth_refusals=Counter("kubeseg_auth_refusals_total",
                                       "Requests refused for a missing or invalid credential (401) or scope (403)"),
                 signature_refusals=Counter("kubeseg_model_signature_refusals_total",

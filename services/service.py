@@ -27,6 +27,7 @@ from services.clinical import Clinical, ClinicalSettings, parse_series, read_ref
 from services.decode import BadInput, Limits
 from services.metrics import STAGES, RollingWindow, service_metrics
 from services.model_source import ModelHolder, ServedModel
+from services.review_api import FeedbackSettings, ReviewRoutes
 from services.segmenter import Outcome, RequestOptions, segment_request
 from services.settings import ServiceSettings, describe
 
@@ -36,6 +37,7 @@ log = logging.getLogger("kubeseg.service")
 logging.getLogger("kubeseg").setLevel(logging.INFO)
 SETTINGS = ServiceSettings.from_env()  # at import: a bad setting stops `bentoml serve` with its name
 CLINICAL = ClinicalSettings.from_env()  # QA thresholds and the review queue (services.clinical)
+FEEDBACK = FeedbackSettings.from_env()  # where reviewed cases go (services.review_api)
 _TMP_PREFIX = re.compile(r"^tmp[A-Za-z0-9_]{8}")
 
 
@@ -308,3 +310,5 @@ Segmentation.add_asgi_middleware(ReadyWithVersion)
 review_page.mount(Segmentation)
 Segmentation.add_asgi_middleware(RequestBodyLimit, max_bytes=SETTINGS.max_request_bytes,
                                   paths=("/segment", "/segment_summary", "/segment_report"))
+# the review queue and POST /feedback (inside the authentication; other paths pass through)
+Segmentation.add_asgi_middleware(ReviewRoutes, clinical=CLINICAL, settings=FEEDBACK)
