@@ -44,6 +44,8 @@ def built() -> bool:
 def ui_app():
     """The Starlette app serving the page's files (``GET /ui/`` and its files; ``/ui`` redirects)."""
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.gzip import GZipMiddleware
     from starlette.responses import FileResponse, JSONResponse, RedirectResponse
     from starlette.routing import Route
 
@@ -62,7 +64,8 @@ def ui_app():
     routes = [Route("/ui", to_page, methods=["GET", "HEAD"]),
               Route(PAGE, serve("index.html"), methods=["GET", "HEAD"])]
     routes += [Route(f"{PAGE}{name}", serve(name), methods=["GET", "HEAD"]) for name in SHELL_FILES]
-    return Starlette(routes=routes)
+    # the bundle is 2.3 MB, 0.8 MB gzipped
+    return Starlette(routes=routes, middleware=[Middleware(GZipMiddleware, minimum_size=1024)])
 
 
 def mount(service) -> None:

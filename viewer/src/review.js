@@ -19,7 +19,7 @@ const nv = new Niivue({
   show3Dcrosshair: false,
   dragAndDropEnabled: false,
   isColorbar: false,
-  crosshairColor: [0.25, 0.8, 1, 1],
+  crosshairColor: [0.25, 0.8, 1, 0.35], // translucent: the crosshair is one voxel wide
   crosshairWidth: 1,
 });
 
@@ -96,7 +96,7 @@ async function loadQueue() {
       body.append(row);
     }
     if (!items.length) body.append(el("tr", {}, el("td", { colspan: 5 }, "The queue is empty.")));
-    if (document.body.dataset.state !== "case") setState("queue");
+    if (!state.caseId) setState("queue");
     return items;
   } catch (e) {
     onApiError(e);
@@ -205,8 +205,8 @@ async function decide(decision, extra = {}) {
     $("submit-correction").disabled = true;
     say(`${r.decision} recorded for ${r.case_id.slice(0, 12)} by ${r.by} (model ${r.model_version})` +
       (r.stored_as ? `; stored as ${r.stored_as}` : ""), "ok");
-    setState("sent");
     await loadQueue();
+    setState("sent");
     return r;
   } catch (e) {
     setState("case");
