@@ -19,8 +19,8 @@ const nv = new Niivue({
   show3Dcrosshair: false,
   dragAndDropEnabled: false,
   isColorbar: false,
-  crosshairColor: [0.25, 0.8, 1, 0.35], // translucent: the crosshair is one voxel wide
-  crosshairWidth: 1,
+  crosshairColor: [0.25, 0.8, 1, 1],
+  crosshairWidth: 0.2, // in voxels: a thin line on a zoomed-in small volume
 });
 
 function setState(s) {
