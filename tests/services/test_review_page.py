@@ -14,8 +14,11 @@ painted voxels.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import shutil
+import zipfile
 import subprocess
 from pathlib import Path
 
@@ -119,11 +122,17 @@ def stack(tmp_path_factory):
         if len(cases) < 3:
             cases = (cases + sorted((made["raw"] / "imagesTr").iterdir()))[:3]
         ids = []
-        for case in cases:
-            r = _client().post(f"{service.url}/segment_summary", timeout=300,
-                               files=[("images", (case.name, case.read_bytes(), "application/octet-stream"))])
-            assert r.status_code == 200, r.text[:300]
-            ids.append(r.json()["qa"]["review_id"])
+        for n, case in enumerate(cases):
+            files = [("images", (case.name, case.read_bytes(), "application/octet-stream"))]
+            if n < 2:
+                r = _client().post(f"{service.url}/segment_summary", timeout=300, files=files)
+                assert r.status_code == 200, r.text[:300]
+                ids.append(r.json()["qa"]["review_id"])
+            else:  # the third with a saliency map (a zip: label map, saliency NIfTI and PNG, summary.json)
+                r = _client().post(f"{service.url}/segment", timeout=300, files=files, data={"saliency": "true"})
+                assert r.status_code == 200, r.text[:300]
+                with zipfile.ZipFile(io.BytesIO(r.content)) as z:
+                    ids.append(json.loads(z.read("summary.json"))["qa"]["review_id"])
         yield {"url": service.url, "root": root, "ids": ids, "cases": dict(zip(ids, cases)), "service": service}
 
 
@@ -317,7 +326,14 @@ def test_approve_and_reject(stack, page):
     assert case["status"] == "approved" and case["review"]["by"] == WHO
     assert pg.inner_text(f"#queue tbody tr[data-id='{approve_id}'] td:last-child") == "approved"
 
-    _open(pg, reject_id)
+    _open(pg, reject_id)  # the case with a saliency map: a layer the reviewer can show
+    assert _get_json(stack, f"/review/cases/{reject_id}")["saliency"] is True
+    assert pg.is_visible("#saliency-toggle") and "computed" in pg.inner_text("#facts")
+    before = _canvas_shot(pg)
+    pg.check("#saliency")
+    pg.wait_for_timeout(300)
+    assert np.abs(_canvas_shot(pg) - before).max(-1).astype(bool).mean() > 0.01  # the heat map shows
+    pg.uncheck("#saliency")
     pg.click("#reject")  # no reason: refused by the page, nothing sent
     assert "needs a reason" in pg.inner_text("#message")
     assert _get_json(stack, f"/review/cases/{reject_id}")["status"] == "pending"

@@ -90,7 +90,8 @@ async function loadQueue() {
     for (const it of items) {
       const row = el("tr", { "data-id": it.id, class: it.id === state.caseId ? "open" : "" },
         el("td", { title: it.id }, it.id.slice(0, 10)), el("td", {}, fmt(it.confidence)),
-        el("td", {}, flagChips(it.qa_flags)), el("td", {}, modelText(it.model)),
+        el("td", {}, flagChips(it.qa_flags)),
+        el("td", { title: modelText(it.model) }, it.model ? `v${it.model.version ?? "?"}` : "–"),
         el("td", { class: `status-${it.status}` }, it.status));
       row.addEventListener("click", () => openCase(it.id));
       body.append(row);
@@ -128,6 +129,7 @@ function showFacts(item) {
   add("status", item.status);
   add("queued", item.queued_at ? new Date(item.queued_at * 1000).toISOString().replace(".000", "") : "–");
   add("model", modelText(item.model));
+  if (item.reasons && item.reasons.length) add("queued because", item.reasons.join(", "));
   add("confidence", fmt(item.confidence));
   add("QA flags", item.qa_flags && item.qa_flags.length ? flagChips((item.qa && item.qa.flags) || item.qa_flags)
     : "none");
