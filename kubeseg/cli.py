@@ -398,6 +398,74 @@ def cmd_models_download(a) -> int:
     return 0
 
 
+def cmd_review_queue(a) -> int:
+    from kubeseg.review_client import fetch_queue, queue_table
+    from kubeseg.workflow import text_table
+
+    key = (os.environ.get(a.api_key_env) or None) if a.api_key_env else None  # unset: the service says 401
+    items = fetch_queue(a.url, key, a.limit, a.status)
+    if a.json:
+        import json
+
+        print(json.dumps(items, indent=1))
+    else:
+        print(text_table(*queue_table(items)) if items else "the review queue is empty")
+    return 0
+
+
+def cmd_review_export(a) -> int:
+    from kubeseg.feedback_store import FeedbackStore, RefreshRule
+
+    rule = RefreshRule.from_env()
+    rule = RefreshRule(a.batch_size or rule.batch_size,
+                       a.min_corrected if a.min_corrected is not None else rule.min_corrected_fraction)
+    out = FeedbackStore(a.store, rule).export(a.to, a.file_ending, all_labelled=a.all, overwrite=a.overwrite)
+    print(f"{len(out['cases'])} reviewed case(s) of batch(es) {[b['batch'] for b in out['batches']]} "
+          f"written to {out['dataset']} (feedback log: feedback.jsonl)")
+    return 0
+
+
+def cmd_review_batches(a) -> int:
+    from kubeseg.feedback_store import FeedbackStore, RefreshRule
+    from kubeseg.workflow import text_table
+
+    store = FeedbackStore(a.store, RefreshRule.from_env())
+    rows = [[str(b["batch"]), f"{b['reviewed']}/{b['size']}", str(b["corrected"]), "yes" if b["marked"] else "no"]
+            for b in (x.to_json(store.rule) for x in store.batches())]
+    print(text_table(["batch", "reviewed", "corrected", "marked"], rows) if rows else "no labelled review yet")
+    return 0
+
+
+def _review_parsers(sub) -> None:
+    rv = sub.add_parser("review", help="the service's review queue, and reviewed cases for the next fine-tune") \
+        .add_subparsers(dest="review_cmd", required=True)
+    p = rv.add_parser("queue", help="list the service's review queue (id, confidence, QA flags, model, status)")
+    p.add_argument("--url", default=_env("SERVICE_URL", "http://127.0.0.1:3000"),
+                   help="the segmentation service (env KUBESEG_SERVICE_URL)")
+    p.add_argument("--api-key-env", default="KUBESEG_API_KEY",
+                   help="environment variable holding the API key or token (default KUBESEG_API_KEY; '' for none)")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--status", choices=["pending", "approved", "rejected", "corrected"], default=None)
+    p.add_argument("--json", action="store_true", help="print the items as JSON")
+    p.set_defaults(fn=cmd_review_queue)
+    store_help = "the feedback store: a folder or s3://bucket/prefix (env KUBESEG_FEEDBACK_STORE)"
+    p = rv.add_parser("export", help="write the cases of batches marked by the correction rule as a raw dataset "
+                                     "for `kubeseg dataset merge`")
+    p.add_argument("--store", default=_env("FEEDBACK_STORE"), required=_env("FEEDBACK_STORE") is None, help=store_help)
+    p.add_argument("--to", required=True, help="the new raw-dataset folder (imagesTr, labelsTr, feedback.jsonl)")
+    p.add_argument("--batch-size", type=int, default=None, help="for batches not yet started (env "
+                                                                "KUBESEG_FEEDBACK_BATCH_SIZE, 20)")
+    p.add_argument("--min-corrected", type=float, default=None,
+                   help="share of a batch's cases that needed correction (env KUBESEG_FEEDBACK_MIN_CORRECTED_FRACTION, 0.3)")
+    p.add_argument("--all", action="store_true", help="every approved or corrected case, marked or not")
+    p.add_argument("--file-ending", default=".nii.gz", help="the raw dataset's file ending (converted if not .nii.gz)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_review_export)
+    p = rv.add_parser("batches", help="review batches: reviewed, corrected, marked for the next refresh")
+    p.add_argument("--store", default=_env("FEEDBACK_STORE"), required=_env("FEEDBACK_STORE") is None, help=store_help)
+    p.set_defaults(fn=cmd_review_batches)
+
+
 # ---- parser ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -717,6 +785,7 @@ def _pipeline_parsers(sub) -> None:
     p.add_argument("--reason", default=None, help="why (recorded with who, in the registry and the audit log)")
     _tracking_flag(p)
     p.set_defaults(fn=cmd_models_rollback)
+    _review_parsers(sub)
     p = mo.add_parser("download", help="download a version (number or alias) and verify its checksums")
     p.add_argument("--name", required=True)
     p.add_argument("--ref", default="champion", help="version number or alias")

@@ -193,7 +193,8 @@ class FolderBackend(Backend):
         base = self._path(prefix.rstrip("/")) if prefix else self.root
         if not base.is_dir():
             return []
-        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*") if p.is_file() and not p.name.startswith("."))
+        return sorted(str(p.relative_to(self.root)) for p in base.rglob("*")
+                      if p.is_file() and not p.name.startswith("."))
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

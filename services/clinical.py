@@ -7,7 +7,7 @@ card cache, the review queue and HTTP errors. Settings (environment):
 * ``KUBESEG_QA_MIN_CONFIDENCE``, ``KUBESEG_QA_MIN_DICE``, ``KUBESEG_QA_MAX_HD95_MM``,
   ``KUBESEG_QA_VOLUME_MARGIN`` — :class:`kubeseg.clinical.qa.QASettings`;
 * ``KUBESEG_REVIEW_QUEUE_DIR`` (default ``<tmp>/kubeseg-review-queue``), ``KUBESEG_REVIEW_QUEUE_MAX``
-  (1000 cases), ``KUBESEG_REVIEW_QUEUE_MAX_BYTES`` (10 GiB of case files), and the active-learning rule
+  (1000 cases), ``KUBESEG_REVIEW_QUEUE_MAX_BYTES`` (1 GiB of case files), and the active-learning rule
   (:class:`services.review_queue.QueueRule`): a QA-flagged or low-confidence case is queued with its
   input channels, predicted label map (NIfTI, the input's geometry; for DICOM input the NIfTI made from
   the series) and summary, for ``/review`` (:mod:`services.review_api`).
@@ -49,7 +49,7 @@ class ClinicalSettings:
     qa: QASettings
     review_queue_dir: Path
     review_queue_max: int = 1000
-    review_queue_max_bytes: int = 10 * 2 ** 30
+    review_queue_max_bytes: int = 2 ** 30  # under /tmp by default: a deployment points the folder at a volume
     review_rule: QueueRule = QueueRule()
 
     @classmethod
@@ -155,7 +155,7 @@ class Clinical:
         if outcome.image is not None and outcome.image.dicom is not None:
             entry["dicom"] = identifiers(outcome.image.dicom)
         files: dict[str, Path] = {}
-        with tempfile.TemporaryDirectory(prefix=".stage-", dir=_mkdir(self.queue.folder)) as tmp:
+        with tempfile.TemporaryDirectory(prefix=".tmp-stage.", dir=_mkdir(self.queue.cases)) as tmp:
             if outcome.image is not None and outcome.segmentation is not None:
                 for c, channel in enumerate(outcome.image.data):
                     files[f"image_{c:04d}.nii.gz"] = Path(tmp) / f"image_{c:04d}.nii.gz"

@@ -37,7 +37,8 @@ from kubeseg.feedback_store import (DECISIONS, STATUS, CorrectionError, Feedback
 log = logging.getLogger("kubeseg.review")
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_CASE = re.compile(r"^/review/cases/(?P<id>[^/]+)(?:/(?P<what>image|segmentation|saliency)(?:/(?P<channel>[^/]+))?)?/?$")
+_CASE = re.compile(r"^/review/cases/(?P<id>[^/]+)"
+                   r"(?:/(?P<what>image|segmentation|saliency)(?:/(?P<channel>[^/]+))?)?/?$")
 MAX_REASON = 2000
 PUBLIC = ("id", "queued_at", "confidence", "qa_flags", "model", "volumes_ml", "status", "reasons", "review")
 
@@ -139,7 +140,14 @@ class ReviewApi:
             if item.get("status", "pending") != "pending" or self.store.reviewed(case_id) is not None:
                 raise Refusal(409, f"case {case_id} was already reviewed ({item.get('status')})")
             with tempfile.TemporaryDirectory(prefix="kubeseg-feedback-") as tmp:
-                return self._record(item, decision, reason.strip(), upload, who, Path(tmp))
+                try:
+                    return self._record(item, decision, reason.strip(), upload, who, Path(tmp))
+                except (Refusal, CorrectionError):
+                    raise
+                except Exception as e:  # noqa: BLE001 - the store (a volume, S3) failed: nothing was recorded
+                    log.exception("feedback on %s: the store %s failed", case_id, self.store.describe())
+                    raise Refusal(503, f"the feedback store {self.store.describe()} failed "
+                                       f"({type(e).__name__}); nothing was recorded, try again") from None
 
     def _record(self, item: dict, decision: str, reason: str, upload, who: str, work: Path) -> dict:
         case_id = item["id"]

@@ -18,7 +18,7 @@ A case's files are written into ``cases/.tmp-<id>`` and renamed into place befor
 appended, so a listed case always has its files. Everything that changes ``queue.jsonl`` holds an
 exclusive file lock (several service workers share the folder); rewrites go to a temporary file
 that is renamed over it. Bounds: ``max_items`` entries and ``max_bytes`` of case files
-(``KUBESEG_REVIEW_QUEUE_MAX``, 1000; ``KUBESEG_REVIEW_QUEUE_MAX_BYTES``, 10 GiB). Over a bound,
+(``KUBESEG_REVIEW_QUEUE_MAX``, 1000; ``KUBESEG_REVIEW_QUEUE_MAX_BYTES``, 1 GiB). Over a bound,
 entries are evicted, their files deleted: reviewed ones first (oldest first), then pending ones from
 the end of the review order (not flagged before flagged, highest confidence first, oldest first).
 """
@@ -113,7 +113,7 @@ def _eviction_order(item: dict) -> tuple:
 
 
 class ReviewQueue:
-    def __init__(self, folder: str | Path, max_items: int = 1000, max_bytes: int = 10 * 2 ** 30):
+    def __init__(self, folder: str | Path, max_items: int = 1000, max_bytes: int = 2 ** 30):
         if max_items < 1 or max_bytes < 1:
             raise ValueError("max_items and max_bytes must be at least 1")
         self.folder = Path(folder)
@@ -168,7 +168,8 @@ class ReviewQueue:
     # -- adding ----------------------------------------------------------------------------------------
     def put(self, entry: dict, files: Optional[Mapping[str, Path]] = None) -> str:
         """Queue one case (``files``: name → local file, moved into ``cases/<id>/``); returns its id."""
-        item = {"id": entry.get("id") or uuid.uuid4().hex, "queued_at": time.time(), "status": "pending", **entry}
+        item = {"queued_at": time.time(), "status": "pending", **entry}
+        item["id"] = entry.get("id") or uuid.uuid4().hex
         staged = None
         if files:
             self.cases.mkdir(parents=True, exist_ok=True)

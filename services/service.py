@@ -3,8 +3,10 @@
 Endpoints: ``POST /segment`` (image files in, the segmentation file out, in the input's format
 and geometry, or a DICOM-SEG for DICOM input), ``POST /segment_summary`` (the same work, a JSON
 summary out), ``POST /segment_report`` (a FHIR Bundle out; :mod:`services.clinical`), and BentoML's
-``/livez``, ``/readyz`` (503 until a model is loaded) and ``/metrics``. Settings come from
-``KUBESEG_*`` environment variables (:mod:`services.settings`); README lists them and the metrics.
+``/livez``, ``/readyz`` (503 until a model is loaded) and ``/metrics``; the review queue
+(``GET /review/queue``, ``/review/cases/...``) and ``POST /feedback`` (:mod:`services.review_api`).
+Settings come from ``KUBESEG_*`` environment variables (:mod:`services.settings`); README lists
+them and the metrics.
 """
 
 from __future__ import annotations

@@ -77,7 +77,8 @@ def test_rule_and_batches(tmp_path):
     assert [x["case_id"] for x in lines] == [f"r{i:02d}" for i in range(11)]
     assert {"by", "at", "model_version", "decision", "reason"} <= set(lines[2]) and lines[2]["decision"] == "reject"
     root = tmp_path / "store"
-    assert (root / "imagesTr" / "review_r00_0000.nii.gz").is_file() and (root / "labelsTr" / "review_r00.nii.gz").is_file()
+    assert (root / "imagesTr" / "review_r00_0000.nii.gz").is_file()
+    assert (root / "labelsTr" / "review_r00.nii.gz").is_file()
     assert not (root / "labelsTr" / "review_r02.nii.gz").exists()  # a reject stores no label
     with pytest.raises(FeedbackConflict, match="already reviewed"):
         _review(store2, tmp_path, "r01", "approve")
@@ -106,7 +107,7 @@ def test_export_is_a_dataset_that_merge_accepts(tmp_path):
     export = tmp_path / "export"
     assert sorted(p.name for p in (export / "labelsTr").iterdir()) == ["review_c2.nii.gz", "review_c3.nii.gz"]
     assert [json.loads(x)["case_id"] for x in (export / "feedback.jsonl").read_text().splitlines()] == ["c2", "c3"]
-    merged = merge_cases(raw, export, tmp_path / "merged")
+    merged = merge_cases(raw, export, tmp_path / "merged", num_workers=1)
     assert merged.added == ("review_c2", "review_c3") and merged.num_training == 4
     everything = store.export(tmp_path / "all", all_labelled=True)
     assert len(everything["cases"]) == 4
