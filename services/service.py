@@ -4,7 +4,8 @@ Endpoints: ``POST /segment`` (image files in, the segmentation file out, in the 
 and geometry, or a DICOM-SEG for DICOM input), ``POST /segment_summary`` (the same work, a JSON
 summary out), ``POST /segment_report`` (a FHIR Bundle out; :mod:`services.clinical`), and BentoML's
 ``/livez``, ``/readyz`` (503 until a model is loaded) and ``/metrics``; the review queue
-(``GET /review/queue``, ``/review/cases/...``) and ``POST /feedback`` (:mod:`services.review_api`).
+(``GET /review/queue``, ``/review/cases/...``) and ``POST /feedback`` (:mod:`services.review_api`), and
+the review page at ``/review/ui/`` (:mod:`services.review_page`).
 Settings come from ``KUBESEG_*`` environment variables (:mod:`services.settings`); README lists
 them and the metrics.
 """
