@@ -2,12 +2,12 @@
 the real service: Debian's Chromium through Playwright, `bentoml serve` with a tiny trained model,
 the real review API (services/review_api.py) and feedback store.
 
-One stack for the module: three scans segmented through /segment_summary (every case is queued:
-KUBESEG_REVIEW_CONFIDENCE_BELOW=1), then in the browser: the queue in the API's order; one case's
-overlay compared pixel by pixel with the label map's slice (SimpleITK's geometry, not NiiVue's);
-approve; reject (a reason is required); correct by painting with the mouse, after which the label
-map in the feedback store is on the input's grid and differs from the prediction exactly in the
-painted voxels.
+One stack for the module: three scans segmented (every case is queued:
+KUBESEG_REVIEW_CONFIDENCE_BELOW=1; the third through /segment with a saliency map), then in the
+browser: the queue in the API's order; one case's overlay compared pixel by pixel with the label
+map's slice (SimpleITK's geometry, not NiiVue's); the saliency layer; approve; reject (a reason is
+required); correct by painting with the mouse, after which the label map in the feedback store is
+on the input's grid and differs from the prediction only on the painted stroke.
 
 ``KUBESEG_REVIEW_SCREENSHOT=path.png`` also saves a screenshot of the page (README: docs/review-page.png).
 """
@@ -18,8 +18,8 @@ import io
 import json
 import os
 import shutil
-import zipfile
 import subprocess
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,6 @@ import SimpleITK as sitk
 from services import review_page
 from services.auth import new_key
 from tests.services.servers import bentoml_server, http_get
-
 
 CHROMIUM = os.environ.get("KUBESEG_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 REPO = Path(__file__).resolve().parents[2]
@@ -380,7 +379,7 @@ def test_correct_by_painting(stack, page):
     i_start, i_end = sorted((index[y, a + (b - a) // 4][0], index[y, a + (b - a) // 2][0]))
     painted = {(int(i), int(j), k) for i in range(i_start, i_end + 1)}
     assert len(painted) >= 3 and all(predicted[k, j, i] == 0 for i, j, _ in painted)
-    pen = int(sorted(int(v) for v in case_stack_labels(stack, case_id))[0])
+    pen = int(sorted(int(v) for v in _foreground_labels(stack, case_id))[0])
     pg.check("#edit")
     pg.select_option("#pen", str(pen))
     (x0, y0), (x1, y1) = (_canvas_xy(tile, seg, (i, j, k)) for i in (i_start, i_end))
@@ -414,5 +413,5 @@ def test_correct_by_painting(stack, page):
     assert pg.errors == []
 
 
-def case_stack_labels(stack, case_id: str) -> list[str]:
+def _foreground_labels(stack, case_id: str) -> list[str]:
     return [v for v in _get_json(stack, f"/review/cases/{case_id}")["labels"] if int(v) > 0]
