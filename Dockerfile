@@ -49,6 +49,10 @@ COPY kubeseg ./kubeseg
 COPY components ./components
 COPY pipelines ./pipelines
 COPY services ./services
+# the review page (services/review_ui/, served at /review/ui/) is bundled from viewer/ by `make viewer`
+# before the build (`make image` and `make image-cpu` do it; the image needs no node)
+RUN test -f services/review_ui/index.html -a -f services/review_ui/review.js \
+ || { echo "services/review_ui/ is missing: run 'make viewer' before building the image" >&2; exit 1; }
 # the import check: the build fails where a declared dependency is missing
 RUN pip install --no-deps -c torch-pin.txt . && rm -rf build *.egg-info \
  && python -c "import torch, kfp, mlflow, bentoml, prometheus_client, psycopg2, boto3, prometheus_flask_exporter, \

@@ -11,7 +11,7 @@ DEMO_DIR ?= demo_out
 ORACLE_VENV ?= .venv-oracle
 ORACLE_PY := $(ORACLE_VENV)/bin/python
 
-.PHONY: demo test bench install oracle clean
+.PHONY: demo test bench install oracle clean viewer
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,7 @@ oracle: $(ORACLE_VENV)/.oracle
 demo: $(VENV)/.demo
 	$(VENV)/bin/kubeseg demo --out-dir $(DEMO_DIR)
 
-test: $(VENV)/.test $(ORACLE_VENV)/.oracle
+test: $(VENV)/.test $(ORACLE_VENV)/.oracle viewer
 	KUBESEG_ORACLE_PYTHON=$(abspath $(ORACLE_PY)) PYTHONUTF8=1 $(PY) -m pytest -q
 
 bench: $(VENV)/.test $(ORACLE_VENV)/.oracle
@@ -52,6 +52,20 @@ bench: $(VENV)/.test $(ORACLE_VENV)/.oracle
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
+
+# `make viewer`: the review page (viewer/: NiiVue and esbuild from npm, versions locked in
+# viewer/package-lock.json) bundled into services/review_ui/, which the service serves at
+# /review/ui/ (services/review_page.py). Built, not committed; needs node >= 18 and npm
+# (Debian: nodejs npm). `npm ci` runs again only when the package files change.
+VIEWER_BUNDLE := services/review_ui/review.js
+viewer: $(VIEWER_BUNDLE)
+
+viewer/node_modules/.installed: viewer/package.json viewer/package-lock.json
+	cd viewer && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(VIEWER_BUNDLE): viewer/node_modules/.installed viewer/build.mjs $(wildcard viewer/src/*)
+	cd viewer && npm run --silent build
 
 # `make image`: the kubeseg image (Dockerfile: components, pipeline tasks, service, trigger, MLflow
 # server) and the BentoML Bento of the service (bentofile.yaml), containerized. Needs docker or
@@ -69,6 +83,7 @@ image:
 	@if ! $(CONTAINER_ENGINE) info >/dev/null 2>&1; then \
 	  echo "make image: '$(CONTAINER_ENGINE) info' fails: the container engine is not running or not reachable (start the docker daemon or the podman machine)" >&2; \
 	  exit 1; fi
+	$(MAKE) viewer
 	$(CONTAINER_ENGINE) build -t $(IMAGE) .
 	$(MAKE) $(VENV)/.base
 	$(PIP) install -q -c constraints.txt -e '.[serving,registry]'
@@ -95,6 +110,7 @@ TORCH_SPEC = $(if $(wildcard $(TORCH_WHEEL)),/wheels/$(notdir $(TORCH_WHEEL)),to
 .PHONY: image-cpu
 image-cpu:
 	@command -v $(PODMAN) >/dev/null || { echo "make image-cpu: podman not found (apt-get install podman debootstrap runc)" >&2; exit 1; }
+	$(MAKE) viewer
 	CONTAINER_ENGINE=$(PODMAN) docker/debian-base.sh $(CPU_BASE)
 	$(PODMAN) build $(PODMAN_FLAGS) --network host \
 	  $(if $(wildcard $(TORCH_WHEEL)),-v $(dir $(abspath $(TORCH_WHEEL))):/wheels:ro) \

@@ -4,7 +4,8 @@ Endpoints: ``POST /segment`` (image files in, the segmentation file out, in the 
 and geometry, or a DICOM-SEG for DICOM input), ``POST /segment_summary`` (the same work, a JSON
 summary out), ``POST /segment_report`` (a FHIR Bundle out; :mod:`services.clinical`), and BentoML's
 ``/livez``, ``/readyz`` (503 until a model is loaded) and ``/metrics``; the review queue
-(``GET /review/queue``, ``/review/cases/...``) and ``POST /feedback`` (:mod:`services.review_api`).
+(``GET /review/queue``, ``/review/cases/...``) and ``POST /feedback`` (:mod:`services.review_api`), and
+the review page at ``/review/ui/`` (:mod:`services.review_page`).
 Settings come from ``KUBESEG_*`` environment variables (:mod:`services.settings`); README lists
 them and the metrics.
 """
@@ -24,6 +25,7 @@ import bentoml
 from bentoml.exceptions import BentoMLException
 
 from services.auth import AuthMiddleware, warn_if_disabled
+from services import review_page
 from services.clinical import Clinical, ClinicalSettings, parse_series, read_reference, wants_dicom_seg, zip_files
 from services.decode import BadInput, Limits
 from services.metrics import STAGES, RollingWindow, service_metrics
@@ -307,6 +309,8 @@ def _count_refusal() -> None:
 # first added = outermost: a request is authenticated (deny by default, services/auth.py) before anything else
 Segmentation.add_asgi_middleware(AuthMiddleware, settings=SETTINGS.auth, on_refusal=_count_refusal)
 Segmentation.add_asgi_middleware(ReadyWithVersion)
+# the review page (static files, /review/ui/; services/review_page.py)
+review_page.mount(Segmentation)
 Segmentation.add_asgi_middleware(RequestBodyLimit, max_bytes=SETTINGS.max_request_bytes,
                                   paths=("/segment", "/segment_summary", "/segment_report"))
 # the review queue and POST /feedback (inside the authentication; other paths pass through)

@@ -13,6 +13,7 @@ from typing import Optional
 
 from kubeseg.drift import DriftSettings  # noqa: F401 - the engine owns the thresholds
 from kubeseg.input_budget import DEFAULT_MAX_RESAMPLED_VOXELS
+from services.review_page import SHELL_PATHS as REVIEW_PAGE_FILES
 
 
 class SettingsError(ValueError):
@@ -69,7 +70,8 @@ class AuthSettings:
     audience: Optional[str] = None
     api_keys_file: Optional[Path] = None
     api_keys: Optional[str] = None  # "<key id> <sha256 hex> [scope,scope]" lines, ";"-separated in env
-    open_paths: tuple[str, ...] = ("/livez", "/readyz", "/healthz", "/metrics")
+    # health and metrics; and the review page's static files (code, no data: services/review_page.py)
+    open_paths: tuple[str, ...] = ("/livez", "/readyz", "/healthz", "/metrics") + REVIEW_PAGE_FILES
     admin_paths: tuple[str, ...] = ("/model",)
     segment_scope: str = SEGMENT_SCOPE
     admin_scope: str = ADMIN_SCOPE

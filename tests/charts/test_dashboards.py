@@ -40,6 +40,8 @@ METRICS = {
     "kubeseg_trigger_last_run_timestamp_seconds": ("gauge", set()),
     "kubeseg_qa_flags_total": ("counter", {"flag"}),
     "kubeseg_review_queued_total": ("counter", set()),
+    "kubeseg_review_queue_length": ("gauge", set()),
+    "kubeseg_reviews_total": ("counter", {"outcome", "model_version"}),
     "kubeseg_auth_refusals_total": ("counter", set()),
     "kubeseg_model_signature_refusals_total": ("counter", set()),
     "kubeseg_trigger_refused_total": ("counter", {"status"}),
