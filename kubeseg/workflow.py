@@ -118,21 +118,33 @@ GT_FOLDER = "gt_segmentations"
 
 
 def copy_reference(preprocessed_dir: str | Path, out_dir: str | Path) -> list[str]:
-    """The small part of a preprocessed folder that selection and the cascade need besides the
-    models: the dataset files (plans, dataset.json, fingerprint, content hash, splits), the reference
-    segmentations (``gt_segmentations/``) and every case's preprocessing properties
-    (``<data_identifier>/<case>.json``), without the arrays. Returns the data identifiers copied."""
+    """The small part of a preprocessed folder that selection needs besides the models: the
+    dataset files (plans, dataset.json, fingerprint, content hash), the reference segmentations
+    (``gt_segmentations/``) and every case's preprocessing geometry (``<data_identifier>/<case>.json``
+    without ``class_locations``, the training sampler's foreground voxels: about 150 kB a case, most
+    of the file), without the arrays. Returns the data identifiers copied."""
+    from kubeseg.jsonio import write_json
+
     pre, out = Path(preprocessed_dir), Path(out_dir)
     if not (pre / "plans.json").is_file():
         raise KubesegError(f"{pre} has no plans.json; is it a preprocessed dataset folder?")
+    gt = (pre / GT_FOLDER).resolve()
 
-    def arrays(folder: str, names: list[str]) -> list[str]:
-        if Path(folder).resolve() == (pre / GT_FOLDER).resolve():
+    def skipped(folder: str, names: list[str]) -> list[str]:
+        if Path(folder).resolve() == gt:
             return []
-        return [n for n in names if n.endswith(ARRAY_SUFFIX)]
+        if Path(folder).resolve() == pre.resolve():
+            return []
+        return [n for n in names if n.endswith(ARRAY_SUFFIX) or n.endswith(".json")]
 
-    shutil.copytree(pre, out, ignore=arrays, dirs_exist_ok=True)
-    return sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != GT_FOLDER)
+    shutil.copytree(pre, out, ignore=skipped, dirs_exist_ok=True)
+    idents = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != GT_FOLDER)
+    for ident in idents:
+        for props in sorted((pre / ident).glob("*.json")):
+            data = read_json(props)
+            data.pop("class_locations", None)
+            write_json(data, out / ident / props.name, indent=None)
+    return idents
 
 
 def merge_references(references: Iterable[str | Path], out_dir: str | Path) -> Path:

@@ -83,7 +83,7 @@ def test_reference_has_no_arrays_and_merges(tmp_path):
         (root / ident).mkdir(parents=True)
         np.save(root / ident / "case_0.npy", np.zeros((1, 4, 4)))
         np.save(root / ident / "case_0_seg.npy", np.zeros((1, 4, 4)))
-        (root / ident / "case_0.json").write_text("{}")
+        (root / ident / "case_0.json").write_text('{"spacing": [1, 1], "class_locations": {"1": [[0, 1, 2]]}}')
         (root / "gt_segmentations").mkdir()
         (root / "gt_segmentations" / "case_0.nii.gz").write_bytes(b"x")
         (root / "plans.json").write_text(plans)
@@ -94,7 +94,9 @@ def test_reference_has_no_arrays_and_merges(tmp_path):
     b = preprocessed(tmp_path / "b", "P_3d_fullres")
     assert copy_reference(a, tmp_path / "ra") == ["P_2d"]
     assert copy_reference(b, tmp_path / "rb") == ["P_3d_fullres"]
-    assert not list((tmp_path / "ra").rglob("*.npy")) and (tmp_path / "ra" / "P_2d" / "case_0.json").is_file()
+    assert not list((tmp_path / "ra").rglob("*.npy"))
+    # the geometry selection needs, not the sampler's foreground locations
+    assert json.loads((tmp_path / "ra" / "P_2d" / "case_0.json").read_text()) == {"spacing": [1, 1]}
     assert (tmp_path / "ra" / "gt_segmentations" / "case_0.nii.gz").is_file()
     merged = merge_references([tmp_path / "ra", tmp_path / "rb"], tmp_path / "m")
     assert sorted(p.name for p in merged.iterdir()) == ["P_2d", "P_3d_fullres", "dataset.json", "gt_segmentations",
