@@ -24,8 +24,9 @@ Why this shape: kfp 2.17 cannot consume ``dsl.Collected`` of a loop outside a ``
 inside it (kubeflow/pipelines#9808), ``kfp.local`` fails on an empty ``ParallelFor`` feeding
 ``dsl.Collected``, cannot resolve ``dsl.OneOf`` over artifacts, iterates only over a task's return
 value (``Output``), replaces every task-output parameter entering a loop with the loop's item
-(so the content hash rides in the group items), and fails on two ``ParallelFor`` nested in one DAG (the inner item resolves to
-the outer one; ``dsl.Collected`` of a nested loop is a list of lists). A loop *over a sub-pipeline*
+(so the content hash rides in the group items), and fails on two ``ParallelFor`` nested in one
+DAG (the inner item resolves to the outer one; ``dsl.Collected`` of a nested loop is a list of
+lists). A loop *over a sub-pipeline*
 that has its own loop works in kfp.local and compiles to a nested DAG; each sub-pipeline gathers
 its folds itself, so the outer fan-in collects one artifact per group.
 
