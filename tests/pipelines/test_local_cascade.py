@@ -54,10 +54,11 @@ def test_two_waves(cascade_run):
 
     # one preprocessed artifact per group: the low-res folds read only low-res arrays, the cascade group
     # (preprocessing what a 3d_fullres group would) only full-res arrays
+    # (a task's folder is named after its component: preprocess-2, train-2 in the cascade's sub-pipeline)
     groups = {}
-    for done in run_dir.glob("**/preprocess/executor_output.json"):
+    for done in run_dir.glob("**/preprocess*/executor_output.json"):
         arrays = {p.parent.name for p in (done.parent / "preprocessed").glob("*/*.npy")}
-        trained = {m.name.split("__")[-1] for m in done.parent.parent.glob("**/train/model/*__*__*")}
+        trained = {m.name.split("__")[-1] for m in done.parent.parent.glob("**/train*/model/*__*__*")}
         groups[tuple(sorted(trained))] = sorted(arrays)
     plans = json.loads((run_dir / "plan" / "plans").read_text())
     ident = lambda c: resolve(plans, c)["data_identifier"]  # noqa: E731
@@ -71,7 +72,7 @@ def test_two_waves(cascade_run):
     assert len(ids) == CASES
     splits = generate_crossval_split(ids)
     assert all(case in splits[int(fold)]["val"] for case, fold in manifest["source_fold"].items())
-    pre = ci.parent / "preprocess" / "preprocessed"  # the cascade group's own artifact
+    (pre,) = ci.parent.glob("preprocess*/preprocessed")  # the cascade group's own artifact
     for case in ids:
         full = np.load(pre / manifest["data_identifier"] / f"{case}.npy", mmap_mode="r")
         seg = np.load(prev / f"{case}.npy")
