@@ -88,13 +88,13 @@ class BuildOptions:
 
 class Wave(NamedTuple):
     """What a training wave hands to selection: its models (one artifact, or a ``dsl.Collected``
-    list) and its preprocessing reference(s) (properties, reference segmentations; no arrays)."""
+    list) and its preprocessing reference(s) (geometry, reference segmentations; no arrays)."""
 
     models: Any
     reference: Any
 
 
-# the run parameters a group sub-pipeline passes to its tasks: (name, type, RunKnobs field)
+# the run parameters a group sub-pipeline passes to its tasks: (name = RunKnobs field, type)
 GROUP_KNOBS = (("schedule", str), ("device", str), ("num_workers", int), ("torch_threads", int),
                ("validation_tta", bool), ("mlflow_uri", str), ("experiment", str), ("checkpoint_uri", str),
                ("checkpoint_interval_s", float), ("gpu_type", str), ("gpu_count", int), ("train_cpu", str),
