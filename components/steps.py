@@ -154,25 +154,44 @@ def plan_retraining(raw: Input[Dataset], fingerprint: Input[Dataset], mode: str,
 
 
 @component
-def preprocess(raw: Input[Dataset], plans: Input[Artifact], fingerprint: Input[Dataset], configurations: list,
-               num_workers: int, preprocessed: Output[Dataset], dataset_hash: str = ""):
-    """Preprocess every case for the configurations: crop to nonzero, resample (anisotropy aware),
-    normalize; memory-mappable arrays plus the reference segmentations. `dataset_hash` (the raw
-    dataset's content hash) is part of the cache key and written to `dataset_hash.json`."""
+def preprocess(raw: Input[Dataset], plans: Input[Artifact], fingerprint: Input[Dataset], configuration: str,
+               num_workers: int, preprocessed: Output[Dataset], reference: Output[Dataset], dataset_hash: str = ""):
+    """Preprocess every case for one configuration (one group of training tasks): crop to nonzero,
+    resample (anisotropy aware), normalize; memory-mappable arrays plus the reference segmentations.
+    Only this configuration's training tasks download `preprocessed`; `reference` is the same folder
+    without the arrays (properties, reference segmentations, plans) for selection. `dataset_hash`
+    (the raw dataset's content hash) is part of the cache key and written to `dataset_hash.json`."""
     from pathlib import Path
 
     from kubeseg.dataset_hash import DATASET_HASH_FILE
     from kubeseg.jsonio import write_json
     from kubeseg.planning.plans import load_plans
     from kubeseg.preprocessing.preprocess import preprocess_dataset
+    from kubeseg.workflow import copy_reference
 
     p = load_plans(plans.path)
-    for c in configurations:
-        preprocess_dataset(raw.path, p, c, preprocessed.path, fingerprint.path,
-                           None if num_workers < 0 else num_workers)
+    data = preprocess_dataset(raw.path, p, configuration, preprocessed.path, fingerprint.path,
+                              None if num_workers < 0 else num_workers, progress=False)
     if dataset_hash:
         write_json({"dataset_hash": dataset_hash}, Path(preprocessed.path) / DATASET_HASH_FILE)
-    preprocessed.metadata.update({"configurations": list(configurations), "dataset_hash": dataset_hash})
+    copy_reference(preprocessed.path, reference.path)
+    size = sum(f.stat().st_size for f in data.iterdir() if f.is_file())
+    preprocessed.metadata.update({"configuration": configuration, "data_identifier": data.name,
+                                  "dataset_hash": dataset_hash, "array_bytes": size})
+    reference.metadata.update({"configuration": configuration, "data_identifier": data.name})
+
+
+@component
+def training_groups(plans: Input[Artifact], items: list, dataset_hash: str = "") -> list:
+    """The training items grouped by the preprocessed arrays they read (one group per data
+    identifier: `{"preprocess", "configurations", "items", "dataset_hash"}`): each group preprocesses
+    its own artifact, and its training tasks download only that one. The raw dataset's content hash
+    travels in each group (a preprocess cache key) because kfp.local replaces every task-output
+    parameter that enters a loop with the loop's item."""
+    from kubeseg.jsonio import read_json
+    from kubeseg.workflow import training_groups as groups
+
+    return [dict(g, dataset_hash=dataset_hash) for g in groups(read_json(plans.path), items)]
 
 
 @component
@@ -222,15 +241,28 @@ def train(preprocessed: Input[Dataset], configuration: str, fold: int, schedule:
 
 
 @component
-def gather(models: Input[List[Model]], cascade_wave: list, gathered: Output[Model]) -> int:
-    """Fan-in of the first training wave: every fold into one model folder per configuration
-    (with the folds' MLflow run references). Returns the size of the cascade wave that follows
-    (0: none planned)."""
+def gather_group(models: Input[List[Model]], gathered: Output[Model]):
+    """Fan-in of one configuration group's folds into one model folder per configuration."""
     from kubeseg.model_folder import configuration_of
     from kubeseg.workflow import gather_training_outputs
 
     folders = gather_training_outputs([m.path for m in models], gathered.path)
     gathered.metadata["configurations"] = [configuration_of(f) for f in folders]
+
+
+@component
+def gather(models: Input[List[Model]], references: Input[List[Dataset]], cascade_wave: list,
+           gathered: Output[Model], reference: Output[Dataset]) -> int:
+    """Fan-in of the first training wave: every fold into one model folder per configuration
+    (with the folds' MLflow run references), and the groups' preprocessing references (properties,
+    reference segmentations; no arrays) into one. Returns the size of the cascade wave that follows
+    (0: none planned)."""
+    from kubeseg.model_folder import configuration_of
+    from kubeseg.workflow import gather_training_outputs, merge_references
+
+    folders = gather_training_outputs([m.path for m in models], gathered.path)
+    gathered.metadata["configurations"] = [configuration_of(f) for f in folders]
+    merge_references([r.path for r in references], reference.path)
     return len(cascade_wave)
 
 
@@ -249,23 +281,29 @@ def cascade_inputs(models: Input[Model], preprocessed: Input[Dataset], cascade_w
 
 
 @component
-def select(models: Input[Model], preprocessed: Input[Dataset], configurations: list, allow_ensembles: bool,
+def select(models: Input[Model], reference: Input[Dataset], configurations: list, allow_ensembles: bool,
            tracking: Input[Artifact], selection: Output[Artifact], summary: Output[HTML], metrics: Output[Metrics],
-           cascade_models: Input[List[Model]] = None):
+           cascade_models: Input[List[Model]] = None, cascade_references: Input[List[Dataset]] = None):
     """Pick the best of `configurations` or of their pairwise ensembles by cross-validation
     foreground Dice and decide the postprocessing, over the gathered first wave and the cascade
     wave's folds (a cascade's first stage, trained only to feed it, is kept for the bundle); the HTML
     output shows the plans, the CV table and the training curves of every fold. Logs the CV table
-    on the pipeline's MLflow run and nests the fold runs."""
+    on the pipeline's MLflow run and nests the fold runs. `reference` (and `cascade_references`): the
+    preprocessing properties and reference segmentations of the waves, without arrays."""
+    import tempfile
     from pathlib import Path
 
     from kubeseg.jsonio import read_json
-    from kubeseg.workflow import run_refs, select_from_folds, summary_html
+    from kubeseg.workflow import merge_references, run_refs, select_from_folds, summary_html
 
     outputs = [models.path] + [m.path for m in (cascade_models or [])]
-    sel = select_from_folds(outputs, preprocessed.path, selection.path, allow_ensembles, configurations)
-    page = summary_html(read_json(Path(preprocessed.path) / "plans.json"), sel,
-                        sorted(p for p in (Path(selection.path) / "models").iterdir() if p.is_dir()))
+    with tempfile.TemporaryDirectory(prefix="kubeseg-reference-") as tmp:
+        pre = Path(reference.path)
+        if cascade_references:
+            pre = merge_references([reference.path] + [r.path for r in cascade_references], tmp)
+        sel = select_from_folds(outputs, pre, selection.path, allow_ensembles, configurations)
+        page = summary_html(read_json(pre / "plans.json"), sel,
+                            sorted(p for p in (Path(selection.path) / "models").iterdir() if p.is_dir()))
     Path(summary.path).write_text(page)
     for label, dice in sel["expected_dice"].items():
         metrics.log_metric(f"cv.dice_{label}", dice)

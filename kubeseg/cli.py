@@ -663,7 +663,8 @@ def _pipeline_parsers(sub) -> None:
         .add_subparsers(dest="action", required=True)
 
     def compile_flags(p):
-        p.add_argument("--parallelism", type=int, default=0, help="concurrent training tasks (0: no limit)")
+        p.add_argument("--parallelism", type=int, default=0,
+                       help="concurrent training tasks per configuration (0: no limit)")
         p.add_argument("--retries", type=int, default=2, help="retries per training task")
         p.add_argument("--image", default=None, help="kubeseg image for every task (env KUBESEG_IMAGE)")
         p.add_argument("--s3-secret", default=_env("S3_SECRET", ""),

@@ -87,6 +87,91 @@ def preprocess_configurations(plans: dict, configurations: Sequence[str]) -> lis
     return out
 
 
+def training_groups(plans: dict, items: Sequence[dict]) -> list[dict]:
+    """The training items grouped by the arrays they read: one group per data identifier, as
+    ``{"preprocess": c, "configurations": [...], "items": [...]}``, in the items' order. Each group is
+    preprocessed on its own, so a training task downloads only its configuration's arrays.
+
+    ``preprocess`` names the configuration to preprocess: the first one in the plans with that data
+    identifier (``3d_fullres`` for ``3d_cascade_fullres``, which shares its arrays), so a cascade
+    group asks for exactly what the ``3d_fullres`` group did and a cached step serves both."""
+    items = normalized_items(items)
+    if not items:
+        raise KubesegError("no training item to group")
+    ident = lambda c: resolve_configuration(plans, c)["data_identifier"]  # noqa: E731
+    canonical: dict[str, str] = {}
+    for name in plans.get("configurations", {}):
+        canonical.setdefault(ident(name), name)
+    groups: dict[str, dict] = {}
+    for item in items:
+        d = ident(item["configuration"])
+        g = groups.setdefault(d, {"preprocess": canonical.get(d, item["configuration"]), "configurations": [],
+                                  "items": []})
+        if item["configuration"] not in g["configurations"]:
+            g["configurations"].append(item["configuration"])
+        g["items"].append(item)
+    return list(groups.values())
+
+
+ARRAY_SUFFIX = ".npy"
+GT_FOLDER = "gt_segmentations"
+
+
+def copy_reference(preprocessed_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """The small part of a preprocessed folder that selection needs besides the models: the
+    dataset files (plans, dataset.json, fingerprint, content hash), the reference segmentations
+    (``gt_segmentations/``) and every case's preprocessing geometry (``<data_identifier>/<case>.json``
+    without ``class_locations``, the training sampler's foreground voxels: about 150 kB a case, most
+    of the file), without the arrays. Returns the data identifiers copied."""
+    from kubeseg.jsonio import write_json
+
+    pre, out = Path(preprocessed_dir), Path(out_dir)
+    if not (pre / "plans.json").is_file():
+        raise KubesegError(f"{pre} has no plans.json; is it a preprocessed dataset folder?")
+    gt = (pre / GT_FOLDER).resolve()
+
+    def skipped(folder: str, names: list[str]) -> list[str]:
+        if Path(folder).resolve() == gt:
+            return []
+        if Path(folder).resolve() == pre.resolve():
+            return []
+        return [n for n in names if n.endswith(ARRAY_SUFFIX) or n.endswith(".json")]
+
+    shutil.copytree(pre, out, ignore=skipped, dirs_exist_ok=True)
+    idents = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != GT_FOLDER)
+    for ident in idents:
+        for props in sorted((pre / ident).glob("*.json")):
+            data = read_json(props)
+            data.pop("class_locations", None)
+            write_json(data, out / ident / props.name, indent=None)
+    return idents
+
+
+def merge_references(references: Iterable[str | Path], out_dir: str | Path) -> Path:
+    """Merge reference folders (:func:`copy_reference`) of several configuration groups into
+    ``out_dir``: a file present in two must be the same file (one plans, one dataset, one
+    split), else the groups came from different plans and selection would compare apples and pears."""
+    import filecmp
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for ref in map(Path, references):
+        for src in sorted(p for p in ref.rglob("*") if p.is_file()):
+            dst = out / src.relative_to(ref)
+            if dst.exists():
+                if src.suffix == ".json" and dst.parent == out and not filecmp.cmp(src, dst, shallow=False):
+                    raise KubesegError(f"{src.name} differs between the configuration groups ({ref} and an "
+                                       "earlier one): they were not planned together")
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst)
+        n += 1
+    if not n or not (out / "plans.json").is_file():
+        raise KubesegError("no preprocessed reference to merge (plans.json missing)")
+    return out
+
+
 def cascade_wave_inputs(models_root: str | Path, preprocessed_dir: str | Path, cascade_items: Sequence[dict],
                         out_dir: str | Path, num_workers: int | None = None) -> list[dict]:
     """Before the cascade wave: for every cascade configuration among ``cascade_items``, export its

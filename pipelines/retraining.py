@@ -10,7 +10,7 @@ retrain) → select → bundle → register as ``challenger`` → gated promotio
 * ``retrain``: the merged dataset is fingerprinted and planned anew and trained from scratch,
   as the training pipeline does.
 
-The training part is the training pipeline's (:func:`pipelines.training.training_waves`: first
+The training part is the training pipeline's (:class:`pipelines.training.TrainingWaves`: first
 wave, fan-in, cascade wave when planned); its tail adds a ``promote`` step after ``register``: the
 gate (CV Dice within ``tolerance`` of the champion's, sanity prediction of the held-out images:
 ``holdout_uri``, default the dataset's ``imagesTs``) either moves ``champion`` or refuses; a
@@ -23,7 +23,7 @@ from kfp import dsl
 
 from components import steps
 from pipelines.secrets import PodSecrets, with_mlflow_credentials
-from pipelines.training import BuildOptions, RunKnobs, preprocess_task, selection_tail, training_waves
+from pipelines.training import BuildOptions, RunKnobs, TrainingWaves, selection_tail
 
 PIPELINE_NAME = "kubeseg-retraining"
 
@@ -32,6 +32,7 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
                               s3_secret: str = "") -> Callable:
     """The retraining pipeline function; compile-time choices as :func:`pipelines.training.build_pipeline`."""
     o = BuildOptions(parallelism, retries, resources, s3_secret, PodSecrets.from_env() if resources else None)
+    waves = TrainingWaves(o, pretrained=True)
 
     @dsl.pipeline(name=PIPELINE_NAME,
                   description="kubeseg retraining: add new labelled cases to the dataset, fine-tune from the "
@@ -90,10 +91,9 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
             k = RunKnobs(planned.outputs["candidates"], schedule, device, gpu_type, gpu_count, train_cpu,
                          train_memory, num_workers, torch_threads, validation_tta, allow_ensembles, mlflow_uri,
                          experiment, model_name, checkpoint_uri, checkpoint_interval_s)
-            pre = preprocess_task(merged.outputs["merged"], planned, fp, k, o)
 
-            def tail(models, cascade_models):
-                reg = selection_tail(models, cascade_models, pre, fp, run, k, o)
+            def tail(first, cascade):
+                reg = selection_tail(first, cascade, fp, run, k, o)
                 gate = steps.promote(model_name=model_name, version=reg.output, tracking=run.outputs["tracking"],
                                      dataset=merged.outputs["merged"], holdout_uri=holdout_uri, tolerance=tolerance,
                                      label_floor=label_floor,
@@ -104,6 +104,6 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
                     gate.set_memory_limit(train_memory)
                 return gate
 
-            training_waves(planned, pre, run, k, o, tail, pretrained=planned.outputs["champion"])
+            waves.add(merged.outputs["merged"], fp, planned, run, k, tail, pretrained=planned.outputs["champion"])
 
     return retraining

@@ -12,7 +12,7 @@ import components  # noqa: E402
 from components import steps  # noqa: E402
 
 STEPS = ("open_run", "close_run", "fingerprint", "plan", "preprocess", "train", "gather", "cascade_inputs", "select",
-         "bundle", "register", "merge_cases", "plan_retraining", "promote")
+         "bundle", "register", "merge_cases", "plan_retraining", "promote", "training_groups", "gather_group")
 
 
 @pytest.mark.parametrize("name", STEPS)
@@ -40,6 +40,12 @@ def test_artifact_types():
     sel = components.select.component_spec
     assert not sel.inputs["models"].is_artifact_list  # the gathered first wave
     assert sel.inputs["cascade_models"].is_artifact_list and sel.inputs["cascade_models"].optional
+    # selection reads the array-free references of the waves, never the preprocessed arrays
+    assert "preprocessed" not in sel.inputs and sel.inputs["reference"].type.startswith("system.Dataset")
+    assert sel.inputs["cascade_references"].is_artifact_list and sel.inputs["cascade_references"].optional
+    assert components.gather.component_spec.inputs["references"].is_artifact_list
+    pre = components.preprocess.component_spec
+    assert set(pre.outputs) == {"preprocessed", "reference"} and pre.inputs["configuration"].type == "String"
     assert sel.outputs["summary"].type.startswith("system.HTML")
     assert components.plan.component_spec.outputs["summary"].type.startswith("system.Markdown")
     assert components.bundle.component_spec.outputs["bundle"].type.startswith("system.Model")

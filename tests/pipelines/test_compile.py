@@ -34,25 +34,65 @@ def _loop(spec):
     return next(iter(loops.items()))
 
 
-def test_one_train_task_per_item_under_parallel_for(spec):
+def _dag(spec, task):
+    return spec["components"][task["componentRef"]["name"]]["dag"]["tasks"]
+
+
+def _group(spec, loop):
+    """The configuration-group sub-pipeline a ParallelFor runs: (its call task, its DAG)."""
+    body = _dag(spec, loop)
+    assert len(body) == 1, list(body)
+    call = next(iter(body.values()))
+    return call, _dag(spec, call)
+
+
+def test_one_group_per_configuration_each_preprocessing_its_own_arrays(spec):
+    """ParallelFor over configuration groups (what the training-groups step returns) → a sub-pipeline:
+    preprocess that configuration → ParallelFor over its (configuration, fold) items → train on that
+    configuration's artifact alone → gather its folds."""
     name, loop = _loop(spec)
     it = loop["parameterIterator"]
-    # items: the (configuration, fold) list the plan step returns
-    assert it["items"]["inputParameter"].endswith("plan-Output")
-    assert loop["inputs"]["parameters"][it["items"]["inputParameter"]]["taskOutputParameter"]["producerTask"] == "plan"
-    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+    assert it["items"]["inputParameter"].endswith("training-groups-Output")
+    tasks = _tasks(spec)
+    groups = tasks["training-groups"]["inputs"]
+    assert groups["parameters"]["items"]["taskOutputParameter"] == {"producerTask": "plan",
+                                                                    "outputParameterKey": "Output"}
+    assert groups["parameters"]["dataset_hash"]["taskOutputParameter"]["producerTask"] == "dataset-hash"
+    assert "preprocess" not in tasks  # no all-configurations artifact any more
+    call, group = _group(spec, loop)
+    assert call["inputs"]["parameters"]["preprocess_configuration"]["parameterExpressionSelector"] == \
+        "parseJson(string_value)[\"preprocess\"]"
+    assert call["inputs"]["parameters"]["items"]["parameterExpressionSelector"] == "parseJson(string_value)[\"items\"]"
+    assert "open-run" in loop["dependentTasks"]  # the parent run exists before the folds start
+    assert set(group) == {"preprocess", "for-loop-1", "gather-group"}
+    pre = group["preprocess"]["inputs"]
+    assert pre["parameters"]["configuration"] == {"componentInputParameter": "preprocess_configuration"}
+    inner = group["for-loop-1"]
+    assert inner["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--items"
+    body = _dag(spec, inner)
     assert list(body) == ["train"]
-    params = body["train"]["inputs"]["parameters"]
+    train = body["train"]
+    assert train["inputs"]["artifacts"]["preprocessed"]["componentInputArtifact"] == \
+        "pipelinechannel--preprocess-preprocessed"
+    assert inner["inputs"]["artifacts"]["pipelinechannel--preprocess-preprocessed"]["taskOutputArtifact"] == {
+        "producerTask": "preprocess", "outputArtifactKey": "preprocessed"}
+    params = train["inputs"]["parameters"]
     assert params["configuration"]["parameterExpressionSelector"] == "parseJson(string_value)[\"configuration\"]"
     assert params["fold"]["parameterExpressionSelector"] == "parseJson(string_value)[\"fold\"]"
-    assert body["train"]["retryPolicy"]["maxRetryCount"] == 2
-    assert "open-run" in loop["dependentTasks"]  # the parent run exists before the folds start
+    assert train["retryPolicy"]["maxRetryCount"] == 2
+    # the sub-pipeline hands out its gathered folds and the array-free reference
+    outs = spec["components"][call["componentRef"]["name"]]["dag"]["outputs"]["artifacts"]
+    assert outs["models"]["artifactSelectors"] == [{"producerSubtask": "gather-group", "outputArtifactKey": "gathered"}]
+    assert outs["reference"]["artifactSelectors"] == [{"producerSubtask": "preprocess",
+                                                       "outputArtifactKey": "reference"}]
 
 
 def test_gpu_cpu_memory_requests_on_training(spec):
     res = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
     assert "gpu_type" in res["accelerator"]["resourceType"]
     assert "gpu_count" in res["accelerator"]["resourceCount"]
+    assert "train_cpu" in res["resourceCpuLimit"] and "train_memory" in res["resourceMemoryLimit"]
+    res = spec["deploymentSpec"]["executors"]["exec-preprocess"]["container"]["resources"]
     assert "train_cpu" in res["resourceCpuLimit"] and "train_memory" in res["resourceMemoryLimit"]
     params = spec["root"]["inputDefinitions"]["parameters"]
     for p in ("dataset_uri", "configurations", "folds", "schedule", "gpu_type", "gpu_count", "mlflow_uri",
@@ -73,41 +113,60 @@ def _branches(spec):
         "int(inputs.parameter_values['pipelinechannel--gather-Output']) > 0"
     assert else_task["triggerPolicy"]["condition"].startswith("!(int(inputs.parameter_values["
                                                                "'pipelinechannel--gather-Output']) > 0")
-    dag = lambda t: spec["components"][t["componentRef"]["name"]]["dag"]["tasks"]  # noqa: E731
-    return tasks[branches[0]], dag(if_task), dag(else_task)
+    return tasks[branches[0]], _dag(spec, if_task), _dag(spec, else_task)
 
 
 def test_fan_in_then_two_branches(spec):
-    """First wave → gather (Collected) → If(cascade planned): cascade inputs, second ParallelFor,
-    select over both waves; Else: select over the first wave. Each branch bundles and registers."""
+    """First wave → gather (Collected models and references) → If(cascade planned): cascade groups
+    (preprocess, cascade inputs, second ParallelFor), select over both waves; Else: select over the
+    first wave. Each branch bundles and registers."""
     name, _ = _loop(spec)
     tasks = _tasks(spec)
     gather = tasks["gather"]
-    assert gather["inputs"]["artifacts"]["models"]["taskOutputArtifact"]["producerTask"] == name
-    assert spec["components"]["comp-gather"]["inputDefinitions"]["artifacts"]["models"]["isArtifactList"]
+    assert gather["inputs"]["artifacts"]["models"]["taskOutputArtifact"] == {
+        "producerTask": name, "outputArtifactKey": "pipelinechannel--train-configuration-models"}
+    assert gather["inputs"]["artifacts"]["references"]["taskOutputArtifact"] == {
+        "producerTask": name, "outputArtifactKey": "pipelinechannel--train-configuration-reference"}
+    for a in ("models", "references"):
+        assert spec["components"]["comp-gather"]["inputDefinitions"]["artifacts"][a]["isArtifactList"]
     assert gather["inputs"]["parameters"]["cascade_wave"]["taskOutputParameter"] == {
         "producerTask": "plan", "outputParameterKey": "cascade_wave"}
     branches, cascade, plain = _branches(spec)
     assert "gather" in branches["dependentTasks"]
 
-    # the cascade branch: inputs from the gathered first wave, the second wave over what they return
-    assert {"cascade-inputs", "select", "bundle", "register"} <= set(cascade)
+    # the cascade branch: groups of the cascade wave, each preprocessing, exporting its inputs, training
+    assert {"training-groups-2", "select", "bundle", "register"} <= set(cascade)
     loops = [n for n in cascade if n.startswith("for-loop")]
     assert len(loops) == 1
     loop = cascade[loops[0]]
-    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("cascade-inputs-Output")
-    body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
-    assert list(body) == ["train-2"]
-    train2 = body["train-2"]
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("training-groups-2-Output")
+    call, group = _group(spec, loop)
+    assert call["inputs"]["artifacts"]["first_wave"]["componentInputArtifact"].endswith("gather-gathered")
+    assert set(group) == {"preprocess", "cascade-inputs", "for-loop-1", "gather-group"}
+    assert group["preprocess"]["componentRef"]["name"] == "comp-preprocess-2"
+    ci = group["cascade-inputs"]["inputs"]
+    assert ci["artifacts"]["preprocessed"]["taskOutputArtifact"]["producerTask"] == "preprocess"
+    assert ci["parameters"]["cascade_wave"] == {"componentInputParameter": "items"}
+    inner = group["for-loop-1"]
+    assert inner["parameterIterator"]["items"]["inputParameter"].endswith("cascade-inputs-Output")
+    body = _dag(spec, inner)
+    assert list(body) == ["train"]  # task names are local to the sub-pipeline; its component is the second
+    train2 = body["train"]
     assert train2["componentRef"]["name"] == "comp-train-2"
     assert train2["inputs"]["artifacts"]["previous_stage"]["componentInputArtifact"].endswith(
         "cascade-inputs-previous_stage")
+    assert train2["inputs"]["artifacts"]["preprocessed"]["componentInputArtifact"].endswith(
+        "preprocess-preprocessed")
     assert train2["retryPolicy"]["maxRetryCount"] == 2
     res = spec["deploymentSpec"]["executors"]["exec-train-2"]["container"]["resources"]
     assert "gpu_type" in res["accelerator"]["resourceType"]
     sel = cascade["select"]["inputs"]["artifacts"]
-    assert sel["cascade_models"]["taskOutputArtifact"]["producerTask"] == loops[0]
+    assert sel["cascade_models"]["taskOutputArtifact"] == {
+        "producerTask": loops[0], "outputArtifactKey": "pipelinechannel--train-cascade-configuration-models"}
+    assert sel["cascade_references"]["taskOutputArtifact"] == {
+        "producerTask": loops[0], "outputArtifactKey": "pipelinechannel--train-cascade-configuration-reference"}
     assert sel["models"]["componentInputArtifact"].endswith("gather-gathered")
+    assert sel["reference"]["componentInputArtifact"].endswith("gather-reference")
     assert cascade["bundle"]["inputs"]["artifacts"]["selection"]["taskOutputArtifact"]["producerTask"] == "select"
     assert cascade["register"]["inputs"]["artifacts"]["bundle"]["taskOutputArtifact"]["producerTask"] == "bundle"
 
@@ -115,15 +174,20 @@ def test_fan_in_then_two_branches(spec):
     assert set(plain) == {"select-2", "bundle-2", "register-2"}
     assert "cascade_models" not in plain["select-2"]["inputs"]["artifacts"]
     assert plain["select-2"]["inputs"]["artifacts"]["models"]["componentInputArtifact"].endswith("gather-gathered")
+    assert plain["select-2"]["inputs"]["artifacts"]["reference"]["componentInputArtifact"].endswith(
+        "gather-reference")
     assert plain["register-2"]["cachingOptions"] == {}
-    assert spec["components"]["comp-select"]["inputDefinitions"]["artifacts"]["cascade_models"]["isArtifactList"]
-    assert spec["components"]["comp-select"]["inputDefinitions"]["artifacts"]["cascade_models"]["isOptional"]
+    for a in ("cascade_models", "cascade_references"):
+        assert spec["components"]["comp-select"]["inputDefinitions"]["artifacts"][a]["isArtifactList"]
+        assert spec["components"]["comp-select"]["inputDefinitions"]["artifacts"][a]["isOptional"]
+    assert "preprocessed" not in spec["components"]["comp-select"]["inputDefinitions"]["artifacts"]
 
 
 def test_image_on_every_task_and_nothing_installed(spec):
     executors = spec["deploymentSpec"]["executors"]
     containers = {k: v["container"] for k, v in executors.items() if "container" in v}
     assert {"exec-fingerprint", "exec-plan", "exec-preprocess", "exec-train", "exec-gather", "exec-cascade-inputs",
+            "exec-training-groups", "exec-gather-group", "exec-preprocess-2",
             "exec-train-2", "exec-select", "exec-bundle", "exec-register", "exec-open-run",
             "exec-close-run"} <= set(containers)
     for name, c in containers.items():
@@ -137,7 +201,9 @@ def test_caching_off_only_where_runs_are_recorded(spec):
     assert spec["root"]["dag"]["tasks"]["close-run"]["cachingOptions"] == {}
     assert cascade["register"]["cachingOptions"] == {} and plain["register-2"]["cachingOptions"] == {}
     assert tasks["open-run"]["cachingOptions"] == {}
-    assert cascade["cascade-inputs"]["cachingOptions"]["enableCache"] is True
+    call, group = _group(spec, cascade[next(n for n in cascade if n.startswith("for-loop"))])
+    assert group["cascade-inputs"]["cachingOptions"]["enableCache"] is True
+    assert group["preprocess"]["cachingOptions"]["enableCache"] is True
     assert tasks["fingerprint"]["cachingOptions"]["enableCache"] is True
 
 
@@ -149,7 +215,8 @@ def test_component_docstrings_are_their_descriptions(tmp_path):
     import components
 
     for name in ("fingerprint", "plan", "preprocess", "train", "gather", "cascade_inputs", "select", "bundle",
-                 "register", "open_run", "merge_cases", "plan_retraining", "promote"):
+                 "register", "open_run", "merge_cases", "plan_retraining", "promote", "training_groups",
+                 "gather_group"):
         comp = getattr(components, name)
         assert len(comp.component_spec.description or "") > 40, name
     compiler.Compiler().compile(components.train, str(tmp_path / "train.yaml"))

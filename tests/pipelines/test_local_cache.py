@@ -18,14 +18,15 @@ STEPS = ("fingerprint", "plan", "preprocess")
 def _run(root, raw) -> dict:
     from kfp import dsl, local
 
-    from pipelines.training import BuildOptions, RunKnobs, data_steps
+    from pipelines.training import RunKnobs, data_steps, preprocess_step
 
     @dsl.pipeline(name="data-steps")
     def data(dataset_uri: str):
         imported = dsl.importer(artifact_uri=dataset_uri, artifact_class=dsl.Dataset, reimport=False)
         knobs = RunKnobs(*([None] * 14))
         knobs.num_workers = 1
-        data_steps(imported.output, "small", ["2d"], [0], knobs, BuildOptions(resources=False))
+        digest, fp, planned = data_steps(imported.output, "small", ["2d"], [0], knobs)
+        preprocess_step(imported.output, planned.outputs["plans"], fp.outputs["fingerprint"], "2d", 1, digest.output)
 
     before = {p.name for p in root.iterdir()} if root.exists() else set()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True,

@@ -16,8 +16,9 @@ pytest.importorskip("kfp")
 pytest.importorskip("mlflow")
 
 from kubeseg.cli import main  # noqa: E402
+from kubeseg.planning.plans import configuration as resolve  # noqa: E402
 from kubeseg.training.splits import generate_crossval_split  # noqa: E402
-from pipelines.run import run_local, task_dir  # noqa: E402
+from pipelines.run import run_local  # noqa: E402
 
 pytestmark = pytest.mark.integration
 NAME = "tiny-cascade"
@@ -51,14 +52,27 @@ def test_two_waves(cascade_run):
     assert sorted(p.name for p in low[0].glob("fold_*")) == [f"fold_{k}" for k in range(5)]
     assert sorted(p.name for p in casc[0].glob("fold_*")) == ["fold_0"]
 
+    # one preprocessed artifact per group: the low-res folds read only low-res arrays, the cascade group
+    # (preprocessing what a 3d_fullres group would) only full-res arrays
+    # (a task's folder is named after its component: preprocess-2, train-2 in the cascade's sub-pipeline)
+    groups = {}
+    for done in run_dir.glob("**/preprocess*/executor_output.json"):
+        arrays = {p.parent.name for p in (done.parent / "preprocessed").glob("*/*.npy")}
+        trained = {m.name.split("__")[-1] for m in done.parent.parent.glob("**/train*/model/*__*__*")}
+        groups[tuple(sorted(trained))] = sorted(arrays)
+    plans = json.loads((run_dir / "plan" / "plans").read_text())
+    ident = lambda c: resolve(plans, c)["data_identifier"]  # noqa: E731
+    assert groups == {("3d_lowres",): [ident("3d_lowres")], ("3d_cascade_fullres",): [ident("3d_fullres")]}, groups
+
     # the cascade input: every case's low-res segmentation, from the fold that held it out, on the full-res grid
-    prev = task_dir(run_dir, "cascade-inputs") / "previous_stage" / "3d_cascade_fullres"
+    (ci,) = [d.parent for d in run_dir.glob("**/cascade-inputs/executor_output.json")]
+    prev = ci / "previous_stage" / "3d_cascade_fullres"
     manifest = json.loads((prev / "cascade_inputs.json").read_text())
     ids = sorted(manifest["source_fold"])
     assert len(ids) == CASES
     splits = generate_crossval_split(ids)
     assert all(case in splits[int(fold)]["val"] for case, fold in manifest["source_fold"].items())
-    pre = task_dir(run_dir, "preprocess") / "preprocessed"
+    (pre,) = ci.parent.glob("preprocess*/preprocessed")  # the cascade group's own artifact
     for case in ids:
         full = np.load(pre / manifest["data_identifier"] / f"{case}.npy", mmap_mode="r")
         seg = np.load(prev / f"{case}.npy")

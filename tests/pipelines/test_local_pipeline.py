@@ -72,7 +72,30 @@ def test_runs_metrics_artifacts(server, pipeline_run):
     # no cascade planned: the gather step says so, and the cascade branch did not run
     gathered = json.loads((task_dir(run_dir, "gather") / "executor_output.json").read_text())
     assert gathered["parameterValues"]["Output"] == 0
-    assert task_dir(run_dir, "cascade-inputs") is None and not list(run_dir.glob("*/train-2"))
+    assert not list(run_dir.glob("**/cascade-inputs")) and not list(run_dir.glob("**/train-2"))
+
+
+def test_one_preprocessed_artifact_per_configuration(pipeline_run):
+    """Each configuration group preprocesses its own artifact; its training tasks (same loop
+    iteration) read only that one: the 2d folds' input holds no 3d arrays. Selection reads a
+    reference without arrays."""
+    run_dir = pipeline_run["run_dir"]
+    groups = {}
+    for done in sorted(run_dir.glob("**/preprocess/executor_output.json")):
+        group = done.parent.parent
+        pre = done.parent / "preprocessed"
+        idents = sorted(d.name for d in pre.iterdir() if d.is_dir() and any(d.glob("*.npy"))
+                        and d.name != "gt_segmentations")
+        trained = sorted({m.name.split("__")[-1] for m in group.glob("**/train/model/*__*__*")})
+        groups[tuple(trained)] = idents
+        ref = done.parent / "reference"
+        assert not [p for p in ref.rglob("*.npy")], f"{ref} holds arrays"
+        assert sorted(p.name for p in ref.iterdir() if p.is_dir() and p.name != "gt_segmentations") == idents
+    assert groups == {("2d",): ["kubesegSmallPlans_2d"], ("3d_fullres",): ["kubesegSmallPlans_3d_fullres"]}, groups
+    gathered = task_dir(run_dir, "gather") / "reference"
+    assert {"plans.json", "dataset.json", "gt_segmentations", "kubesegSmallPlans_2d",
+            "kubesegSmallPlans_3d_fullres"} <= {p.name for p in gathered.iterdir()}
+    assert not list(gathered.rglob("*.npy")) and list(gathered.glob("kubesegSmallPlans_2d/*.json"))
 
 
 def test_model_lifecycle(server, pipeline_run, tmp_path, monkeypatch):

@@ -37,21 +37,28 @@ def test_retraining_spec(spec):
     assert {"dataset_uri", "new_cases_uri", "model_name", "mlflow_uri", "schedule", "gpu_type", "gpu_count",
             "holdout_uri"} <= set(params)
     tasks = _dag(spec, spec["root"]["dag"]["tasks"]["exit-handler-1"])
-    # merged dataset → fingerprint → plan (champion or new) → preprocess, all on the merged copy
+    # merged dataset → fingerprint → plan (champion or new) → preprocess per configuration, all on the merged copy
     merge = tasks["merge-cases"]["inputs"]["artifacts"]
     assert {merge["raw"]["taskOutputArtifact"]["producerTask"], merge["new_cases"]["taskOutputArtifact"][
         "producerTask"]} == {"importer", "importer-2"}
-    for t in ("fingerprint", "plan-retraining", "preprocess"):
+    for t in ("fingerprint", "plan-retraining"):
         assert tasks[t]["inputs"]["artifacts"]["raw"]["taskOutputArtifact"]["producerTask"] == "merge-cases", t
     assert tasks["plan-retraining"]["cachingOptions"] == {}  # the champion moves between runs
     assert tasks["merge-cases"]["cachingOptions"] == {}  # and the new cases' folder fills up
-    assert tasks["preprocess"]["inputs"]["artifacts"]["plans"]["taskOutputArtifact"]["producerTask"] == \
-        "plan-retraining"
-    # every fold starts from the champion's weights (an empty artifact in retrain mode)
+    assert tasks["training-groups"]["inputs"]["parameters"]["items"]["taskOutputParameter"] == {
+        "producerTask": "plan-retraining", "outputParameterKey": "Output"}
+    # one sub-pipeline per configuration group: preprocess (merged copy, champion's plans) → train
     loop = next(t for n, t in tasks.items() if n.startswith("for-loop"))
-    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("plan-retraining-Output")
-    train = _dag(spec, loop)["train"]
-    assert train["inputs"]["artifacts"]["pretrained"]["componentInputArtifact"].endswith("plan-retraining-champion")
+    assert loop["parameterIterator"]["items"]["inputParameter"].endswith("training-groups-Output")
+    call = next(iter(_dag(spec, loop).values()))
+    group = _dag(spec, call)
+    assert call["inputs"]["artifacts"]["raw"]["componentInputArtifact"].endswith("merge-cases-merged")
+    assert call["inputs"]["artifacts"]["plans"]["componentInputArtifact"].endswith("plan-retraining-plans")
+    assert group["preprocess"]["inputs"]["artifacts"]["plans"] == {"componentInputArtifact": "plans"}
+    # every fold starts from the champion's weights (an empty artifact in retrain mode)
+    assert call["inputs"]["artifacts"]["pretrained"]["componentInputArtifact"].endswith("plan-retraining-champion")
+    train = _dag(spec, next(t for n, t in group.items() if n.startswith("for-loop")))["train"]
+    assert train["inputs"]["artifacts"]["pretrained"]["componentInputArtifact"] == "pipelinechannel--pretrained"
     # both branches: ... → register → gated promotion of the registered version
     branches = _dag(spec, next(t for n, t in tasks.items() if n.startswith("condition-branches")))
     tails = [_dag(spec, t) for t in branches.values()]
@@ -61,9 +68,11 @@ def test_retraining_spec(spec):
         version = tail[promote]["inputs"]["parameters"]["version"]["taskOutputParameter"]
         assert version == {"producerTask": register, "outputParameterKey": "Output"}
         assert tail[promote]["cachingOptions"] == {}
-    cascade = next(t for t in tails if "cascade-inputs" in t)
-    inner = _dag(spec, next(t for n, t in cascade.items() if n.startswith("for-loop")))
-    assert set(inner["train-2"]["inputs"]["artifacts"]) >= {"previous_stage", "pretrained", "preprocessed"}
+    cascade = next(t for t in tails if any(n.startswith("for-loop") for n in t))
+    group = _dag(spec, next(iter(_dag(spec, next(t for n, t in cascade.items() if n.startswith("for-loop"))).values())))
+    assert "cascade-inputs" in group
+    inner = _dag(spec, next(t for n, t in group.items() if n.startswith("for-loop")))
+    assert set(inner["train"]["inputs"]["artifacts"]) >= {"previous_stage", "pretrained", "preprocessed"}
 
 
 def test_cli_compile_retraining(tmp_path, capsys):

@@ -8,8 +8,8 @@ import pytest
 
 from kubeseg.errors import KubesegError
 from kubeseg.training.schedule import Schedule
-from kubeseg.workflow import (cv_table_rows, gather_folds, markdown_table, parse_schedule, preprocess_configurations,
-                              text_table, training_items)
+from kubeseg.workflow import (copy_reference, cv_table_rows, gather_folds, markdown_table, merge_references,
+                              parse_schedule, preprocess_configurations, text_table, training_groups, training_items)
 
 PLANS = {"plans_name": "P", "configurations": {
     "2d": {}, "3d_fullres": {}, "3d_lowres": {"next_stage": "3d_cascade_fullres"},
@@ -54,6 +54,59 @@ def test_preprocess_configurations():
     assert preprocess_configurations(plans, ["3d_cascade_fullres"]) == ["3d_lowres", "3d_cascade_fullres"]
     assert preprocess_configurations(plans, ["2d", "3d_fullres", "3d_cascade_fullres"]) == [
         "2d", "3d_fullres", "3d_lowres"]
+
+
+def test_training_groups_one_per_data_identifier():
+    plans = {"configurations": {"2d": {"data_identifier": "P_2d"}, "3d_lowres": {"data_identifier": "P_3d_lowres"},
+                                "3d_fullres": {"data_identifier": "P_3d_fullres"},
+                                "3d_cascade_fullres": {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}}}
+    first, cascade = training_items(plans, ["2d", "3d_cascade_fullres"], [0])
+    groups = training_groups(plans, first)
+    assert [(g["preprocess"], g["configurations"], len(g["items"])) for g in groups] == [
+        ("2d", ["2d"], 1), ("3d_lowres", ["3d_lowres"], 5)]
+    assert all(i["configuration"] == g["configurations"][0] for g in groups for i in g["items"])
+    # the cascade reads 3d_fullres's arrays: its group preprocesses exactly what a 3d_fullres group would
+    assert training_groups(plans, cascade) == [{"preprocess": "3d_fullres", "configurations": ["3d_cascade_fullres"],
+                                                "items": [{"configuration": "3d_cascade_fullres", "fold": 0}]}]
+    both = training_groups(plans, [{"configuration": "3d_fullres", "fold": 0.0},
+                                   {"configuration": "3d_cascade_fullres", "fold": 1}])
+    assert len(both) == 1 and both[0]["configurations"] == ["3d_fullres", "3d_cascade_fullres"]
+    assert both[0]["items"][0]["fold"] == 0  # JSON through KFP turns 0 into 0.0
+    with pytest.raises(KubesegError, match="no training item"):
+        training_groups(plans, [])
+
+
+def test_reference_has_no_arrays_and_merges(tmp_path):
+    import numpy as np
+
+    def preprocessed(root, ident, plans="{}"):
+        (root / ident).mkdir(parents=True)
+        np.save(root / ident / "case_0.npy", np.zeros((1, 4, 4)))
+        np.save(root / ident / "case_0_seg.npy", np.zeros((1, 4, 4)))
+        (root / ident / "case_0.json").write_text('{"spacing": [1, 1], "class_locations": {"1": [[0, 1, 2]]}}')
+        (root / "gt_segmentations").mkdir()
+        (root / "gt_segmentations" / "case_0.nii.gz").write_bytes(b"x")
+        (root / "plans.json").write_text(plans)
+        (root / "dataset.json").write_text("{}")
+        return root
+
+    a = preprocessed(tmp_path / "a", "P_2d")
+    b = preprocessed(tmp_path / "b", "P_3d_fullres")
+    assert copy_reference(a, tmp_path / "ra") == ["P_2d"]
+    assert copy_reference(b, tmp_path / "rb") == ["P_3d_fullres"]
+    assert not list((tmp_path / "ra").rglob("*.npy"))
+    # the geometry selection needs, not the sampler's foreground locations
+    assert json.loads((tmp_path / "ra" / "P_2d" / "case_0.json").read_text()) == {"spacing": [1, 1]}
+    assert (tmp_path / "ra" / "gt_segmentations" / "case_0.nii.gz").is_file()
+    merged = merge_references([tmp_path / "ra", tmp_path / "rb"], tmp_path / "m")
+    assert sorted(p.name for p in merged.iterdir()) == ["P_2d", "P_3d_fullres", "dataset.json", "gt_segmentations",
+                                                        "plans.json"]
+    c = preprocessed(tmp_path / "c", "P_3d_lowres", plans='{"other": 1}')
+    copy_reference(c, tmp_path / "rc")
+    with pytest.raises(KubesegError, match="plans.json differs"):
+        merge_references([tmp_path / "ra", tmp_path / "rc"], tmp_path / "m2")
+    with pytest.raises(KubesegError, match="no plans.json"):
+        copy_reference(tmp_path / "nothing", tmp_path / "x")
 
 
 @pytest.mark.parametrize("confs,folds,match", [(["3d"], [0], "not in the plans"), (["2d"], [5], "out of range"),
