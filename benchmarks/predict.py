@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SHAPE = (40, 128, 128)
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
@@ -110,7 +111,7 @@ def prepare_trained(model: Path, a, raw: Path, models_json: Path) -> None:
         sys.exit(f"{model}: no fold_0/checkpoint_final.pth (a trained model folder in nnU-Net's layout is needed)")
     synth = json.loads((model / "dataset.json").read_text()).get("kubeseg_synth") or {}
     if not (raw / "dataset.json").is_file():
-        shape = tuple(synth.get("shape", a.shape))
+        shape = tuple(a.shape or synth.get("shape") or DEFAULT_SHAPE)
         synthesize(raw, SynthSettings(kind=synth.get("kind", "ct"), num_cases=1, shape=shape, num_test_cases=a.cases,
                                       seed=a.test_seed, oblique=bool(synth.get("oblique", False))))
     models_json.parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,8 @@ def summary(timings: list[dict], key: str) -> tuple[float, float, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=2)
-    p.add_argument("--shape", type=int, nargs=3, default=(40, 128, 128), metavar=("Z", "Y", "X"))
+    p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                   help="test case shape (default: 40 128 128; with --model, the shape of its training data)")
     p.add_argument("--configuration", default="3d_fullres", choices=("3d_fullres", "2d"))
     p.add_argument("--disable-tta", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides")
@@ -159,14 +161,15 @@ def main() -> int:
         if a.model:
             prepare_trained(Path(a.model).resolve(), a, raw, models_json)
         if not (raw / "dataset.json").is_file():
-            synthesize(raw, SynthSettings(kind="ct", num_cases=4, shape=tuple(a.shape), num_test_cases=a.cases,
+            synthesize(raw, SynthSettings(kind="ct", num_cases=4, shape=tuple(a.shape or DEFAULT_SHAPE),
+                                          num_test_cases=a.cases,
                                           seed=0, oblique=True))
         if not models_json.is_file() or a.configuration not in json.loads(models_json.read_text()):
             _oracle("make-model", str(raw), str(work), "--configs", a.configuration, "--folds", "0")
         model = Path(json.loads(models_json.read_text())[a.configuration])
         images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[: a.cases]
         plans = json.loads((model / "plans.json").read_text())["configurations"][a.configuration]
-        print(f"{len(images)} case(s) of {a.shape}, {a.configuration}, patch {plans['patch_size']}, TTA {tta}, "
+        print(f"{len(images)} case(s) of {read_image([images[0]])[0].shape[1:]}, {a.configuration}, patch {plans['patch_size']}, TTA {tta}, "
               f"{a.threads} thread(s), {a.repeats} repetition(s), both on {a.device}", flush=True)
         theirs, ours = [], {b: [] for b in a.backends}
         for r in range(a.repeats):  # alternate the sides, so that the machine's load falls on both
