@@ -7,7 +7,8 @@ predicts from the same folder), with test cases synthesized like its training da
 ``--model``, a synthetic CT dataset is planned by nnunetv2 (CPU-sized settings, as kubeseg's
 ``small`` preset) and given a randomly initialised nnU-Net network in nnU-Net's checkpoint
 format (tests/inference/nnunet_oracle.py): its classes compete everywhere (near-tie logits), a
-harsher agreement test than a trained model, whose answer the issue's bar is about. nnunetv2 predicts the test cases in its own venv (through
+harsher agreement test than a trained model, whose answer the issue's bar is about.
+nnunetv2 predicts the test cases in its own venv (through
 tests/oracle's run_oracle; it reads its folders from environment variables); kubeseg predicts
 them here with each backend (torch, onnxruntime, openvino; the ONNX export happens once, at
 model load, as nnunetv2's model loading, outside the timed part; each backend runs in its own
@@ -23,7 +24,8 @@ of the mean per case, the spread (min-max), and
 
 and how many voxels kubeseg's segmentation shares with nnunetv2's.
 
-    python benchmarks/predict.py [--model TRAINED_MODEL_FOLDER] [--cases 2] [--shape 40 128 128] [--configuration 3d_fullres]
+    python benchmarks/predict.py [--model TRAINED_MODEL_FOLDER] [--cases 2] [--shape 40 128 128]
+                                 [--configuration 3d_fullres]
                                  [--disable-tta] [--threads N] [--repeats 3]
                                  [--backends torch onnxruntime openvino] [--device cpu|cuda] [--keep DIR]
 """
@@ -169,7 +171,8 @@ def main() -> int:
         model = Path(json.loads(models_json.read_text())[a.configuration])
         images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[: a.cases]
         plans = json.loads((model / "plans.json").read_text())["configurations"][a.configuration]
-        print(f"{len(images)} case(s) of {read_image([images[0]])[0].shape[1:]}, {a.configuration}, patch {plans['patch_size']}, TTA {tta}, "
+        shape = read_image([images[0]])[0].shape[1:]
+        print(f"{len(images)} case(s) of {shape}, {a.configuration}, patch {plans['patch_size']}, TTA {tta}, "
               f"{a.threads} thread(s), {a.repeats} repetition(s), both on {a.device}", flush=True)
         theirs, ours = [], {b: [] for b in a.backends}
         for r in range(a.repeats):  # alternate the sides, so that the machine's load falls on both
