@@ -59,9 +59,12 @@ timeout 180 "$VENV/bin/python" benchmarks/train.py --device cuda --cases 6 --sha
 kill $SMI 2>/dev/null; wait $SMI 2>/dev/null
 awk -F', ' '{n++; s+=$2; if ($2>m) m=$2} END {if (n) printf "GPU utilisation during training: mean %.0f %%, max %d %%, %d samples\n", s/n, m, n}' "$OUT/nvidia_smi.csv"
 
+# the model just trained (nnU-Net layout; both tools predict from it), else a random-weight one
+MODEL_ARGS=()
+if [ -f "$OUT/train/kubeseg/results/fold_0/checkpoint_final.pth" ]; then MODEL_ARGS=(--model "$OUT/train/kubeseg/results"); fi
 for dtype in float16 bfloat16; do
   echo "== prediction, kubeseg ($dtype autocast) vs nnunetv2 (float16), CUDA ($(elapsed))"
   timeout 60 "$VENV/bin/python" benchmarks/predict.py --device cuda --autocast $dtype --cases 2 --shape 64 192 192 \
-    --repeats 2 --backends torch --keep "$OUT/predict" || echo "FAILED (or timed out): prediction benchmark ($dtype)"
+    --repeats 2 --backends torch ${MODEL_ARGS[@]+"${MODEL_ARGS[@]}"} --keep "$OUT/predict" || echo "FAILED (or timed out): prediction benchmark ($dtype)"
 done
 echo "== done in $(elapsed); log in $OUT/gpu_check.log"

@@ -1,8 +1,14 @@
 """Benchmark: kubeseg's predictor (each backend) against nnunetv2's, same weights, cases and TTA.
 
-A synthetic CT dataset is planned by nnunetv2 (CPU-sized settings, as kubeseg's ``small``
-preset) and given a randomly initialised nnU-Net network in nnU-Net's checkpoint format
-(tests/inference/nnunet_oracle.py). nnunetv2 predicts the test cases in its own venv (through
+The model: ``--model DIR``, a trained model folder in nnU-Net's layout (``plans.json``,
+``dataset.json``, ``fold_0/checkpoint_final.pth``; kubeseg's training writes it, and nnunetv2
+predicts from the same folder), with test cases synthesized like its training data (the
+``kubeseg_synth`` entry of its dataset.json, another seed: cases it has not seen). Without
+``--model``, a synthetic CT dataset is planned by nnunetv2 (CPU-sized settings, as kubeseg's
+``small`` preset) and given a randomly initialised nnU-Net network in nnU-Net's checkpoint
+format (tests/inference/nnunet_oracle.py): its classes compete everywhere (near-tie logits), a
+harsher agreement test than a trained model, whose answer the issue's bar is about.
+nnunetv2 predicts the test cases in its own venv (through
 tests/oracle's run_oracle; it reads its folders from environment variables); kubeseg predicts
 them here with each backend (torch, onnxruntime, openvino; the ONNX export happens once, at
 model load, as nnunetv2's model loading, outside the timed part; each backend runs in its own
@@ -18,7 +24,8 @@ of the mean per case, the spread (min-max), and
 
 and how many voxels kubeseg's segmentation shares with nnunetv2's.
 
-    python benchmarks/predict.py [--cases 2] [--shape 40 128 128] [--configuration 3d_fullres]
+    python benchmarks/predict.py [--model TRAINED_MODEL_FOLDER] [--cases 2] [--shape 40 128 128]
+                                 [--configuration 3d_fullres]
                                  [--disable-tta] [--threads N] [--repeats 3]
                                  [--backends torch onnxruntime openvino] [--device cpu|cuda] [--keep DIR]
 """
@@ -37,6 +44,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SHAPE = (40, 128, 128)
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
@@ -98,6 +106,21 @@ def run_side(a, tta: bool) -> int:
     return 0
 
 
+def prepare_trained(model: Path, a, raw: Path, models_json: Path) -> None:
+    """Use a trained model folder: record it in ``models_json`` and synthesize unseen test cases like
+    its training data (kind, shape, obliqueness from its dataset.json; seed ``--test-seed``)."""
+    if not (model / "fold_0" / "checkpoint_final.pth").is_file():
+        sys.exit(f"{model}: no fold_0/checkpoint_final.pth (a trained model folder in nnU-Net's layout is needed)")
+    synth = json.loads((model / "dataset.json").read_text()).get("kubeseg_synth") or {}
+    if not (raw / "dataset.json").is_file():
+        shape = tuple(a.shape or synth.get("shape") or DEFAULT_SHAPE)
+        synthesize(raw, SynthSettings(kind=synth.get("kind", "ct"), num_cases=1, shape=shape, num_test_cases=a.cases,
+                                      seed=a.test_seed, oblique=bool(synth.get("oblique", False))))
+    models_json.parent.mkdir(parents=True, exist_ok=True)
+    made = json.loads(models_json.read_text()) if models_json.is_file() else {}
+    models_json.write_text(json.dumps({**made, a.configuration: str(model)}, indent=1))
+
+
 def summary(timings: list[dict], key: str) -> tuple[float, float, float]:
     """(median, min, max) over repetitions of the per-case mean of ``key``."""
     per_repeat = {}
@@ -110,7 +133,8 @@ def summary(timings: list[dict], key: str) -> tuple[float, float, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=2)
-    p.add_argument("--shape", type=int, nargs=3, default=(40, 128, 128), metavar=("Z", "Y", "X"))
+    p.add_argument("--shape", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                   help="test case shape (default: 40 128 128; with --model, the shape of its training data)")
     p.add_argument("--configuration", default="3d_fullres", choices=("3d_fullres", "2d"))
     p.add_argument("--disable-tta", action="store_true")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, both sides")
@@ -121,6 +145,9 @@ def main() -> int:
                    "device, kubeseg with autocast and accumulation on the device)")
     p.add_argument("--autocast", default="float16", choices=("float16", "bfloat16"),
                    help="kubeseg's CUDA autocast dtype (nnunetv2 always float16)")
+    p.add_argument("--model", help="trained model folder (nnU-Net layout, fold 0) that both sides predict with; "
+                   "default: a random-weight model made by nnunetv2")
+    p.add_argument("--test-seed", type=int, default=1000, help="synthesis seed of the test cases with --model")
     p.add_argument("--keep", help="work folder to keep (default: a temporary one)")
     p.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one kubeseg backend in this process
     p.add_argument("--side-out", help=argparse.SUPPRESS)
@@ -132,16 +159,20 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.keep or tmp).resolve()
         raw = work / "raw"
-        if not (raw / "dataset.json").is_file():
-            synthesize(raw, SynthSettings(kind="ct", num_cases=4, shape=tuple(a.shape), num_test_cases=a.cases,
-                                          seed=0, oblique=True))
         models_json = work / "nnunet" / "models.json"
+        if a.model:
+            prepare_trained(Path(a.model).resolve(), a, raw, models_json)
+        if not (raw / "dataset.json").is_file():
+            synthesize(raw, SynthSettings(kind="ct", num_cases=4, shape=tuple(a.shape or DEFAULT_SHAPE),
+                                          num_test_cases=a.cases,
+                                          seed=0, oblique=True))
         if not models_json.is_file() or a.configuration not in json.loads(models_json.read_text()):
             _oracle("make-model", str(raw), str(work), "--configs", a.configuration, "--folds", "0")
         model = Path(json.loads(models_json.read_text())[a.configuration])
         images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))[: a.cases]
         plans = json.loads((model / "plans.json").read_text())["configurations"][a.configuration]
-        print(f"{len(images)} case(s) of {a.shape}, {a.configuration}, patch {plans['patch_size']}, TTA {tta}, "
+        shape = read_image([images[0]])[0].shape[1:]
+        print(f"{len(images)} case(s) of {shape}, {a.configuration}, patch {plans['patch_size']}, TTA {tta}, "
               f"{a.threads} thread(s), {a.repeats} repetition(s), both on {a.device}", flush=True)
         theirs, ours = [], {b: [] for b in a.backends}
         for r in range(a.repeats):  # alternate the sides, so that the machine's load falls on both

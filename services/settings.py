@@ -158,8 +158,8 @@ class ServiceSettings:
     model_bundle: Optional[Path] = None  # a bundle folder instead of the registry
     tracking_uri: Optional[str] = None  # MLflow; None: MLFLOW_TRACKING_URI or MLflow's default
     device: str = "auto"
-    # what runs the network; auto: ONNX Runtime on a CPU (the fastest backend that keeps parity in
-    # benchmarks/predict.py; kubeseg.inference.backends.resolve_backend), torch on a GPU
+    # what runs the network; auto: OpenVINO on a CPU (the fastest backend that keeps parity in
+    # benchmarks/predict.py; the rule: kubeseg.inference.backends.resolve_backend), torch on a GPU
     backend: str = "auto"
     max_concurrency: int = 4  # requests inside the service at once; more get HTTP 429
     max_request_bytes: int = 512 * 1024 * 1024

@@ -11,13 +11,13 @@ a temporary file first (seconds, in a child process: torch's exporter holds the 
 service must keep answering health checks while it loads a model), so any model folder or bundle
 works with any backend, and a downloaded (checksummed) bundle is never written to.
 
-Why: on a CPU the same network runs in roughly half the CPU time under ONNX Runtime and about a
-third under OpenVINO than in eager torch, which allocates every activation afresh (page faults:
-a third of torch's CPU time goes to the kernel). OpenVINO is asked for float32 inference: on
-CPUs with bfloat16 units it would otherwise choose bfloat16 and the answer would drift; even so
-its float32 kernels differ from torch's by up to ~1e-3 in the logits, enough to flip about 0.25 %
-of the voxels of a random-weight benchmark model whose classes compete everywhere (ONNX Runtime:
-~1e-4 and 0.03 %).
+Why: on a CPU the same network runs in about 0.6 of eager torch's CPU time under ONNX Runtime
+and about 0.4 under OpenVINO; eager torch allocates every activation afresh (page faults: a
+third of its CPU time goes to the kernel). OpenVINO is asked for float32 inference: on CPUs with
+bfloat16 units (AVX512-BF16, AMX) its CPU plugin picks bfloat16 by default, which is twice as
+fast but moves the logits of a small U-Net by ~0.2 (float32: ~7e-4 at logits up to 7). Those
+float32 differences flip about 0.25 % of the voxels of a random-weight model whose classes tie
+everywhere, and under 0.01 % of a trained model's (benchmarks/predict.py --model).
 """
 
 from __future__ import annotations
@@ -54,15 +54,20 @@ def file_sha256(path: Path) -> str:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto``: on a CPU the fastest installed runtime that keeps parity, on a GPU torch
-    (autocast, accumulation on the device). Any other name is returned as given.
+    (autocast, accumulation on the device). Any other name is returned as given. The one owner of
+    this rule (the service's ``KUBESEG_BACKEND=auto`` and ``kubeseg predict --backend auto`` use it).
 
-    Measured by benchmarks/predict.py (README): OpenVINO is the fastest on a CPU but agrees with
-    torch on only about 99.75 % of voxels of the benchmark's model (below the 99.9 % bar), so
-    ``auto`` picks ONNX Runtime (99.95 %+); OpenVINO stays available by name."""
+    Measured by benchmarks/predict.py on a trained model (README, Benchmarks): OpenVINO (float32)
+    takes about half of nnunetv2's CPU time and agrees with nnunetv2 on >= 99.9 % of voxels, ONNX
+    Runtime about two thirds, eager torch as much as nnunetv2. So: OpenVINO, else ONNX Runtime,
+    else torch. (On a random-weight model, whose classes tie everywhere, OpenVINO's float32 kernels
+    flip about 0.25 % of voxels; a trained model's logits are far from ties.)"""
     if backend != "auto":
         return backend
-    if device.type == "cpu" and _has("onnx") and _has("onnxruntime"):
-        return "onnxruntime"
+    if device.type == "cpu" and _has("onnx"):
+        for runtime in ("openvino", "onnxruntime"):
+            if _has(runtime):
+                return runtime
     return "torch"
 
 

@@ -14,6 +14,7 @@ Output layout (nnU-Net v2's preprocessed folder, with .npy + .json instead of bl
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ from kubeseg.dataset import DatasetSpec, RawCase
 from kubeseg.dataset_check import LoadedCase, load_case, require_valid_layout
 from kubeseg.errors import DatasetError, KubesegError
 from kubeseg.imageio import Geometry
-from kubeseg.jsonio import write_json
+from kubeseg.jsonio import to_jsonable, write_json
 from kubeseg.labels import ANNOTATED_KEY, LabelScheme
 from kubeseg.parallel import map_cases
 from kubeseg.planning.plans import configuration as resolve_configuration
@@ -65,7 +66,10 @@ def sample_class_locations(seg: np.ndarray, labels: "list[int] | LabelScheme") -
     ``"annotated"`` (every voxel that is not the ignore label, -1 included), from which nnU-Net
     draws the patches that are not forced to contain foreground.
     """
-    rng = np.random.RandomState(LOCATION_SEED)
+    # nnU-Net draws with RandomState.choice(..., replace=False), which shuffles all of a class's voxels
+    # (millions for a body label) to keep a few thousand; a Generator draws the same number, uniformly
+    # without replacement, in time proportional to the draw (other voxels than nnU-Net's, same law)
+    rng = np.random.default_rng(LOCATION_SEED)
     flat = seg.ravel()
     if isinstance(labels, LabelScheme):
         classes = dict(zip(labels.class_keys, labels.classes))
@@ -116,10 +120,17 @@ def preprocess_arrays(data: np.ndarray, seg: np.ndarray | None, geometry: Geomet
 
 
 def _save(case_id: str, result: PreprocessedCase, folder: Path) -> None:
-    """Into the staging folder, which is private to this run: no per-file atomicity needed."""
+    """Into the staging folder, which is private to this run: no per-file atomicity needed.
+
+    The properties are written as write_json(indent=None) writes them, but the class locations
+    (tens of thousands of coordinates, already plain ints) skip the recursive conversion and go
+    through json's C encoder in one call: that conversion and json.dump's Python-level encoder
+    took as long as resampling the case."""
     np.save(folder / f"{case_id}.npy", result.data)
     np.save(folder / f"{case_id}_seg.npy", result.seg)
-    write_json(result.properties, folder / f"{case_id}.json", indent=None)
+    locations = result.properties.get("class_locations")
+    plain = {k: (locations if k == "class_locations" else to_jsonable(v)) for k, v in result.properties.items()}
+    (folder / f"{case_id}.json").write_text(json.dumps(plain) + "\n")
 
 
 def _preprocess_case(case: RawCase, spec: DatasetSpec, plans: dict, config: dict, folder: Path) -> None:

@@ -11,6 +11,8 @@ nnU-Net v2); edges are extended by the nearest value.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 from scipy import ndimage
 
@@ -37,12 +39,52 @@ def separate_axis(current_spacing, new_spacing, threshold: float = ANISOTROPY_TH
     return None
 
 
+@lru_cache(maxsize=64)
+def spline_matrix(n_in: int, n_out: int, order: int) -> np.ndarray | None:
+    """The linear map (``n_out`` x ``n_in``, float32) of scipy's 1D spline zoom from ``n_in`` to ``n_out``
+    voxels (prefilter included, ``mode="nearest"``, ``grid_mode=True``), or None if scipy's zoom would
+    not give ``n_out`` voxels. Built column by column from scipy's own zoom of unit vectors, so the
+    boundary handling is scipy's."""
+    eye = np.eye(n_in)
+    matrix = np.empty((n_out, n_in))
+    for k in range(n_in):
+        column = ndimage.zoom(eye[k], n_out / n_in, order=order, mode="nearest", grid_mode=True)
+        if column.shape != (n_out,):
+            return None
+        matrix[:, k] = column
+    return matrix.astype(np.float32)
+
+
+def _zoom_separable(volume: np.ndarray, shape, order: int) -> np.ndarray | None:
+    """Spline zoom as one matrix product per changed axis (None where scipy's 1D zoom disagrees on a length)."""
+    out = volume.astype(np.float32, copy=False)
+    for axis, (n_in, n_out) in enumerate(zip(volume.shape, shape)):
+        if n_in == n_out:
+            continue
+        matrix = spline_matrix(int(n_in), int(n_out), order)
+        if matrix is None:
+            return None
+        out = np.moveaxis(np.tensordot(matrix, out, axes=(1, axis)), 0, axis)
+    return np.ascontiguousarray(out, dtype=volume.dtype)
+
+
 def _zoom(volume: np.ndarray, shape, order: int, keep_axis: int | None = None) -> np.ndarray:
     """Zoom to ``shape``; with ``keep_axis``, slice by slice across that (unchanged) axis.
 
     Slice by slice gives the same values as a 3D zoom with factor 1 on that axis (a spline
     interpolates its knots), at a quarter of the cost.
+
+    Spline orders (> 1) on float data run as matrix products, one per axis: a tensor-product
+    spline zoom is separable, and scipy's 1D zoom of an axis is a fixed linear map
+    (:func:`spline_matrix`). Same values as scipy's zoom up to float32 rounding (~1e-6 of the
+    data's range; scipy computes in float64) at a tenth of the time or less: nnU-Net's spline
+    resampling of the images was the largest part of preprocessing. Order 0 and 1 keep scipy.
     """
+    if order > 1 and volume.dtype.kind == "f":
+        # slice by slice across keep_axis is the same as leaving that axis alone
+        zoomed = _zoom_separable(volume, shape, order)
+        if zoomed is not None:
+            return zoomed
     if keep_axis is None:
         factors = [n / o for n, o in zip(shape, volume.shape)]
         return ndimage.zoom(volume, factors, order=order, mode="nearest", grid_mode=True)

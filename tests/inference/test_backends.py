@@ -98,3 +98,23 @@ def test_unknown_backend_is_refused():
     from kubeseg.inference.backends import check_backend
     with pytest.raises(KubesegError, match="unknown backend"):
         check_backend("tensorrt")
+
+
+def test_openvino_runs_in_float32_even_on_a_bfloat16_cpu(tmp_path):
+    """OpenVINO's CPU plugin picks bfloat16 by default on CPUs with bf16 units (this machine's AVX512-BF16
+    included), which moves logits by ~0.2 on a small U-Net; the runner asks for float32 and gets it."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnx")
+    import torch
+
+    from kubeseg.inference.backends import OpenVINONetwork, export_onnx
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.InstanceNorm3d(8, affine=True),
+                              torch.nn.LeakyReLU(0.01), torch.nn.Conv3d(8, 3, 1))
+    path = export_onnx(net, 1, (8, 16, 16), tmp_path / "net.onnx")
+    runner = OpenVINONetwork(path, 1)
+    assert str(runner.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
+    x = torch.randn(2, 1, 8, 16, 16)
+    with torch.no_grad():
+        assert (runner(x) - net(x)).abs().max() < 1e-4

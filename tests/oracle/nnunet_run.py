@@ -56,12 +56,18 @@ def main(argv=None) -> int:
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+    import resource
+
+    def cpu() -> float:  # this process and its reaped worker processes (nnU-Net's pools), user + system
+        return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                     resource.getrusage(resource.RUSAGE_CHILDREN)))
+
     timings = {}
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu()
     extractor = DatasetFingerprintExtractor(name, a.num_workers)
     extractor.show_progress_bar = False
     fingerprint = extractor.run(overwrite_existing=True)
-    timings["fingerprint"] = time.perf_counter() - t
+    timings["fingerprint"], timings["cpu_fingerprint"] = time.perf_counter() - t, cpu() - c
 
     def plan(gb, base, max3d, max2d):
         planner = ExperimentPlanner(name, gpu_memory_target_in_gb=gb)
@@ -75,9 +81,9 @@ def main(argv=None) -> int:
         vname, gb, base, max3d, max2d = v.split(":")
         _, extra = plan(float(gb), int(base), int(max3d), int(max2d))
         (work / f"plans_{vname}.json").write_text(json.dumps(extra, indent=1, default=lambda o: np.asarray(o).tolist()))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), cpu()
     planner, plans = plan(a.gpu_memory_gb, a.base_features, a.max_features_3d, a.max_features_2d)
-    timings["plan"] = time.perf_counter() - t
+    timings["plan"], timings["cpu_plan"] = time.perf_counter() - t, cpu() - c
 
     pm = PlansManager(plans)
     dataset_json = json.loads((link / "dataset.json").read_text())
@@ -90,10 +96,10 @@ def main(argv=None) -> int:
         pre = DefaultPreprocessor(verbose=False)
         pre.show_progress_bar = False
         if a.all_cases:
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu()
             with contextlib.redirect_stdout(io.StringIO()):
                 pre.run(name, config, planner.plans_identifier, a.num_workers)
-            timings[f"preprocess_{config}"] = time.perf_counter() - t
+            timings[f"preprocess_{config}"], timings[f"cpu_preprocess_{config}"] = time.perf_counter() - t, cpu() - c
         out = work / config
         out.mkdir(exist_ok=True)
         for case in a.cases:

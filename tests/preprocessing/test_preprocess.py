@@ -75,3 +75,21 @@ def test_a_failing_case_leaves_nothing_behind(mri, tmp_path):
         preprocess_dataset(broken, plans, "3d_fullres", out, fp_path, num_workers=1, progress=False)
     assert not (out / plans["configurations"]["3d_fullres"]["data_identifier"]).exists()
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_saved_properties_read_back_as_written(tmp_path):
+    """The fast properties writer gives the same JSON values as write_json (numpy values converted)."""
+    import json
+
+    from kubeseg.jsonio import to_jsonable
+    from kubeseg.preprocessing.preprocess import PreprocessedCase, _save, sample_class_locations
+
+    seg = np.zeros((1, 6, 7, 8), dtype=np.int8)
+    seg[0, 2:5, 1:6, 3:7] = 1
+    seg[0, 3, 3, 4] = 2
+    props = {"spacing": [np.float64(1.5), 1.0, 2.0], "bbox_used_for_cropping": [[np.int64(0), 6]],
+             "class_locations": sample_class_locations(seg, [1, 2])}
+    _save("c", PreprocessedCase(np.zeros((1, 6, 7, 8), np.float32), seg, props), tmp_path)
+    read = json.loads((tmp_path / "c.json").read_text())
+    assert read == to_jsonable(props)
+    assert len(read["class_locations"]["1"]) == int((seg == 1).sum()) and read["class_locations"]["2"] == [[0, 3, 3, 4]]

@@ -1,4 +1,4 @@
-"""KUBESEG_BACKEND: the service's network runtime, auto by default (ONNX Runtime on a CPU, torch on a GPU)."""
+"""KUBESEG_BACKEND: the service's network runtime, auto by default (OpenVINO on a CPU, torch on a GPU)."""
 
 import pytest
 import torch
@@ -21,8 +21,8 @@ def test_backend_from_env_and_refused_when_unknown(monkeypatch):
         ServiceSettings.from_env()
 
 
-def test_auto_is_onnxruntime_on_a_cpu_and_torch_on_a_gpu():
-    pytest.importorskip("onnxruntime")
-    assert resolve_backend("auto", torch.device("cpu")) == "onnxruntime"
+def test_auto_is_openvino_on_a_cpu_and_torch_on_a_gpu():
+    pytest.importorskip("openvino")
+    assert resolve_backend("auto", torch.device("cpu")) == "openvino"
     assert resolve_backend("auto", torch.device("cuda", 0)) == "torch"
     assert resolve_backend("openvino", torch.device("cpu")) == "openvino"
