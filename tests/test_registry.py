@@ -107,7 +107,7 @@ def test_promote_gate_and_rollback(trained, uri, tmp_path):
 
 def test_cli_models(trained, uri, capsys):
     assert main(["register", str(trained["bundle"]), "--name", NAME, "--tracking-uri", uri]) == 0
-    assert "version 1 (alias challenger)" in capsys.readouterr().out
+    assert "version 1 (1.0.0, alias challenger)" in capsys.readouterr().out
     assert main(["models", "rollback", "--name", NAME, "--tracking-uri", uri]) == 2
     assert "no champion to roll back" in capsys.readouterr().err
     promote_args = ["models", "promote", "--name", NAME, "--tracking-uri", uri, "--device", "cpu",
