@@ -304,7 +304,8 @@ def _retrain_request(a):
         planner_preset=a.preset, device=a.device, gpu_type=a.gpu_type, gpu_count=a.gpu_count, train_cpu=a.cpu,
         train_memory=a.memory, num_workers=a.num_workers, torch_threads=a.torch_threads,
         validation_tta=not a.no_validation_tta, allow_ensembles=not a.no_ensembles, experiment=a.experiment,
-        tolerance=a.tolerance, holdout=a.holdout or "", kfp_experiment=a.kfp_experiment, namespace=a.namespace,
+        tolerance=a.tolerance, holdout=a.holdout or "", approval=a.approval, kfp_experiment=a.kfp_experiment,
+        namespace=a.namespace,
         run_name=a.run_name, parallelism=a.parallelism, retries=a.retries)
 
 
@@ -684,6 +685,9 @@ def _pipeline_parsers(sub) -> None:
                    help="finetune: from the champion's weights and plans; retrain: plan and train anew")
     p.add_argument("--tolerance", type=float, default=0.02, help="promotion gate: CV Dice tolerance vs champion")
     p.add_argument("--holdout", default=None, help="held-out images for the gate (default: the dataset's imagesTs)")
+    p.add_argument("--approval", choices=("auto", "required"), default=os.environ.get("KUBESEG_PROMOTION_APPROVAL") or "auto",
+                   help="required: a version that passes the gate waits for `kubeseg models approve` "
+                        "(default: KUBESEG_PROMOTION_APPROVAL, else auto)")
     p.add_argument("--pipeline-root", default="kfp_outputs", help="local: where task outputs go")
     p.add_argument("--status-file", default=None, help="local: keep a status JSON (running/succeeded/failed)")
     p.add_argument("--detach", action="store_true",

@@ -404,7 +404,10 @@ def register_bundle(bundle_dir: str | Path, name: str, uri: Optional[str] = None
             if _error_code(e) != "RESOURCE_ALREADY_EXISTS":
                 raise
     if parent_run_id:
-        exp_id = c.get_run(parent_run_id).info.experiment_id
+        parent = c.get_run(parent_run_id)
+        exp_id = parent.info.experiment_id
+        if retrain_mode is None and (parent.data.params or {}).get("mode") in ("finetune", "retrain"):
+            retrain_mode = parent.data.params["mode"]  # the retraining pipeline's run parameter
     else:
         exp_id = ensure_experiment(uri, experiment)
     run_tags = {"kubeseg.kind": "register", "kubeseg.model_name": name}
