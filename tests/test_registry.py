@@ -311,8 +311,8 @@ def _start(code: str, args: list[str], tmp_path: Path):
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_concurrent_processes_leave_one_consistent_champion(trained, tmp_path, backend):
     """Real processes against a real `mlflow server` (SQLite, or PostgreSQL as in the chart): the
-    lock serialises read-modify-write sections (none lost, none overlapping), and two promotions
-    that finish together leave one champion, the last entry of a history that has both."""
+    lock serialises read-modify-write sections (none lost, none overlapping); and (SQLite) two
+    promotions that finish together leave one champion, the last entry of a history that has both."""
     import time
 
     from tests.pipelines.helpers import MlflowServer, Postgres
@@ -326,13 +326,15 @@ def test_concurrent_processes_leave_one_consistent_champion(trained, tmp_path, b
             client(uri).create_registered_model(NAME)
             out = tmp_path / "sections.jsonl"
             start = time.time() + 8  # every worker imported MLflow by then (a loaded machine: later is fine)
-            workers = [_start(LOCK_WORKER, [uri, NAME, f"w{k}", out, start], tmp_path) for k in range(4)]
+            workers = [_start(LOCK_WORKER, [uri, NAME, f"w{k}", out, start], tmp_path) for k in range(3)]
             for w in workers:
                 assert w.wait(240) == 0, w.stdout.read()[-3000:]
             seen = json.loads(client(uri).get_registered_model(NAME).tags["seen"])
-            assert sorted(seen) == sorted(f"w{k}.{i}" for k in range(4) for i in range(3))  # no update lost
+            assert sorted(seen) == sorted(f"w{k}.{i}" for k in range(3) for i in range(3))  # no update lost
             spans = sorted((t0, t1) for _, _, t0, t1 in map(json.loads, out.read_text().splitlines()))
             assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # never two holders at once
+            if backend == "postgresql":
+                return  # the promotions below use the lock the same way; once (SQLite) is enough for CI time
 
             holdout = tmp_path / "holdout"
             holdout.mkdir()
