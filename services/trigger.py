@@ -128,7 +128,7 @@ def trigger_metrics() -> TriggerMetrics:
                         ["status"], registry=r),
         rollbacks=Counter("kubeseg_trigger_rollbacks_total",
                           "Rollback alerts by outcome (rolled_back | outside_window | not_champion | restored_version | "
-                          "other_model | no_version | no_record | failed)", ["outcome"], registry=r),
+                          "no_previous | other_model | no_version | no_record | failed)", ["outcome"], registry=r),
     )
 
 
@@ -329,6 +329,8 @@ class Trigger:
             try:
                 done = self.registry.rollback(champion, why[:1000], f"kubeseg-trigger ({base['by']})")
             except Exception as e:  # noqa: BLE001 - no previous champion, lock timeout, registry down
+                if "no previous champion" in str(e):  # nothing to go back to: not a failure of the trigger
+                    return outcome("no_previous", str(e), version=champion)
                 self.metrics.failures.inc()
                 log.error("could not roll back %s version %s: %s", wanted.model_name, champion, e)
                 return outcome("failed", f"{type(e).__name__}: {e}", event="failed", version=champion)
