@@ -114,11 +114,12 @@ def alertmanager_server(root: Path, webhook_url: str, token_file: Optional[Path]
     return s
 
 
-def fast_rollback_rules(root: Path, hold: str = "5s", window: str = "20s",
-                        before: str = "[5m] offset 1m") -> Path:
-    """The one rules file with the ``kubeseg.rollback`` group made fast for a test: ``for:`` is
-    ``hold``, the 5/10-minute rate windows are ``window``, the previous day is ``before``. The
-    production file is unchanged; every other group is copied as it is."""
+def fast_rollback_rules(root: Path, alerts: tuple[str, ...] = ("KubesegNewVersionQAFlags",), hold: str = "5s",
+                        window: str = "20s", before: str = "[5m] offset 1m") -> Path:
+    """The one rules file with ``alerts`` of the ``kubeseg.rollback`` group made fast for a test:
+    ``for:`` is ``hold``, the 5/10-minute rate windows are ``window``, the previous day is
+    ``before``. The production file is unchanged; every other rule is copied as it is (the other
+    rollback rules keep their day-long baselines, so they stay quiet in a minutes-long test)."""
     import yaml
 
     rules = yaml.safe_load(RULES.read_text())
@@ -126,6 +127,8 @@ def fast_rollback_rules(root: Path, hold: str = "5s", window: str = "20s",
         if group["name"] != "kubeseg.rollback":
             continue
         for rule in group["rules"]:
+            if rule.get("alert") not in alerts:
+                continue
             rule["for"] = hold
             rule["expr"] = (rule["expr"].replace("[10m]", f"[{window}]").replace("[5m]", f"[{window}]")
                             .replace("[1d] offset 1h", before))
