@@ -253,13 +253,18 @@ def registry_lock(name: str, uri: Optional[str] = None, purpose: str = "",
                                       description=f"kubeseg registry lock of {name}: {purpose}"[:500])
             break
         except MlflowException as e:
-            if _error_code(e) != "RESOURCE_ALREADY_EXISTS":
+            # ALREADY_EXISTS: held. DOES_NOT_EXIST: the store's unique constraint refused this
+            # create and the holder released before the store could read it back: nothing was
+            # created, so try again
+            if _error_code(e) not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         try:
             held = c.get_registered_model(lock)
         except MlflowException:
             continue  # released meanwhile: try again at once
         tags = held.tags or {}
+        if tags.get(_LOCK_HOLDER) == holder:
+            break  # our own create succeeded but its answer was lost and retried by the client
         try:
             expires = float(tags[_LOCK_EXPIRES])
         except (KeyError, ValueError):  # tags not (yet) readable: judge by when it was created
