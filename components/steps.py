@@ -349,12 +349,13 @@ def register(bundle: Input[Model], model_name: str, tracking: Input[Artifact], p
 
 @component
 def promote(model_name: str, version: str, tracking: Input[Artifact], dataset: Input[Dataset], holdout_uri: str,
-            tolerance: float, device: str, label_floor: float = 0.1) -> str:
+            tolerance: float, device: str, label_floor: float = 0.1, approval: str = "auto") -> str:
     """Gated promotion of the new version to `champion`: CV foreground Dice within `tolerance` of
     the champion's, every label's CV Dice at least `label_floor`, and a sanity prediction of the
     held-out images (`holdout_uri`, default the
     dataset's imagesTs). A refused gate is an outcome (returned as JSON, `promoted` false, with
-    the reason), not a failure; the champion is then unchanged."""
+    the reason), not a failure; the champion is then unchanged. `approval` = required: a version
+    that passes only waits for `kubeseg models approve` (`awaiting_approval` in the JSON)."""
     import json
     from pathlib import Path
 
@@ -365,5 +366,5 @@ def promote(model_name: str, version: str, tracking: Input[Artifact], dataset: I
     holdout = holdout_uri or (str(Path(dataset.path) / "imagesTs") if (Path(dataset.path) / "imagesTs").is_dir()
                               else "")
     outcome = gated_promotion(model_name, version, mlflow_uri, holdout, tolerance, device=device,
-                              label_floor=label_floor)
+                              label_floor=label_floor, require_approval=approval == "required")
     return json.dumps(outcome.to_json())

@@ -304,7 +304,8 @@ def _retrain_request(a):
         planner_preset=a.preset, device=a.device, gpu_type=a.gpu_type, gpu_count=a.gpu_count, train_cpu=a.cpu,
         train_memory=a.memory, num_workers=a.num_workers, torch_threads=a.torch_threads,
         validation_tta=not a.no_validation_tta, allow_ensembles=not a.no_ensembles, experiment=a.experiment,
-        tolerance=a.tolerance, holdout=a.holdout or "", kfp_experiment=a.kfp_experiment, namespace=a.namespace,
+        tolerance=a.tolerance, holdout=a.holdout or "", approval=a.approval, kfp_experiment=a.kfp_experiment,
+        namespace=a.namespace,
         run_name=a.run_name, parallelism=a.parallelism, retries=a.retries)
 
 
@@ -356,8 +357,9 @@ def cmd_register(a) -> int:
     from kubeseg.registry import register_bundle
 
     v = register_bundle(a.bundle, a.name, a.tracking_uri, a.parent_run, source_run=a.source_run or "",
-                        signing_key=a.signing_key)
-    print(f"registered {a.name} version {v.version} (alias challenger), CV foreground Dice {v.cv_foreground_dice:.4f}")
+                        signing_key=a.signing_key, retrain_mode=a.retrain_mode)
+    print(f"registered {a.name} version {v.version} ({v.tags.get('kubeseg.semver', '?')}, alias challenger), "
+          f"CV foreground Dice {v.cv_foreground_dice:.4f}")
     return 0
 
 
@@ -368,6 +370,10 @@ def cmd_models_list(a) -> int:
     versions = list_versions(a.name, a.tracking_uri)
     print(text_table(*versions_table(versions)))
     print(f"champion history: {champion_history(a.name, a.tracking_uri)}")
+    waiting = [v.version for v in versions if v.tags.get("kubeseg.approval") == "awaiting"
+               and "champion" not in v.aliases]
+    if waiting:
+        print(f"awaiting approval: {waiting} (kubeseg models approve VERSION --name {a.name} --reason ...)")
     return 0
 
 
@@ -377,7 +383,21 @@ def cmd_models_promote(a) -> int:
     gate = GateSettings(tolerance=a.tolerance, holdout=a.holdout, holdout_labels=a.holdout_labels,
                         min_dice=a.min_dice, device=a.device,
                         **({"label_floor": a.label_floor} if a.label_floor is not None else {}))
-    p = promote(a.name, a.version, gate, a.tracking_uri, reason=a.reason or "", public_key=a.public_key)
+    require = None if a.approval is None else a.approval == "required"
+    p = promote(a.name, a.version, gate, a.tracking_uri, reason=a.reason or "", public_key=a.public_key,
+                require_approval=require)
+    if p.awaiting_approval:
+        print(f"{a.name} version {p.version} passed the gate and awaits approval (champion stays "
+              f"{p.previous or 'none'}): kubeseg models approve {p.version} --name {a.name} --reason ...")
+        return 0
+    print(f"{a.name} version {p.version} is the champion (previous: {p.previous or 'none'}): " + "; ".join(p.reasons))
+    return 0
+
+
+def cmd_models_approve(a) -> int:
+    from kubeseg.registry import approve
+
+    p = approve(a.name, a.version, a.reason, a.tracking_uri)
     print(f"{a.name} version {p.version} is the champion (previous: {p.previous or 'none'}): " + "; ".join(p.reasons))
     return 0
 
@@ -734,6 +754,9 @@ def _pipeline_parsers(sub) -> None:
                    help="finetune: from the champion's weights and plans; retrain: plan and train anew")
     p.add_argument("--tolerance", type=float, default=0.02, help="promotion gate: CV Dice tolerance vs champion")
     p.add_argument("--holdout", default=None, help="held-out images for the gate (default: the dataset's imagesTs)")
+    p.add_argument("--approval", choices=("auto", "required"), default=os.environ.get("KUBESEG_PROMOTION_APPROVAL") or "auto",
+                   help="required: a version that passes the gate waits for `kubeseg models approve` "
+                        "(default: KUBESEG_PROMOTION_APPROVAL, else auto)")
     p.add_argument("--pipeline-root", default="kfp_outputs", help="local: where task outputs go")
     p.add_argument("--status-file", default=None, help="local: keep a status JSON (running/succeeded/failed)")
     p.add_argument("--detach", action="store_true",
@@ -756,10 +779,13 @@ def _pipeline_parsers(sub) -> None:
     p.add_argument("--source-run", default=None, help="source pipeline run, recorded as a tag")
     p.add_argument("--signing-key", default=None,
                    help="Ed25519 registration key (PEM) that signs the manifest (default: KUBESEG_SIGNING_KEY)")
+    p.add_argument("--retrain-mode", choices=("finetune", "retrain"), default=None,
+                   help="how the bundle was made: finetune bumps the semver's patch, retrain its minor "
+                        "(a changed label set or plans: its major)")
     _tracking_flag(p)
     p.set_defaults(fn=cmd_register)
 
-    mo = sub.add_parser("models", help="list, promote, roll back or download registered model versions") \
+    mo = sub.add_parser("models", help="list, promote, approve, roll back or download registered model versions") \
         .add_subparsers(dest="action", required=True)
     p = mo.add_parser("list", help="versions, aliases, CV Dice, champion history")
     p.add_argument("--name", required=True)
@@ -779,8 +805,17 @@ def _pipeline_parsers(sub) -> None:
     p.add_argument("--reason", default=None, help="why (recorded with who, in the registry and the audit log)")
     p.add_argument("--public-key", default=None,
                    help="refuse a version this key has not signed (default: KUBESEG_MODEL_PUBLIC_KEY)")
+    p.add_argument("--approval", choices=("required", "auto"), default=None,
+                   help="required: a version that passes the gate waits for `models approve` "
+                        "(default: KUBESEG_PROMOTION_APPROVAL, else auto)")
     _tracking_flag(p)
     p.set_defaults(fn=cmd_models_promote)
+    p = mo.add_parser("approve", help="make a version that passed the gate and awaits approval the champion")
+    p.add_argument("version", help="the version number awaiting approval")
+    p.add_argument("--name", required=True)
+    p.add_argument("--reason", required=True, help="why (recorded with who, in the registry and the audit log)")
+    _tracking_flag(p)
+    p.set_defaults(fn=cmd_models_approve)
     p = mo.add_parser("rollback", help="return champion to the previous champion")
     p.add_argument("--name", required=True)
     p.add_argument("--reason", default=None, help="why (recorded with who, in the registry and the audit log)")

@@ -150,6 +150,7 @@ class PromotionOutcome:
     champion: Optional[str]
     previous_champion: Optional[str]
     reasons: list
+    awaiting_approval: bool = False  # the gate passed; `kubeseg models approve` makes it the champion
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -157,7 +158,8 @@ class PromotionOutcome:
 
 def gated_promotion(name: str, version: str, uri: str, holdout: Optional[str], tolerance: float = 0.02,
                     holdout_labels: Optional[str] = None, min_dice: float = 0.0,
-                    device: str = "auto", label_floor: Optional[float] = None) -> PromotionOutcome:
+                    device: str = "auto", label_floor: Optional[float] = None,
+                    require_approval: bool = False) -> PromotionOutcome:
     """Promote ``version`` through the gate (:func:`kubeseg.registry.promote`). A refusal (CV Dice
     below the champion's beyond the tolerance, a failed sanity prediction) is returned as
     ``promoted=False`` with the reason; the champion is then unchanged."""
@@ -174,8 +176,10 @@ def gated_promotion(name: str, version: str, uri: str, holdout: Optional[str], t
                         min_dice=min_dice, device=device,
                         **({"label_floor": label_floor} if label_floor is not None else {}))
     try:
-        p = promote(name, str(version), gate, uri)
+        p = promote(name, str(version), gate, uri, require_approval=require_approval)
     except KubesegError as e:
         log.warning("version %s of %s not promoted: %s", version, name, e)
         return PromotionOutcome(str(version), False, champion(), before, [str(e)])
+    if p.awaiting_approval:
+        return PromotionOutcome(str(version), False, p.previous, before, list(p.reasons), awaiting_approval=True)
     return PromotionOutcome(str(version), True, p.version, p.previous, list(p.reasons))

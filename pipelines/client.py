@@ -73,6 +73,7 @@ class RetrainRequest:
     tolerance: float = 0.02
     label_floor: float = 0.1  # every label's CV Dice must reach it (kubeseg.registry.GateSettings)
     holdout: str = ""  # held-out images for the gate; "" = the dataset's imagesTs
+    approval: str = "auto"  # required: a version that passes the gate waits for `kubeseg models approve`
     kfp_experiment: str = "kubeseg-retraining"
     namespace: Optional[str] = None
     run_name: Optional[str] = None
@@ -111,7 +112,7 @@ def pipeline_arguments(request: RetrainRequest, tracking_uri: Optional[str] = No
             "num_workers": request.num_workers, "torch_threads": request.torch_threads,
             "validation_tta": request.validation_tta, "allow_ensembles": request.allow_ensembles,
             "experiment": request.experiment, "tolerance": request.tolerance, "label_floor": request.label_floor,
-            "holdout_uri": request.holdout}
+            "holdout_uri": request.holdout, "approval": request.approval}
 
 
 def _check(request: RetrainRequest) -> None:

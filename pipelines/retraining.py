@@ -14,7 +14,9 @@ The training part is the training pipeline's (:class:`pipelines.training.Trainin
 wave, fan-in, cascade wave when planned); its tail adds a ``promote`` step after ``register``: the
 gate (CV Dice within ``tolerance`` of the champion's, sanity prediction of the held-out images:
 ``holdout_uri``, default the dataset's ``imagesTs``) either moves ``champion`` or refuses; a
-refusal is the step's recorded outcome (JSON), not a pipeline failure.
+refusal is the step's recorded outcome (JSON), not a pipeline failure. ``approval=required`` (the
+chart's production setting): a version that passes the gate is only marked awaiting approval
+(``kubeseg models approve``); ``auto`` moves the champion at once.
 """
 
 from typing import Callable
@@ -59,6 +61,7 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
                    tolerance: float = 0.02,
                    label_floor: float = 0.1,
                    holdout_uri: str = "",
+                   approval: str = "auto",
                    checkpoint_uri: str = "",
                    checkpoint_interval_s: float = 300.0):
         closer = steps.close_run(mlflow_uri=mlflow_uri, experiment=experiment,
@@ -96,7 +99,7 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
                 reg = selection_tail(first, cascade, fp, run, k, o)
                 gate = steps.promote(model_name=model_name, version=reg.output, tracking=run.outputs["tracking"],
                                      dataset=merged.outputs["merged"], holdout_uri=holdout_uri, tolerance=tolerance,
-                                     label_floor=label_floor,
+                                     label_floor=label_floor, approval=approval,
                                      device=device)
                 gate.set_caching_options(False).set_display_name("gated promotion")
                 with_mlflow_credentials(gate, o.secrets)

@@ -79,8 +79,9 @@ def service_metrics() -> ServiceMetrics:
                 drift_inputs=Counter("kubeseg_drift_inputs_total", "Inputs per drift check and result (ok|drifted|degenerate: "
                                      "no distribution to compare, kept out of the window)",
                                      ["check", "result"]),
-                model_info=Gauge("kubeseg_model_info", "1 for the model version being served",
-                                 ["name", "version", "alias"], multiprocess_mode="livemostrecent"),
+                model_info=Gauge("kubeseg_model_info", "1 for the model version being served (semver: the "
+                                 "registry's semantic version, empty for a bundle path)",
+                                 ["name", "version", "alias", "semver"], multiprocess_mode="livemostrecent"),
                 model_version=Gauge("kubeseg_model_version", "Model version being served (0 for a bundle path)",
                                     multiprocess_mode="livemostrecent"),
                 model_swaps=Counter("kubeseg_model_swaps_total", "Model loads after an alias moved (success|failed)",

@@ -51,9 +51,10 @@ class ServedModel:
     folds: list[str]
     drift_reference: Optional[DriftReference]
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    semver: str = ""  # the registry's kubeseg.semver ("" for a bundle path or an older version)
 
     def describe(self) -> dict:
-        return {"name": self.name, "version": self.version, "alias": self.alias,
+        return {"name": self.name, "version": self.version, "alias": self.alias, "semver": self.semver,
                 "configurations": [p.model.configuration for p in self.predictors], "folds": self.folds}
 
 
@@ -160,6 +161,7 @@ class ModelHolder:
         else:
             bundle.rename(final)
         model = load_served_model(final, s, s.model_name, version.version, s.model_alias)
+        model.semver = version.tags.get("kubeseg.semver", "")
         log.info("%s version %s ready in %.1f s", s.model_name, version.version, time.perf_counter() - started)
         return self._swap(model)
 

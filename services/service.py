@@ -93,7 +93,8 @@ _holder: Optional[ModelHolder] = None  # this worker's model holder, for /readyz
 class ReadyWithVersion:
     """ASGI middleware: ``GET /readyz`` answers which model version serves (JSON), 503 until one does.
 
-    BentoML's own ``/readyz`` only says yes or no; a person rolling out a promotion wants the version.
+    BentoML's own ``/readyz`` only says yes or no; a person rolling out a promotion wants the version
+    (and its semver, ``model.semver``).
     """
 
     def __init__(self, app):
@@ -163,9 +164,9 @@ class Segmentation:
     # -- model lifecycle ------------------------------------------------------------------------------
     def _swapped(self, old: Optional[ServedModel], new: ServedModel) -> None:
         if old is not None:
-            self.metrics.model_info.labels(old.name, old.version, old.alias).set(0)
+            self.metrics.model_info.labels(old.name, old.version, old.alias, old.semver).set(0)
             self.metrics.model_swaps.labels("success").inc()
-        self.metrics.model_info.labels(new.name, new.version, new.alias).set(1)
+        self.metrics.model_info.labels(new.name, new.version, new.alias, new.semver).set(1)
         self.metrics.model_version.set(float(new.version) if new.version.isdigit() else 0.0)
         log.info("serving %s", new.describe())
 

@@ -253,6 +253,16 @@ class TriggerSettings:
     # de-duplication key: these labels of each actionable alert (never the payload's groupKey)
     dedup_labels: tuple[str, ...] = ("alertname", "namespace", "job", "model")
     max_run_seconds: float = 24 * 3600.0  # a run older than this no longer counts as in flight
+    # the retraining runs' promotion: required = a version that passes the gate waits for a person
+    # (`kubeseg models approve`); auto = the champion moves at once (development)
+    promotion_approval: str = "auto"
+    # automatic rollback: firing alerts with <alert_label>=<rollback_value> on the champion's version
+    # roll `champion` back when it became champion by a promotion or approval less than
+    # rollback_window_seconds ago; outside the window, or for a version no longer champion, nothing
+    # is done (written to the audit log). Never starts a retraining run.
+    rollback_enabled: bool = True
+    rollback_value: str = "rollback"
+    rollback_window_seconds: float = 3600.0
 
     @classmethod
     def from_env(cls) -> "TriggerSettings":
@@ -278,6 +288,9 @@ class TriggerSettings:
             max_alerts=_env("KUBESEG_TRIGGER_MAX_ALERTS", d.max_alerts, int),
             dedup_labels=_env("KUBESEG_TRIGGER_DEDUP_LABELS", d.dedup_labels, _paths),
             max_run_seconds=_env("KUBESEG_TRIGGER_MAX_RUN_SECONDS", d.max_run_seconds, float),
+            promotion_approval=_env("KUBESEG_PROMOTION_APPROVAL", d.promotion_approval, str).lower(),
+            rollback_enabled=_env("KUBESEG_ROLLBACK", True, _enabled),
+            rollback_window_seconds=_env("KUBESEG_ROLLBACK_WINDOW_SECONDS", d.rollback_window_seconds, float),
         )
         s.validate()
         return s
@@ -304,6 +317,12 @@ class TriggerSettings:
                             ("KUBESEG_TRIGGER_BASIC_PASSWORD_FILE", self.basic_password_file)):
                 if f is not None and (not f.is_file() or not f.read_text().strip()):
                     raise SettingsError(f"{name}={f} is not a file holding a secret")
+        if self.promotion_approval not in ("auto", "required"):
+            raise SettingsError(f"KUBESEG_PROMOTION_APPROVAL must be auto or required, not {self.promotion_approval!r}")
+        if self.rollback_window_seconds < 0:
+            raise SettingsError("KUBESEG_ROLLBACK_WINDOW_SECONDS must not be negative")
+        if self.rollback_value == self.alert_value:
+            raise SettingsError("the rollback and retrain alert values must differ")
         if "alertname" not in self.dedup_labels:
             raise SettingsError("KUBESEG_TRIGGER_DEDUP_LABELS must include alertname")
         if self.max_body_bytes < 1024 or self.max_alerts < 1:
@@ -314,6 +333,17 @@ class TriggerSettings:
 def _optional_path(name: str) -> Optional[Path]:
     raw = _env(name, None, str)
     return Path(raw) if raw else None
+
+
+def _enabled(raw: str) -> bool:
+    if raw.lower() in ("enabled", "true", "1", "on"):
+        return True
+    if raw.lower() in ("disabled", "false", "0", "off"):
+        return False
+    raise ValueError(raw)
+
+
+_enabled.__name__ = "enabled|disabled"
 
 
 def _trigger_auth() -> bool:

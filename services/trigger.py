@@ -1,4 +1,5 @@
-"""Retraining trigger: an Alertmanager webhook receiver that starts retraining runs.
+"""Retraining trigger: an Alertmanager webhook receiver that starts retraining runs and rolls
+back a newly promoted champion that misbehaves.
 
 ``python -m services.trigger [--host H] [--port 8090]`` (settings: ``KUBESEG_*``, see
 :class:`services.settings.TriggerSettings`). Endpoints: ``POST /alerts`` (Alertmanager's webhook
@@ -13,6 +14,14 @@ labels (``alertname`` plus ``dedup_labels``: namespace, job, model), never from 
 ``repeat_interval`` and several replicas may deliver the same notification, so repeats are
 answered, counted and written down, not acted on. And at most one run is in flight per model
 whatever the key: a second actionable alert while a run goes on is suppressed (``in_flight``).
+
+For firing alerts with ``kubeseg_action="rollback"`` (the rules of the ``kubeseg.rollback`` group:
+error rate, QA-flag rate, latency, drift of the predicted volumes, each labelled with the served
+model's ``name`` and ``version``) it rolls ``champion`` back (:func:`kubeseg.registry.rollback`,
+under the registry lock, only if the alert's version is still the champion) when that version
+became champion by a promotion or an approval less than ``rollback_window_seconds`` ago. It never
+starts a retraining run for them. Outside the window, for a version that is no longer champion,
+one that a rollback restored, or another model, it does nothing and writes down why.
 
 Who may post: Alertmanager's own webhook authentication (``http_config``: a bearer token or
 basic auth, the secret mounted from a Secret on both sides); every path except ``/livez``,
@@ -45,6 +54,25 @@ from services.settings import TriggerSettings, describe
 log = logging.getLogger("kubeseg.trigger")
 
 Starter = Callable[[dict], dict]  # reason (alerts) -> run description (run_id, mode, ...)
+
+
+class Registry:
+    """What the rollback decision needs from the model registry (:mod:`kubeseg.registry`)."""
+
+    def __init__(self, model_name: str, tracking_uri: Optional[str]):
+        self.model_name, self.tracking_uri = model_name, tracking_uri
+
+    def champion_since(self) -> Optional[dict]:
+        from kubeseg.registry import champion_since
+
+        return champion_since(self.model_name, self.tracking_uri)
+
+    def rollback(self, version: str, reason: str, by: str) -> dict:
+        from kubeseg.registry import rollback
+
+        p = rollback(self.model_name, self.tracking_uri, reason=reason, expected=version, by=by)
+        return {"champion": p.version, "rolled_back": p.previous}
+
 InFlight = Callable[[dict], bool]  # run description -> still running?
 OPEN_PATHS = ("/livez", "/readyz", "/metrics")
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9_:.\-]{1,64}$")
@@ -76,6 +104,7 @@ class TriggerMetrics:
     failures: object
     last_run: object
     refused: object
+    rollbacks: object
 
 
 def trigger_metrics() -> TriggerMetrics:
@@ -97,6 +126,9 @@ def trigger_metrics() -> TriggerMetrics:
         refused=Counter("kubeseg_trigger_refused_total",
                         "Webhook calls refused: no or bad credential (401), body too large (413), not a notification (400)",
                         ["status"], registry=r),
+        rollbacks=Counter("kubeseg_trigger_rollbacks_total",
+                          "Rollback alerts by outcome (rolled_back | outside_window | not_champion | restored_version | "
+                          "no_previous | other_model | no_version | no_record | failed)", ["outcome"], registry=r),
     )
 
 
@@ -108,9 +140,10 @@ class Trigger:
     """Decides per notification; thread-safe (one decision at a time)."""
 
     def __init__(self, settings: TriggerSettings, starter: Starter, clock: Callable[[], float] = time.time,
-                 in_flight: InFlight = lambda run: False):
+                 in_flight: InFlight = lambda run: False, registry: Optional[Registry] = None):
         self.settings = settings
         self.starter = starter
+        self.registry = registry or Registry(settings.model_name or "", settings.tracking_uri)
         self.clock = clock
         self.in_flight = in_flight
         self.metrics = trigger_metrics()
@@ -179,8 +212,23 @@ class Trigger:
             status = a.get("status") if a.get("status") in ("firing", "resolved") else "invalid"
             self.metrics.alerts.labels(bounded_label(_labels(a).get("alertname", "")), status).inc()
         wanted = self.settings
-        actionable = [a for a in alerts if a.get("status") == "firing"
-                      and _labels(a).get(wanted.alert_label) == wanted.alert_value]
+        base = {"by": caller, "receiver": _text(payload.get("receiver")),
+                "notification_status": _text(payload.get("status")),
+                "sender_group_key": _text(payload.get("groupKey"))}  # recorded, never trusted
+        rollbacks = [a for a in alerts if a.get("status") == "firing" and wanted.rollback_enabled
+                     and _labels(a).get(wanted.alert_label) == wanted.rollback_value]
+        retrains = [a for a in alerts if a.get("status") == "firing"
+                    and _labels(a).get(wanted.alert_label) == wanted.alert_value]
+        if rollbacks:
+            decision = self._rollback(rollbacks, base)
+            if not retrains:
+                return decision
+            return {**self._retrain(retrains, caller, payload), "rollback": decision}
+        return self._retrain(retrains, caller, payload)
+
+    def _retrain(self, actionable: list, caller: str, payload: dict) -> dict:
+        """The retraining decision for the firing ``kubeseg_action=retrain`` alerts of one notification."""
+        wanted = self.settings
         summary = [{"alertname": _labels(a).get("alertname", ""), "labels": _labels(a),
                     "summary": _text((a.get("annotations") or {}).get("summary")
                                      if isinstance(a.get("annotations"), dict) else None),
@@ -230,6 +278,66 @@ class Trigger:
             return self._audit({**base, "event": "started", "reason": reason, "alerts": summary, "run": run,
                                 "fingerprints": sorted(fingerprints)})
 
+    def _rollback(self, alerts: list, base: dict) -> dict:
+        """Roll the champion back for firing rollback alerts on it, inside its watch window; else
+        write down why not. One decision per notification: the alerts name one version."""
+        wanted = self.settings
+        summary = [{"alertname": _labels(a).get("alertname", ""), "labels": _labels(a),
+                    "summary": _text((a.get("annotations") or {}).get("summary")
+                                     if isinstance(a.get("annotations"), dict) else None),
+                    "starts_at": _text(a.get("startsAt"))} for a in alerts]
+        entry = {**base, "action": "rollback", "alerts": summary}
+        names = {s["labels"].get("name", "") for s in summary}
+        versions = sorted({s["labels"].get("version", "") for s in summary if s["labels"].get("name") == wanted.model_name})
+        reason = "; ".join(sorted({f"{s['alertname']}: {s['summary']}" for s in summary}))
+
+        def outcome(kind: str, detail: str, event: str = "suppressed", **more) -> dict:
+            self.metrics.rollbacks.labels(kind).inc()
+            log.info("rollback alert (%s): %s", kind, detail)
+            return self._audit({**entry, "event": event, "reason": kind, "detail": detail, **more})
+
+        if wanted.model_name not in names:
+            return outcome("other_model", f"the alerts are about {sorted(names)}, this trigger rolls back "
+                                          f"{wanted.model_name}")
+        if not versions or versions == [""]:
+            return outcome("no_version", "the alerts carry no version label: nothing to compare with the champion")
+        with self._lock:
+            now = self.clock()
+            try:
+                since = self.registry.champion_since()
+            except Exception as e:  # noqa: BLE001 - registry down: written down, Alertmanager sends again
+                self.metrics.failures.inc()
+                return outcome("failed", f"cannot read the champion: {type(e).__name__}: {e}", event="failed")
+            if since is None:
+                return outcome("no_record", f"{wanted.model_name} has no champion, or its champion log does not say "
+                                            "how it became champion")
+            champion = str(since["version"])
+            if champion not in versions:
+                return outcome("not_champion", f"the alerts are about version(s) {versions}; the champion is "
+                                               f"version {champion}")
+            if since.get("event") == "rollback":
+                return outcome("restored_version", f"version {champion} became champion again by a rollback at "
+                                                   f"{since.get('at')}: restored versions are not rolled back "
+                                                   "automatically")
+            age = now - float(since.get("unix_time") or 0)
+            if since.get("unix_time") is None or age > wanted.rollback_window_seconds:
+                return outcome("outside_window", f"version {champion} became champion ({since.get('event')}) at "
+                                                 f"{since.get('at')}, {age:.0f} s ago: outside the watch window of "
+                                                 f"{wanted.rollback_window_seconds:.0f} s")
+            why = (f"automatic rollback of version {champion}, {age:.0f} s after its {since.get('event')} "
+                   f"(watch window {wanted.rollback_window_seconds:.0f} s): {reason}")
+            try:
+                done = self.registry.rollback(champion, why[:1000], f"kubeseg-trigger ({base['by']})")
+            except Exception as e:  # noqa: BLE001 - no previous champion, lock timeout, registry down
+                if "no previous champion" in str(e):  # nothing to go back to: not a failure of the trigger
+                    return outcome("no_previous", str(e), version=champion)
+                self.metrics.failures.inc()
+                log.error("could not roll back %s version %s: %s", wanted.model_name, champion, e)
+                return outcome("failed", f"{type(e).__name__}: {e}", event="failed", version=champion)
+            log.warning("rolled %s back from version %s to %s: %s", wanted.model_name, champion, done.get("champion"),
+                        reason)
+            return outcome("rolled_back", why, event="rolled_back", version=champion, champion=done.get("champion"))
+
     def refused(self, status: int, why: str, caller: Optional[str] = None) -> None:
         """Count a refused call; audit it when the caller authenticated (401s are only logged and
         counted, so that anonymous traffic cannot fill the audit log)."""
@@ -248,7 +356,7 @@ def pipeline_starter(settings: TriggerSettings) -> Starter:
             dataset=settings.dataset, new_cases=settings.new_cases, model_name=settings.model_name,
             tracking_uri=settings.tracking_uri or "", mode=settings.retrain_mode, schedule=settings.schedule,
             host=settings.kfp_host if settings.mode == "cluster" else None, work_dir=str(settings.work_dir),
-            reason=reason["reason"])
+            reason=reason["reason"], approval=settings.promotion_approval)
         run = start_retraining(request)
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run).items()}
 

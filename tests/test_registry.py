@@ -107,7 +107,7 @@ def test_promote_gate_and_rollback(trained, uri, tmp_path):
 
 def test_cli_models(trained, uri, capsys):
     assert main(["register", str(trained["bundle"]), "--name", NAME, "--tracking-uri", uri]) == 0
-    assert "version 1 (alias challenger)" in capsys.readouterr().out
+    assert "version 1 (1.0.0, alias challenger)" in capsys.readouterr().out
     assert main(["models", "rollback", "--name", NAME, "--tracking-uri", uri]) == 2
     assert "no champion to roll back" in capsys.readouterr().err
     promote_args = ["models", "promote", "--name", NAME, "--tracking-uri", uri, "--device", "cpu",
@@ -156,3 +156,212 @@ def test_a_model_that_misses_a_label_is_never_promoted(trained, uri, tmp_path):
                                            r"references of \d+ held-out case\(s\) but never predicted)"):
         promote(NAME, ok.version, gate, uri)
     assert "champion" not in _aliases(uri)
+
+
+# ---- semantic versions, approval, the registry lock ---------------------------------------------
+
+def test_semver_rules():
+    from kubeseg.registry import ModelVersion, next_semver, semver_change
+
+    base = ModelVersion("m", "3", (), "", "", 0.5, {}, {"labels_sha256": "L", "plans_sha256": "P",
+                                                        "kubeseg.semver": "1.2.0"})
+    assert semver_change(None, "L", "P", None)[0] == "initial"
+    assert semver_change(base, "L", "P", "finetune") == ("patch", "fine-tuned from version 3's plans and labels")
+    assert semver_change(base, "L", "P", "retrain")[0] == "minor" and semver_change(base, "L", "P", None)[0] == "minor"
+    assert semver_change(base, "L2", "P", "finetune") == ("major", "label set changed against version 3")
+    assert semver_change(base, "L", "P2", "retrain") == ("major", "plans changed against version 3")
+    taken = ["1.0.0", "1.1.0", "1.2.0", "1.2.1", "2.0.0"]
+    assert next_semver("patch", "1.2.0", taken) == "1.2.2"  # above every patch of 1.2: unique
+    assert next_semver("minor", "1.2.0", taken) == "1.3.0"
+    assert next_semver("major", "1.2.0", taken) == "3.0.0"
+    assert next_semver("initial", None, []) == "1.0.0"
+
+
+def test_semver_and_the_approval_flow(trained, uri, tmp_path, monkeypatch, capsys):
+    from kubeseg.registry import approve, awaiting_approval, champion_since
+
+    monkeypatch.setenv("KUBESEG_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+    holdout = str(trained["raw"] / "imagesTs")
+    gate = GateSettings(holdout=holdout, device="cpu", label_floor=0.0)
+    v1 = register_bundle(trained["bundle"], NAME, uri)
+    assert v1.tags["kubeseg.semver"] == "1.0.0" and v1.tags["kubeseg.change"] == "initial"
+    monkeypatch.setenv("KUBESEG_ACTOR", "pipeline")
+    p = promote(NAME, "1", gate, uri, require_approval=True)  # the gate passes; the champion does not move
+    assert p.awaiting_approval and p.previous is None and "champion" not in _aliases(uri)
+    assert [v.version for v in awaiting_approval(NAME, uri)] == ["1"]
+    with pytest.raises(KubesegError, match="needs a reason"):
+        approve(NAME, "1", " ", uri)
+    monkeypatch.setenv("KUBESEG_ACTOR", "dr.house")
+    assert approve(NAME, "1", "looked at 20 cases", uri).version == "1"
+    v = get_version(NAME, "champion", uri)
+    assert v.version == "1" and v.tags["kubeseg.approval"] == "approved" and v.tags["kubeseg.gate"] == "passed"
+    assert v.tags["kubeseg.approved_by"] == "dr.house" and v.tags["kubeseg.approval_reason"] == "looked at 20 cases"
+    assert champion_since(NAME, uri)["event"] == "approve" and champion_history(NAME, uri) == ["1"]
+    with pytest.raises(KubesegError, match="already the champion"):
+        approve(NAME, "1", "again", uri)
+
+    # fine-tuned → patch, retrained → minor, plans changed → major; the champion is the base
+    v2 = register_bundle(trained["bundle"], NAME, uri, retrain_mode="finetune", tags={"cv_foreground_dice": "-1.0"})
+    v3 = register_bundle(trained["bundle"], NAME, uri, retrain_mode="retrain")
+    other = tmp_path / "other-plans"
+    import shutil
+    shutil.copytree(trained["bundle"], other)
+    plans = json.loads((other / "plans.json").read_text())
+    plans["plans_name"] = "changedPlans"
+    (other / "plans.json").write_text(json.dumps(plans))
+    v4 = register_bundle(other, NAME, uri)
+    assert [x.tags["kubeseg.semver"] for x in (v2, v3, v4)] == ["1.0.1", "1.1.0", "2.0.0"]
+    assert v4.tags["kubeseg.change_reason"] == "plans changed against version 1"
+
+    # a version whose gate failed, or that never ran it, cannot be approved
+    with pytest.raises(KubesegError, match="CV foreground Dice -1.0000 is below"):
+        promote(NAME, v2.version, gate, uri, require_approval=True)
+    assert get_version(NAME, v2.version, uri).tags["kubeseg.gate"] == "failed"
+    with pytest.raises(KubesegError, match=r"refusing to approve .* version 2: it failed the gate \(refusing to promote"):
+        approve(NAME, v2.version, "trust me", uri)
+    with pytest.raises(KubesegError, match="version 3: it has not passed the gate"):
+        approve(NAME, v3.version, "trust me", uri)
+    assert get_version(NAME, "champion", uri).version == "1"
+    # the CLI: list shows semvers and what waits; promote --approval required, then models approve
+    assert main(["models", "promote", "--name", NAME, "--version", v3.version, "--tracking-uri", uri, "--device", "cpu",
+                 "--holdout", holdout, "--label-floor", "0", "--approval", "required"]) == 0
+    assert "awaits approval (champion stays 1)" in capsys.readouterr().out
+    assert main(["models", "list", "--name", NAME, "--tracking-uri", uri]) == 0
+    out = capsys.readouterr().out
+    assert "1.1.0" in out and "2.0.0" in out and "awaiting approval: ['3']" in out
+    assert main(["models", "approve", v3.version, "--name", NAME, "--reason", "reviewed", "--tracking-uri", uri]) == 0
+    assert get_version(NAME, "champion", uri).version == "3" and champion_history(NAME, uri) == ["1", "3"]
+    events = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    approvals = [e for e in events if e["event"] == "approve"]
+    assert [(e["version"], e["by"], e["reason"]) for e in approvals] == [
+        ("1", "dr.house", "looked at 20 cases"), ("3", "dr.house", "reviewed")]
+    assert [e["event"] for e in events if e["event"] in ("awaiting_approval", "approve", "promote")] == [
+        "awaiting_approval", "approve", "awaiting_approval", "approve"]
+    # an automatic rollback names the version it expects: once it is no longer champion, nothing moves
+    with pytest.raises(KubesegError, match="the champion is version 3, not 2; nothing rolled back"):
+        rollback(NAME, uri, reason="alert", expected="2")
+    assert rollback(NAME, uri, reason="QA flags", expected="3", by="kubeseg-trigger").version == "1"
+    assert get_version(NAME, "3", uri).tags["kubeseg.rolled_back_by"] == "kubeseg-trigger"
+    assert champion_since(NAME, uri)["event"] == "rollback"
+
+
+def test_stale_locks_are_broken_and_live_ones_wait(uri, monkeypatch):
+    from kubeseg.registry import LockSettings, lock_name, registry_lock
+
+    c = client(uri)
+    c.create_registered_model(NAME)
+    c.create_registered_model(lock_name(NAME), tags={"kubeseg.lock.holder": "dead@host:1",
+                                                     "kubeseg.lock.expires": "1000"})  # expired long ago
+    with registry_lock(NAME, uri, "test") as holder:
+        assert client(uri).get_registered_model(lock_name(NAME)).tags["kubeseg.lock.holder"] == holder
+        with pytest.raises(KubesegError, match=r"held by .*gave up after 0 s"):
+            with registry_lock(NAME, uri, "second", LockSettings(wait_seconds=0.3)):
+                pass
+    with pytest.raises(Exception):
+        client(uri).get_registered_model(lock_name(NAME))  # released
+
+
+LOCK_WORKER = r"""
+import json, sys, time
+from kubeseg.registry import registry_lock
+from kubeseg.tracking import client
+uri, name, me, out, start_at = sys.argv[1:]
+c = client(uri)
+while time.time() < float(start_at):
+    time.sleep(0.01)
+for i in range(3):
+    with registry_lock(name, uri, "test"):
+        t0 = time.time()
+        seen = json.loads(c.get_registered_model(name).tags.get("seen", "[]"))
+        time.sleep(0.3)  # a read-modify-write that loses updates without the lock
+        c.set_registered_model_tag(name, "seen", json.dumps(seen + [f"{me}.{i}"]))
+        t1 = time.time()
+    with open(out, "a") as f:
+        f.write(json.dumps([me, i, t0, t1]) + "\n")
+"""
+
+PROMOTE_WORKER = r"""
+import json, sys, time
+from kubeseg.errors import KubesegError
+from kubeseg.registry import GateSettings, promote
+uri, name, version, holdout, start_at, out = sys.argv[1:]
+while time.time() < float(start_at):
+    time.sleep(0.01)
+try:
+    p = promote(name, version, GateSettings(holdout=holdout, device="cpu", label_floor=0.0), uri)
+    result = {"version": version, "promoted": True, "previous": p.previous}
+except KubesegError as e:
+    result = {"version": version, "promoted": False, "error": str(e)}
+with open(out, "w") as f:
+    json.dump(result, f)
+"""
+
+
+def _start(code: str, args: list[str], tmp_path: Path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_concurrent_processes_leave_one_consistent_champion(trained, tmp_path, backend):
+    """Real processes against a real `mlflow server` (SQLite, or PostgreSQL as in the chart): the
+    lock serialises read-modify-write sections (none lost, none overlapping); and (SQLite) two
+    promotions that finish together leave one champion, the last entry of a history that has both."""
+    import time
+
+    from tests.pipelines.helpers import MlflowServer, Postgres
+
+    if backend == "postgresql" and Postgres.bindir() is None:
+        pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run does)")
+    with (Postgres() if backend == "postgresql" else _Nothing()) as pg:
+        db = pg.uri("mlflow") if pg is not None else None
+        with MlflowServer(tmp_path / "mlflow", backend=db) as server:
+            uri = server.uri
+            client(uri).create_registered_model(NAME)
+            out = tmp_path / "sections.jsonl"
+            start = time.time() + 8  # every worker imported MLflow by then (a loaded machine: later is fine)
+            workers = [_start(LOCK_WORKER, [uri, NAME, f"w{k}", out, start], tmp_path) for k in range(3)]
+            for w in workers:
+                assert w.wait(240) == 0, w.stdout.read()[-3000:]
+            seen = json.loads(client(uri).get_registered_model(NAME).tags["seen"])
+            assert sorted(seen) == sorted(f"w{k}.{i}" for k in range(3) for i in range(3))  # no update lost
+            spans = sorted((t0, t1) for _, _, t0, t1 in map(json.loads, out.read_text().splitlines()))
+            assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans  # never two holders at once
+            if backend == "postgresql":
+                return  # the promotions below use the lock the same way; once (SQLite) is enough for CI time
+
+            holdout = tmp_path / "holdout"
+            holdout.mkdir()
+            case = sorted((trained["raw"] / "imagesTs").iterdir())[0]
+            (holdout / case.name).write_bytes(case.read_bytes())
+            register_bundle(trained["bundle"], NAME, uri)
+            promote(NAME, "1", GateSettings(holdout=str(holdout), device="cpu", label_floor=0.0), uri)
+            a, b = (register_bundle(trained["bundle"], NAME, uri).version for _ in range(2))
+            start = time.time() + 10
+            procs = [_start(PROMOTE_WORKER, [uri, NAME, v, holdout, start, tmp_path / f"p{v}.json"], tmp_path)
+                     for v in (a, b)]
+            for p in procs:
+                assert p.wait(300) == 0, p.stdout.read()[-3000:]
+            history, champion = champion_history(NAME, uri), get_version(NAME, "champion", uri).version
+            events = json.loads(client(uri).get_registered_model(NAME).tags["kubeseg.champion_log"])
+    results = {v: json.loads((tmp_path / f"p{v}.json").read_text()) for v in (a, b)}
+    assert all(r["promoted"] for r in results.values()), results  # equal CV Dice: both pass, one after the other
+    assert history[0] == "1" and sorted(history[1:]) == sorted([a, b]) and champion == history[-1]
+    first, second = history[1], history[2]
+    assert results[first]["previous"] == "1" and results[second]["previous"] == first  # each saw the other
+    assert [(e["event"], e["version"], e["previous"]) for e in events] == [
+        ("promote", "1", None), ("promote", first, "1"), ("promote", second, first)]
+
+
+class _Nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None

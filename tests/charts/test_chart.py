@@ -201,6 +201,44 @@ def test_alertmanagerconfig_routes_retrain_alerts_to_the_trigger(setup):
     assert {p["name"]: p["containerPort"] for p in container["ports"]}[port["targetPort"]] == 8090
 
 
+def test_rollback_alerts_route_to_the_trigger_and_approval_is_rendered(setup):
+    """Production values: promotions wait for approval, rollback alerts reach the trigger, which
+    holds the account that may move the alias; dev values: auto-promotion."""
+    name, _, docs = setup
+    amc = one(docs, "AlertmanagerConfig", f"{TRIG}-rollback")["spec"]
+    route, receivers = amc["route"], {r["name"]: r for r in amc["receivers"]}
+    rules = [r for g in yaml.safe_load(RULES_FILE.read_text())["groups"] for r in g["rules"] if "alert" in r]
+    rollback = {r["alert"] for r in rules if _matches(route["matchers"], r.get("labels", {}))}
+    assert rollback == {"KubesegNewVersionErrors", "KubesegNewVersionQAFlags", "KubesegNewVersionLatency",
+                        "KubesegNewVersionVolumeDrift"}
+    # every rollback rule labels its alert with the served version, which the trigger compares with the champion
+    for r in rules:
+        if r["alert"] in rollback:
+            assert "group_left (name, version, semver)" in r["expr"], r["alert"]
+    retrain_route = one(docs, "AlertmanagerConfig", TRIG)["spec"]["route"]
+    assert not rollback & {r["alert"] for r in rules if _matches(retrain_route["matchers"], r.get("labels", {}))}
+    assert set(route["groupBy"]) >= {"alertname", "version"}
+    (hook,) = receivers[route["receiver"]]["webhookConfigs"]
+    assert hook["url"].endswith(f"{TRIG}.{NAMESPACE}.svc:8090/alerts")
+    assert hook["httpConfig"]["authorization"]["credentials"]["name"] == "kubeseg-trigger-webhook"
+    trig = env_of(_container(docs, "Deployment", TRIG))
+    assert trig["KUBESEG_PROMOTION_APPROVAL"] == "required", name  # default and GPU production values
+    assert trig["KUBESEG_ROLLBACK"] == "enabled" and float(trig["KUBESEG_ROLLBACK_WINDOW_SECONDS"]) == 3600
+    assert trig["MLFLOW_TRACKING_USERNAME"]["secretKeyRef"]["name"] == "mlflow-pipeline"  # may move the alias
+
+
+def test_dev_values_promote_automatically_and_rollback_can_be_switched_off():
+    dev = manifests(render(load_values(CHART / "values-dev.yaml")))
+    assert env_of(_container(dev, "Deployment", TRIG))["KUBESEG_PROMOTION_APPROVAL"] == "auto"
+    off = manifests(render({"trigger": {"rollback": {"enabled": False, "windowSeconds": 600}}}))
+    trig = env_of(_container(off, "Deployment", TRIG))
+    assert trig["KUBESEG_ROLLBACK"] == "disabled"
+    assert trig["MLFLOW_TRACKING_USERNAME"]["secretKeyRef"]["name"] == "mlflow-reader"  # read-only again
+    assert not [d for d in off if d["kind"] == "AlertmanagerConfig" and d["metadata"]["name"].endswith("-rollback")]
+    with pytest.raises(Exception, match="promotionApproval"):
+        render({"trigger": {"promotionApproval": "sometimes"}})
+
+
 def test_servicemonitors_scrape_metrics_of_existing_services(setup):
     _, _, docs = setup
     services = by_kind(docs, "Service")

@@ -28,7 +28,7 @@ METRICS = {
     "kubeseg_drift_window_score": ("gauge", {"check"}),
     "kubeseg_drift_threshold": ("gauge", {"check"}),
     "kubeseg_drift_inputs_total": ("counter", {"check", "result"}),
-    "kubeseg_model_info": ("gauge", {"name", "version", "alias"}),
+    "kubeseg_model_info": ("gauge", {"name", "version", "alias", "semver"}),
     "kubeseg_model_version": ("gauge", set()),
     "kubeseg_model_swaps_total": ("counter", {"result"}),
     "kubeseg_inflight_requests": ("gauge", set()),
@@ -45,6 +45,7 @@ METRICS = {
     "kubeseg_auth_refusals_total": ("counter", set()),
     "kubeseg_model_signature_refusals_total": ("counter", set()),
     "kubeseg_trigger_refused_total": ("counter", {"status"}),
+    "kubeseg_trigger_rollbacks_total": ("counter", {"outcome"}),
 }
 # job and instance from Prometheus; the rest from the Prometheus Operator's ServiceMonitor relabeling
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "container", "endpoint"}

@@ -94,7 +94,10 @@ def alertmanager_server(root: Path, webhook_url: str, token_file: Optional[Path]
     config.write_text(json.dumps({
         "route": {"receiver": "null", "group_by": ["alertname"], "group_wait": "1s", "group_interval": "5s",
                   "repeat_interval": "10s",
-                  "routes": [{"receiver": "kubeseg-retrain", "matchers": ['kubeseg_action="retrain"']}]},
+                  "routes": [{"receiver": "kubeseg-retrain", "matchers": ['kubeseg_action="retrain"']},
+                             # rollback alerts: one group per version, sent at once (the chart's second route)
+                             {"receiver": "kubeseg-retrain", "matchers": ['kubeseg_action="rollback"'],
+                              "group_by": ["alertname", "version"], "group_wait": "1s"}]},
         "receivers": [{"name": "null"},
                       {"name": "kubeseg-retrain", "webhook_configs": [{
                           "url": webhook_url, "send_resolved": True,
@@ -111,12 +114,35 @@ def alertmanager_server(root: Path, webhook_url: str, token_file: Optional[Path]
     return s
 
 
-def prometheus_server(root: Path, targets: dict[str, str], alertmanager: str) -> Server:
+def fast_rollback_rules(root: Path, alerts: tuple[str, ...] = ("KubesegNewVersionQAFlags",), hold: str = "5s",
+                        window: str = "20s", before: str = "[5m] offset 1m") -> Path:
+    """The one rules file with ``alerts`` of the ``kubeseg.rollback`` group made fast for a test:
+    ``for:`` is ``hold``, the 5/10-minute rate windows are ``window``, the previous day is
+    ``before``. The production file is unchanged; every other rule is copied as it is (the other
+    rollback rules keep their day-long baselines, so they stay quiet in a minutes-long test)."""
+    import yaml
+
+    rules = yaml.safe_load(RULES.read_text())
+    for group in rules["groups"]:
+        if group["name"] != "kubeseg.rollback":
+            continue
+        for rule in group["rules"]:
+            if rule.get("alert") not in alerts:
+                continue
+            rule["for"] = hold
+            rule["expr"] = (rule["expr"].replace("[10m]", f"[{window}]").replace("[5m]", f"[{window}]")
+                            .replace("[1d] offset 1h", before))
+    out = root / "prometheus-rules.fast-rollback.yaml"
+    out.write_text(yaml.safe_dump(rules, sort_keys=False))
+    return out
+
+
+def prometheus_server(root: Path, targets: dict[str, str], alertmanager: str, rules: Path = RULES) -> Server:
     port = free_port()
     config = root / "prometheus.yml"
     config.write_text(json.dumps({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(RULES)],
+        "rule_files": [str(rules)],
         "alerting": {"alertmanagers": [{"static_configs": [{"targets": [alertmanager.split("//")[1]]}]}]},
         "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [url.split("//")[1]]}]}
                            for job, url in targets.items()],

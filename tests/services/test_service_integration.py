@@ -1,10 +1,12 @@
 """The whole serving loop with real parts: a real MLflow server holds the model; `bentoml serve`
 loads the champion from it; Prometheus (Debian's) scrapes the service and the trigger and
 evaluates the repo's alert rules; Alertmanager (Debian's) routes the drift alert to the real
-retraining trigger, which starts a real retraining pipeline run (kfp.local).
+retraining trigger, which starts a real retraining pipeline run (kfp.local), and routes a rollback
+alert on a newly promoted, misbehaving champion to the trigger, which rolls it back.
 
 The tests run in file order on one stack (module fixture): bad inputs first, then drift → alert
-→ exactly one retraining run, then promotion and rollback while requests flow, then every
+→ exactly one retraining run, then promotion and rollback while requests flow, then a failing
+new champion rolled back automatically (no retraining run, no failed request), then every
 Grafana panel's query against the Prometheus that watched it all.
 """
 
@@ -24,8 +26,8 @@ import SimpleITK as sitk
 
 from services.auth import new_key
 from tests.services.bad_inputs import LIMITS, bad_requests, dicom_zip
-from tests.services.servers import (alertmanager_server, bentoml_server, http_get, prom_query, prometheus_server,
-                                    trigger_server, wait_for)
+from tests.services.servers import (alertmanager_server, bentoml_server, fast_rollback_rules, http_get, prom_query,
+                                    prometheus_server, trigger_server, wait_for)
 
 pytestmark = [
     pytest.mark.integration,
@@ -114,7 +116,7 @@ def stack(tmp_path_factory):
                 alertmanager_server(root, f"{trigger.url}/alerts", token_file) as alertmanager, \
                 bentoml_server(root, service_env) as service, \
                 prometheus_server(root, {"kubeseg": service.url, "kubeseg-trigger": trigger.url},
-                                  alertmanager.url) as prometheus:
+                                  alertmanager.url, fast_rollback_rules(root)) as prometheus:
             try:
                 yield {"gate": gate, "root": root, "raw": made["raw"], "bundle": made["bundle"],
                        "mlflow": mlflow.uri, "service": service, "trigger": trigger, "alertmanager": alertmanager,
@@ -300,13 +302,123 @@ def test_promotion_and_rollback_while_requests_flow(stack):
     versions = [v for _, v in results]
     first_two = versions.index("2")
     assert "1" in versions[:first_two] and "1" in versions[first_two:]
-    assert _metric(url, "kubeseg_model_info", f'alias="champion",name="{NAME}",version="1"') == 1.0
-    assert _metric(url, "kubeseg_model_info", f'alias="champion",name="{NAME}",version="2"') == 0.0
+    assert _metric(url, "kubeseg_model_info", f'alias="champion",name="{NAME}",semver="1.0.0",version="1"') == 1.0
+    assert _metric(url, "kubeseg_model_info", f'alias="champion",name="{NAME}",semver="1.1.0",version="2"') == 0.0
     assert _metric(url, "kubeseg_model_swaps_total", 'result="success"') == 2.0
     history = prom_query(stack["prometheus"].url, "max_over_time(kubeseg_model_version[10m])")
     assert float(history[0]["value"][1]) == 2.0
     ready = http_get(f"{url}/readyz")
     assert ready[0] == 200 and json.loads(ready[1])["model"]["version"] == "1"
+
+
+def _swapped_labels(bundle: Path, out: Path) -> Path:
+    """A copy of ``bundle`` whose output channels of ``body`` (1) and ``lesion`` (3) are swapped in
+    every segmentation head: a label-order mistake. It passes the gate (known labels, foreground,
+    the input's geometry) and then misses ``body`` and reports a body-sized lesion on every scan."""
+    import torch
+
+    shutil.copytree(bundle, out)
+    for ckpt in out.rglob("checkpoint_final.pth"):
+        state = torch.load(ckpt, weights_only=True)
+        for key, value in state["network_weights"].items():
+            if ".seg_layers." in key:
+                value[[1, 3]] = value[[3, 1]].clone()
+        torch.save(state, ckpt)
+    for stale in [*out.rglob("*.onnx"), *out.rglob("kubeseg-signature.json")]:
+        stale.unlink()
+    return out
+
+
+def test_a_failing_new_champion_is_rolled_back_automatically(stack):
+    """Promote a version that passes the gate but misbehaves in production: the QA-flag rollback
+    alert fires on its version, Alertmanager routes it to the trigger, which rolls the champion
+    back with a recorded reason and starts no retraining run; a client sees no failed request."""
+    import torch
+
+    from kubeseg.registry import champion_history, get_version, promote, register_bundle
+
+    _stop_retraining_runs(stack["audit"])  # the drift test's run must not promote while this test watches
+    url, uri, prom = stack["service"].url, stack["mlflow"], stack["prometheus"].url
+    began = time.time()
+    before = get_version(NAME, "champion", uri)
+
+    def audit() -> list[dict]:
+        return [json.loads(x) for x in stack["audit"].read_text().splitlines()] if stack["audit"].is_file() else []
+
+    audit_lines = len(audit())
+    runs_before = sum(1 for e in audit() if e["event"] == "started")
+    case = sorted((stack["raw"] / "imagesTr").iterdir())[0]
+    payload = [(case.name, case.read_bytes())]
+    results: list[tuple[int, str, list]] = []
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            r = _post(f"{url}/segment_summary", payload)
+            ok = r.status_code == 200
+            results.append((r.status_code, r.json()["model"]["version"] if ok else r.text[:200],
+                            [f["flag"] for f in r.json()["qa"]["flags"]] if ok else []))
+
+    worker = threading.Thread(target=client)
+    worker.start()
+    try:
+        wait_for("first requests", lambda: len(results) >= 2, 120)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            bad = register_bundle(_swapped_labels(stack["bundle"], stack["root"] / "swapped"), NAME, uri,
+                                  signing_key=stack["signing_key"])
+            promote(NAME, bad.version, stack["gate"], uri, reason="integration test: a version that will misbehave")
+        finally:
+            torch.set_num_threads(threads)
+        promoted = time.time()
+        wait_for("the service to serve the new version",
+                 lambda: _metric(url, "kubeseg_model_version") == float(bad.version), 120)
+        n = len(results)
+        wait_for("requests on the new version", lambda: any(v == bad.version for _, v, _ in results[n:]), 120)
+        wait_for("the trigger to roll the champion back",
+                 lambda: get_version(NAME, "champion", uri).version == before.version, 180, 1)
+        rolled = time.time()
+        wait_for("the service to serve the previous champion again",
+                 lambda: _metric(url, "kubeseg_model_version") == float(before.version), 120)
+        n = len(results)
+        wait_for("requests on the previous champion", lambda: any(v == before.version for _, v, _ in results[n:]), 120)
+    finally:
+        stop.set()
+        worker.join(300)
+    assert [r for r in results if r[0] != 200] == []  # no failed request throughout
+    bad_flags = [f for _, ver, f in results if ver == bad.version]
+    assert any("label_missing" in f and "volume_out_of_range" in f for f in bad_flags), bad_flags
+    # the rollback alerts that fired on the new version (the QA-flag rise; the volume drift too: a
+    # lesion volume where there was none), with the labels the trigger and the route use
+    fired = prom_query(prom, f'max by (alertname, kubeseg_action, name, semver) (max_over_time('
+                             f'ALERTS{{alertstate="firing", version="{bad.version}"}}[10m]))')
+    assert {a["metric"]["alertname"] for a in fired} >= {"KubesegNewVersionQAFlags"}, fired
+    assert {(a["metric"]["kubeseg_action"], a["metric"]["name"], a["metric"]["semver"]) for a in fired} == {
+        ("rollback", NAME, bad.tags["kubeseg.semver"])}
+    # why, recorded: the trigger's audit log, the registry's tags and champion log
+    entries = audit()[audit_lines:]
+    done = [e for e in entries if e["event"] == "rolled_back"]
+    assert len(done) == 1 and done[0]["version"] == bad.version and done[0]["champion"] == before.version, entries
+    assert "KubesegNewVersion" in done[0]["detail"] and done[0]["by"] == "alertmanager:bearer"
+    tags = get_version(NAME, bad.version, uri).tags
+    assert tags["kubeseg.rolled_back_by"] == "kubeseg-trigger (alertmanager:bearer)"
+    assert f"automatic rollback of version {bad.version}" in tags["kubeseg.rollback_reason"]
+    assert "KubesegNewVersion" in tags["kubeseg.rollback_reason"]
+    assert champion_history(NAME, uri)[-1] == before.version and bad.version not in champion_history(NAME, uri)
+    # no retraining run, and later notifications about the old version change nothing
+    time.sleep(12)  # Alertmanager's repeat interval (10 s) in the test
+    entries = audit()
+    assert sum(1 for e in entries if e["event"] == "started") == runs_before
+    assert get_version(NAME, "champion", uri).version == before.version
+    assert sum(1 for e in entries if e["event"] == "rolled_back") == 1
+    # the served version's semver: /readyz and the version metric
+    ready = json.loads(http_get(f"{url}/readyz")[1])["model"]
+    assert ready["version"] == before.version and ready["semver"] == before.tags["kubeseg.semver"]
+    assert _metric(url, "kubeseg_model_info",
+                   f'alias="champion",name="{NAME}",semver="{before.tags["kubeseg.semver"]}",version="{before.version}"') == 1
+    print(f"rollback: promoted {promoted - began:.0f} s after the start, rolled back {rolled - promoted:.0f} s after "
+          f"the promotion; whole test {time.time() - began:.0f} s")
 
 
 def test_every_dashboard_panel_query_returns_data(stack):

@@ -205,3 +205,108 @@ def test_settings_name_the_variable(monkeypatch, tmp_path):
     monkeypatch.setenv("KUBESEG_TRIGGER_COOLDOWN_SECONDS", "soon")
     with pytest.raises(SettingsError, match="KUBESEG_TRIGGER_COOLDOWN_SECONDS"):
         TriggerSettings.from_env()
+
+
+# ---- automatic rollback ----------------------------------------------------------------------------
+
+def rollback_notification(version="2", name="m", alertname="KubesegNewVersionQAFlags", status="firing"):
+    return {"version": "4", "status": status, "receiver": "kubeseg-rollback", "groupKey": "{}:{}",
+            "alerts": [{"status": status, "fingerprint": f"r{version}",
+                        "labels": {"alertname": alertname, "kubeseg_action": "rollback", "name": name,
+                                   "version": version, "semver": "1.0.1", "job": "kubeseg"},
+                        "annotations": {"summary": f"version {version} of {name}: QA flags on 80% of requests"},
+                        "startsAt": "2026-11-23T10:00:00Z"}]}
+
+
+class FakeRegistry:
+    """The registry as the trigger sees it: how the champion became champion, and a rollback."""
+
+    def __init__(self, version="2", event="promote", at=1_000_000.0 - 600):
+        self.since = {"version": version, "event": event, "at": "then", "unix_time": at}
+        self.rolled = []
+
+    def champion_since(self):
+        return self.since
+
+    def rollback(self, version, reason, by):
+        assert version == self.since["version"]  # expected: the version the alert named
+        self.rolled.append((version, reason, by))
+        self.since = {"version": "1", "event": "rollback", "at": "now", "unix_time": 1_000_000.0}
+        return {"champion": "1", "rolled_back": version}
+
+
+@pytest.fixture
+def rollback_setup(tmp_path):
+    started = []
+    settings = TriggerSettings(audit_log=tmp_path / "audit.jsonl", dataset="/data/raw", model_name="m",
+                               rollback_window_seconds=3600)
+    registry = FakeRegistry()
+    trigger = Trigger(settings, lambda reason: started.append(reason) or {"run_id": "x"}, Clock(), registry=registry)
+    return trigger, registry, started
+
+
+def test_rollback_alert_on_a_new_champion_rolls_back_and_never_retrains(rollback_setup):
+    trigger, registry, started = rollback_setup
+    entry = trigger.handle(rollback_notification(), caller="alertmanager:bearer")
+    assert entry["event"] == "rolled_back" and entry["version"] == "2" and entry["champion"] == "1"
+    assert "600 s after its promote" in entry["detail"] and "QA flags on 80%" in entry["detail"]
+    assert registry.rolled and registry.rolled[0][2] == "kubeseg-trigger (alertmanager:bearer)"
+    assert "KubesegNewVersionQAFlags" in registry.rolled[0][1]
+    assert started == []  # no retraining run
+    # Alertmanager sends the still-firing group again: version 2 is no longer champion, nothing happens
+    again = trigger.handle(rollback_notification())
+    assert again["event"] == "suppressed" and again["reason"] == "not_champion"
+    assert len(registry.rolled) == 1 and started == []
+    # the alert now joined to the restored version 1: a version a rollback restored is left alone
+    restored = trigger.handle(rollback_notification(version="1"))
+    assert restored["reason"] == "restored_version" and len(registry.rolled) == 1
+    lines = [json.loads(x) for x in trigger.settings.audit_log.read_text().splitlines()]
+    assert [e["event"] for e in lines] == ["rolled_back", "suppressed", "suppressed"]
+    assert all(e["action"] == "rollback" for e in lines)
+    assert _value(trigger, "kubeseg_trigger_rollbacks_total", outcome="rolled_back") == 1
+    assert _value(trigger, "kubeseg_trigger_rollbacks_total", outcome="not_champion") == 1
+
+
+@pytest.mark.parametrize("since, note, reason", [
+    ({"version": "2", "event": "promote", "at": "long ago", "unix_time": 1_000_000.0 - 3601}, None, "outside_window"),
+    ({"version": "2", "event": "approve", "at": "now", "unix_time": 1_000_000.0 - 10}, {"name": "other"},
+     "other_model"),
+    ({"version": "2", "event": "approve", "at": "now", "unix_time": 1_000_000.0 - 10}, {"version": ""}, "no_version"),
+    (None, None, "no_record"),
+])
+def test_rollback_alerts_that_are_not_acted_on_are_written_down(rollback_setup, since, note, reason):
+    trigger, registry, started = rollback_setup
+    registry.since = since
+    payload = rollback_notification()
+    payload["alerts"][0]["labels"].update(note or {})
+    entry = trigger.handle(payload)
+    assert entry["event"] == "suppressed" and entry["reason"] == reason, entry
+    assert registry.rolled == [] and started == []
+    assert json.loads(trigger.settings.audit_log.read_text().splitlines()[-1])["reason"] == reason
+
+
+def test_approved_version_rolls_back_and_resolved_or_disabled_rollbacks_do_nothing(tmp_path):
+    registry = FakeRegistry(event="approve")
+    settings = TriggerSettings(audit_log=tmp_path / "a.jsonl", dataset="/d", model_name="m")
+    trigger = Trigger(settings, lambda r: {"run_id": "x"}, Clock(), registry=registry)
+    assert trigger.handle(rollback_notification(status="resolved"))["reason"] == "not_actionable"
+    assert trigger.handle(rollback_notification())["event"] == "rolled_back"
+    off = Trigger(TriggerSettings(audit_log=tmp_path / "b.jsonl", dataset="/d", model_name="m", rollback_enabled=False),
+                  lambda r: {"run_id": "x"}, Clock(), registry=FakeRegistry())
+    assert off.handle(rollback_notification())["reason"] == "not_actionable"
+
+
+def test_rollback_settings_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("KUBESEG_RETRAIN_DATASET", "/d")
+    monkeypatch.setenv("KUBESEG_MODEL_NAME", "m")
+    monkeypatch.setenv("KUBESEG_TRIGGER_AUTH", "disabled")
+    monkeypatch.setenv("KUBESEG_ROLLBACK_WINDOW_SECONDS", "900")
+    monkeypatch.setenv("KUBESEG_PROMOTION_APPROVAL", "required")
+    s = TriggerSettings.from_env()
+    assert s.rollback_window_seconds == 900 and s.promotion_approval == "required" and s.rollback_enabled
+    monkeypatch.setenv("KUBESEG_PROMOTION_APPROVAL", "maybe")
+    with pytest.raises(SettingsError, match="KUBESEG_PROMOTION_APPROVAL"):
+        TriggerSettings.from_env()
+    monkeypatch.setenv("KUBESEG_PROMOTION_APPROVAL", "auto")
+    monkeypatch.setenv("KUBESEG_ROLLBACK", "disabled")
+    assert not TriggerSettings.from_env().rollback_enabled
