@@ -38,9 +38,35 @@ def new_cases(root: Path, cases: int = 2, loose: bool = False, prefix: str = "ne
     return out
 
 
+_TRAINED: dict[tuple[int, int, int], Path] = {}  # schedule -> a pristine trained copy, per test process
+
+
 def tiny_bundle(root: Path, schedule: tuple[int, int, int] = (2, 4, 1)) -> dict:
     """Raw dataset → plans (small preset) → 3d_fullres fold 0 trained for ``schedule`` (epochs,
-    iterations, validation iterations; 2 x 4 by default, about 20 s on 2 cores) → selection → bundle."""
+    iterations, validation iterations; 2 x 4 by default, about 20 s on 2 cores) → selection → bundle.
+
+    The work is deterministic for a schedule, so it is done once per test process and schedule and
+    copied into ``root`` for each caller (callers may change their copy; the pristine one stays)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    schedule = tuple(schedule)
+    if schedule not in _TRAINED:
+        cache = Path(tempfile.mkdtemp(prefix="kubeseg-tiny-bundle-"))
+        atexit.register(shutil.rmtree, cache, True)
+        _train_tiny_bundle(cache, schedule)
+        _TRAINED[schedule] = cache
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(_TRAINED[schedule], root, dirs_exist_ok=True, symlinks=True)
+    from kubeseg.jsonio import read_json
+
+    raw = root / "raw" / "Dataset001_SynthCT"
+    return {"raw": raw, "pre": root / "pre", "bundle": root / "bundle", "fingerprint": root / "fingerprint.json",
+            "plans": read_json(root / "plans.json")}
+
+
+def _train_tiny_bundle(root: Path, schedule: tuple[int, int, int]) -> None:
     from kubeseg.bundle import make_bundle
     from kubeseg.dataset import load_dataset_json
     from kubeseg.fingerprint import extract_fingerprint, write_fingerprint
@@ -63,8 +89,7 @@ def tiny_bundle(root: Path, schedule: tuple[int, int, int] = (2, 4, 1)) -> dict:
                TrainSettings(device="cpu", schedule=Schedule(*schedule, "test"), num_workers=0,
                              validation_mirroring=False, progress_bar=False, log_to_console=False))
     select_from_folds([fold_out], pre, root / "selection")
-    bundle = make_bundle(root / "selection", root / "bundle", fp_path)
-    return {"raw": raw, "pre": pre, "bundle": bundle, "fingerprint": fp_path, "plans": plans}
+    make_bundle(root / "selection", root / "bundle", fp_path)
 
 
 def free_port() -> int:
