@@ -2,9 +2,13 @@
 registry through :mod:`kubeseg.registry`; it knows nothing of Kubeflow).
 
 * :func:`fetch_champion` downloads the champion bundle (checksums verified) into a folder.
-* :func:`finetune_plan` keeps the champion's plans and turns its members (and their cascade
-  first stages) into the training fan-out on the merged dataset; every fold starts from the
-  champion's weights of the same configuration (:func:`kubeseg.workflow.pretrained_checkpoint`).
+* :func:`finetune_plan` (mode ``finetune``: *incremental* fine-tuning) keeps the champion's plans
+  and its ``splits_final.json`` with the new cases added to every fold's training set only
+  (:mod:`kubeseg.training.finetune`), and turns its members (and their cascade first stages) into
+  the training fan-out on the merged dataset; every fold starts from the champion's weights of the
+  same configuration and fold (:func:`kubeseg.workflow.pretrained_checkpoint`) and trains at most
+  ``FinetuneSettings.epochs`` epochs at ``FinetuneSettings.lr`` with layer-wise rates. The plan
+  writes its spec (settings, splits) into the champion folder the training tasks receive.
 * :func:`retrain_plan` plans the merged dataset from scratch, as the training pipeline does.
 * :func:`gated_promotion` tries to promote the new version and returns the outcome: a refused
   gate is a result to record, not a failure.
@@ -17,10 +21,13 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from kubeseg.errors import KubesegError
 from kubeseg.jsonio import read_json
+
+if TYPE_CHECKING:
+    from kubeseg.training.finetune import FinetuneSettings
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +69,78 @@ def _folds(values: Sequence) -> list:
     return [f if str(f) == "all" else int(float(f)) for f in values]
 
 
+def champion_splits(bundle: str | Path) -> Optional[list]:
+    """The champion's ``splits_final.json`` (every member folder of the bundle carries the one its
+    folds were trained with); None when the bundle has none (older bundles, nnU-Net imports).
+    Members trained with different splits are refused: no single carry-over would be leak-free."""
+    from kubeseg.training.splits import SPLITS_FILENAME
+
+    found = {}
+    for f in sorted(Path(bundle).glob(f"*/{SPLITS_FILENAME}")):
+        found[f.parent.name] = read_json(f)
+    if not found:
+        return None
+    first = next(iter(found.values()))
+    other = [k for k, v in found.items() if v != first]
+    if other:
+        raise KubesegError(f"the champion's members were trained on different splits ({sorted(found)}): "
+                           "incremental fine-tuning cannot carry them over; retrain instead")
+    return first
+
+
+def new_case_ids(raw_dir: str | Path) -> list[str]:
+    """The cases the last ``dataset merge`` added to ``raw_dir`` (its merge record; [] without one)."""
+    from kubeseg.dataset_merge import RECORD
+
+    record = Path(raw_dir) / RECORD
+    return [str(c) for c in read_json(record).get("added", [])] if record.is_file() else []
+
+
+def training_case_ids(raw_dir: str | Path) -> list[str]:
+    from kubeseg.dataset import load_dataset_json, list_training_cases
+
+    problems: list = []
+    cases = list_training_cases(raw_dir, load_dataset_json(raw_dir), problems)
+    return sorted(c.case_id for c in cases)
+
+
+def incremental_split_plan(bundle: str | Path, raw_dir: str | Path, settings: FinetuneSettings,
+                           confidence: Optional[dict] = None) -> tuple[list, list, list, str]:
+    """``(splits, champion_splits, new_cases_used, source)`` of an incremental fine-tune: the
+    champion's splits (regenerated the nnU-Net way over the dataset's earlier cases when the
+    champion carries none) with the chosen new cases in every fold's training set."""
+    from kubeseg.training.finetune import choose_new_cases, incremental_splits
+    from kubeseg.training.splits import SPLITS_FILENAME, generate_crossval_split
+
+    ids = training_case_ids(raw_dir)
+    added = [c for c in new_case_ids(raw_dir) if c in set(ids)]
+    old = champion_splits(bundle)
+    source = f"{SPLITS_FILENAME} of the champion"
+    if old is None:
+        earlier = [c for c in ids if c not in set(added)]
+        old = generate_crossval_split(sorted(earlier))
+        source = (f"nnU-Net's default 5-fold split of the {len(earlier)} earlier cases (the champion carries no "
+                  f"{SPLITS_FILENAME})")
+        log.warning("fine-tuning: %s", source)
+    used = choose_new_cases(added, settings.max_new_cases, confidence)
+    left_out = set(added) - set(used)
+    splits = incremental_splits(old, [c for c in ids if c not in left_out], used)
+    return splits, old, used, source
+
+
 def finetune_plan(champion_dir: str | Path, raw_dir: str | Path, configurations: Sequence[str] = (),
-                  folds: Sequence = ()) -> RetrainingPlan:
-    """Fine-tuning keeps the champion's plans. Default configurations: the champion's members
-    (a cascade member brings its first stage, as in training); default folds: the champion's."""
+                  folds: Sequence = (), settings: Optional[FinetuneSettings] = None,
+                  confidence: Optional[dict] = None) -> RetrainingPlan:
+    """Incremental fine-tuning keeps the champion's plans and splits. Default configurations: the
+    champion's members (a cascade member brings its first stage, as in training); default folds:
+    the champion's. Writes the fine-tune spec (:func:`kubeseg.training.finetune.write_finetune_spec`)
+    into ``champion_dir``."""
     from kubeseg.dataset import load_dataset_json
     from kubeseg.inference.run import SELECTION_FILENAME
+    from kubeseg.training.finetune import FinetuneSettings, write_finetune_spec
     from kubeseg.workflow import preprocess_configurations, training_items
+
+    settings = settings or FinetuneSettings()
 
     bundle = Path(champion_dir)
     if not (bundle / SELECTION_FILENAME).is_file() or not (bundle / "plans.json").is_file():
@@ -88,9 +160,19 @@ def finetune_plan(champion_dir: str | Path, raw_dir: str | Path, configurations:
     if not folds:
         raise KubesegError(f"{bundle}/selection.json names no folds; pass the folds to fine-tune")
     first, cascade = training_items(plans, configurations, folds)
+    if any(i["fold"] == "all" for i in first + cascade):
+        raise KubesegError("fold 'all' validates on its own training cases: incremental fine-tuning needs the "
+                           "champion's cross-validation folds")
+    splits, old, used, source = incremental_split_plan(bundle, raw_dir, settings, confidence)
+    write_finetune_spec(bundle, settings, splits, old, used, source)
     return RetrainingPlan("finetune", plans, first, cascade, preprocess_configurations(plans, configurations),
                           list(dict.fromkeys(configurations)),
-                          notes=[f"plans {plans.get('plans_name')} of the champion, its weights for every fold"])
+                          notes=[f"plans {plans.get('plans_name')} of the champion, its weights for every fold",
+                                 f"splits: {source}; {len(used)} new case(s) in every fold's training set only"
+                                 + (f" (the {settings.max_new_cases} least confident)" if settings.max_new_cases
+                                    else ""),
+                                 f"at most {settings.epochs} epochs, lr {settings.lr:g}, encoder x"
+                                 f"{settings.encoder_lr_scale:g}, decoder x{settings.decoder_lr_scale:g}"])
 
 
 def retrain_plan(raw_dir: str | Path, fingerprint: str | Path, preset: str, configurations: Sequence[str] = (),
@@ -124,9 +206,12 @@ def champion_configurations(name: str, uri: str) -> list[str]:
 
 def plan_retraining(mode: str, raw_dir: str | Path, fingerprint: str | Path, model_name: str, uri: str,
                     champion_dir: str | Path, preset: str = "default", configurations: Sequence[str] = (),
-                    folds: Sequence = ()) -> RetrainingPlan:
+                    folds: Sequence = (), finetune: Optional[FinetuneSettings] = None,
+                    confidence: Optional[dict] = None) -> RetrainingPlan:
     """Either mode's plan. ``finetune`` downloads the champion into ``champion_dir`` (refusing if
-    there is none); ``retrain`` leaves ``champion_dir`` empty (every fold starts from scratch)."""
+    there is none) and writes the incremental fine-tune's spec there (``finetune``: its settings,
+    default :class:`FinetuneSettings`; ``confidence``: case -> confidence, to choose
+    ``max_new_cases``); ``retrain`` leaves ``champion_dir`` empty (every fold starts from scratch)."""
     if mode not in MODES:
         raise KubesegError(f"mode must be one of {MODES}, got {mode!r}")
     Path(champion_dir).mkdir(parents=True, exist_ok=True)
@@ -136,7 +221,7 @@ def plan_retraining(mode: str, raw_dir: str | Path, fingerprint: str | Path, mod
         except KubesegError as e:
             raise KubesegError(f"fine-tuning needs a champion of {model_name}: {e}; run the training pipeline "
                                "first or retrain") from None
-        plan = finetune_plan(champion_dir, raw_dir, configurations, folds)
+        plan = finetune_plan(champion_dir, raw_dir, configurations, folds, finetune, confidence)
         plan.champion_version = v.version
         return plan
     return retrain_plan(raw_dir, fingerprint, preset, configurations, folds,
