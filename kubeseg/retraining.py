@@ -235,17 +235,36 @@ class PromotionOutcome:
     champion: Optional[str]
     previous_champion: Optional[str]
     reasons: list
+    holdout: Optional[dict] = None  # the holdout gate's record: holdout version, both models' Dice per label
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
+def resolve_holdout_set(name: str, uri: str, holdout_set: str = "") -> Optional[str]:
+    """Which registered holdout the gate uses: ``""`` = ``<name>-holdout`` when one is registered
+    (else none: the CV comparison and the sanity prediction decide, as before); ``"none"``: none;
+    anything else (``X`` or ``X@version``) as given (refused later if it does not exist)."""
+    from kubeseg.holdout import holdout_exists, holdout_name
+
+    text = (holdout_set or "").strip()
+    if text.lower() == "none":
+        return None
+    if text in ("", "auto"):
+        return holdout_name(name) if holdout_exists(holdout_name(name), uri) else None
+    return text
+
+
 def gated_promotion(name: str, version: str, uri: str, holdout: Optional[str], tolerance: float = 0.02,
                     holdout_labels: Optional[str] = None, min_dice: float = 0.0,
-                    device: str = "auto", label_floor: Optional[float] = None) -> PromotionOutcome:
+                    device: str = "auto", label_floor: Optional[float] = None, holdout_set: str = "",
+                    label_tolerance: float = 0.02) -> PromotionOutcome:
     """Promote ``version`` through the gate (:func:`kubeseg.registry.promote`). A refusal (CV Dice
-    below the champion's beyond the tolerance, a failed sanity prediction) is returned as
-    ``promoted=False`` with the reason; the champion is then unchanged."""
+    below the champion's beyond the tolerance, a failed sanity prediction, a label that regressed
+    on the registered holdout) is returned as ``promoted=False`` with the reason; the champion is
+    then unchanged. ``holdout_set`` (:func:`resolve_holdout_set`): the registered holdout that
+    decides; the outcome carries its record (``holdout``: version, hash, both models' Dice per label)."""
+    from kubeseg.holdout import result_of
     from kubeseg.registry import GateSettings, get_version, promote
 
     def champion() -> Optional[str]:
@@ -255,12 +274,15 @@ def gated_promotion(name: str, version: str, uri: str, holdout: Optional[str], t
             return None
 
     before = champion()
+    chosen = resolve_holdout_set(name, uri, holdout_set)
     gate = GateSettings(tolerance=tolerance, holdout=holdout or None, holdout_labels=holdout_labels,
-                        min_dice=min_dice, device=device,
+                        min_dice=min_dice, device=device, holdout_set=chosen, label_tolerance=label_tolerance,
                         **({"label_floor": label_floor} if label_floor is not None else {}))
     try:
         p = promote(name, str(version), gate, uri)
     except KubesegError as e:
         log.warning("version %s of %s not promoted: %s", version, name, e)
-        return PromotionOutcome(str(version), False, champion(), before, [str(e)])
-    return PromotionOutcome(str(version), True, p.version, p.previous, list(p.reasons))
+        return PromotionOutcome(str(version), False, champion(), before, [str(e)],
+                                result_of(name, str(version), uri) if chosen else None)
+    return PromotionOutcome(str(version), True, p.version, p.previous, list(p.reasons),
+                            result_of(name, str(version), uri) if chosen else None)
