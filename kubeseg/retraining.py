@@ -164,6 +164,11 @@ def finetune_plan(champion_dir: str | Path, raw_dir: str | Path, configurations:
         raise KubesegError("fold 'all' validates on its own training cases: incremental fine-tuning needs the "
                            "champion's cross-validation folds")
     splits, old, used, source = incremental_split_plan(bundle, raw_dir, settings, confidence)
+    if cascade and used:
+        raise KubesegError(f"incremental fine-tuning of the cascade {sorted({i['configuration'] for i in cascade})} "
+                           "is not supported: the new cases join every first-stage fold's training set, so none has "
+                           "an out-of-fold first-stage prediction to train the cascade on; fine-tune the other "
+                           "configurations (--configurations) or retrain")
     write_finetune_spec(bundle, settings, splits, old, used, source)
     return RetrainingPlan("finetune", plans, first, cascade, preprocess_configurations(plans, configurations),
                           list(dict.fromkeys(configurations)),
