@@ -388,4 +388,7 @@ def result_of(model_name: str, version: str, uri: Optional[str] = None) -> Optio
     except Exception:  # noqa: BLE001
         return None
     raw = (mv.tags or {}).get(RESULT_TAG)
-    return json.loads(raw) if raw else None
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:  # cut at MLflow's tag length (hundreds of labels): say so rather than fail
+        return {"truncated": raw}
