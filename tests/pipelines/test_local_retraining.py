@@ -91,12 +91,12 @@ def test_finetune_through_the_client(server, champion, finetuned):
     # the champion's plans are kept; the fold started from the champion's weights of the same fold
     plans = json.loads((task_dir(run_dir, "plan-retraining") / "plans").read_text())
     assert plans == json.loads((champion["bundle"] / "plans.json").read_text())
-    train = json.loads(next(run_dir.glob("for-loop-*/train/executor_output.json")).read_text())
+    train = json.loads(next(run_dir.glob("for-loop-*/**/train/executor_output.json")).read_text())
     meta = train["artifacts"]["model"]["artifacts"][0]["metadata"]
     assert (meta["configuration"], meta["fold"]) == ("3d_fullres", 0)
     folder = "nnUNetTrainer__kubesegSmallPlans__3d_fullres"
     assert meta["pretrained"] == f"{folder}/fold_0/checkpoint_final.pth"
-    fold_dir = next(run_dir.glob(f"for-loop-*/train/model/{folder}/fold_0"))
+    fold_dir = next(run_dir.glob(f"for-loop-*/**/train/model/{folder}/fold_0"))
     log = next(fold_dir.glob("training_log_*.txt")).read_text()
     assert "pretrained weights" in log
 
@@ -181,7 +181,7 @@ def test_retrain_refused_gate_is_an_outcome(server, champion, finetuned, tmp_pat
     assert str(c.get_model_version_by_alias(NAME, "champion").version) == "2"  # unchanged
     # no champion weights in retrain mode; the pipeline's MLflow run finished normally
     run_dir = Path(result["run_dir"])
-    meta = json.loads(next(run_dir.glob("for-loop-*/train/executor_output.json")).read_text())["artifacts"][
+    meta = json.loads(next(run_dir.glob("for-loop-*/**/train/executor_output.json")).read_text())["artifacts"][
         "model"]["artifacts"][0]["metadata"]
     assert meta["pretrained"] == ""
     runs = c.search_runs([c.get_experiment_by_name("kubeseg-retrain-test").experiment_id],
