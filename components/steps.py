@@ -125,11 +125,16 @@ def plan(raw: Input[Dataset], fingerprint: Input[Dataset], preset: str, configur
 def plan_retraining(raw: Input[Dataset], fingerprint: Input[Dataset], mode: str, model_name: str, mlflow_uri: str,
                     preset: str, configurations: list, folds: list, plans: Output[Artifact],
                     summary: Output[Markdown], champion: Output[Model], cascade_wave: dsl.OutputPath(list),
-                    preprocess_configurations: dsl.OutputPath(list), candidates: dsl.OutputPath(list)) -> list:
-    """Retraining's plan: `finetune` downloads the champion bundle (`champion`, checksums verified),
-    keeps its plans and members (configurations, folds: the champion's unless given); `retrain`
-    plans the merged dataset anew (configurations: the champion's, else 2d and 3d_fullres; folds:
-    all five) and leaves `champion` empty. Returns the first training wave, as the plan step does."""
+                    preprocess_configurations: dsl.OutputPath(list), candidates: dsl.OutputPath(list),
+                    finetune_epochs: int = 10, finetune_lr: float = 1e-4, encoder_lr_scale: float = 0.5,
+                    decoder_lr_scale: float = 1.0, max_new_cases: int = 0, case_confidence: dict = {}) -> list:  # noqa: B006
+    """Retraining's plan: `finetune` (incremental) downloads the champion bundle (`champion`,
+    checksums verified), keeps its plans, members (configurations, folds: the champion's unless
+    given) and splits, the new cases joining every fold's training set only, and writes the
+    fine-tune's spec (at most `finetune_epochs` epochs, `finetune_lr`, encoder/decoder scales;
+    `max_new_cases` of them, the least confident by `case_confidence`) beside the champion's
+    weights; `retrain` plans the merged dataset anew (configurations: the champion's, else 2d and
+    3d_fullres; folds: all five) and leaves `champion` empty. Returns the first training wave."""
     import json
     from pathlib import Path
 
@@ -137,15 +142,19 @@ def plan_retraining(raw: Input[Dataset], fingerprint: Input[Dataset], mode: str,
     from kubeseg.planning.summary import plans_markdown
     from kubeseg.retraining import plan_retraining as make_plan
     from kubeseg.tracking import require_tracking_uri
+    from kubeseg.training.finetune import FinetuneSettings
     from kubeseg.workflow import waves_markdown
 
+    ft = FinetuneSettings(int(finetune_epochs), float(finetune_lr), float(encoder_lr_scale), float(decoder_lr_scale),
+                          int(max_new_cases))
     r = make_plan(mode, raw.path, fingerprint.path, model_name, require_tracking_uri(mlflow_uri), champion.path,
-                  preset, configurations, folds)
+                  preset, configurations, folds, ft, {str(k): float(v) for k, v in (case_confidence or {}).items()})
     write_json(r.plans, plans.path)
     Path(cascade_wave).write_text(json.dumps(r.cascade_wave))
     Path(preprocess_configurations).write_text(json.dumps(r.preprocess_configurations))
     Path(candidates).write_text(json.dumps(r.candidates))
-    champion.metadata.update({"version": r.champion_version or "", "mode": r.mode})
+    champion.metadata.update({"version": r.champion_version or "", "mode": r.mode,
+                              **({"finetune": ft.to_json()} if r.mode == "finetune" else {})})
     head = f"### Retraining ({r.mode}" + (f" from {model_name} version {r.champion_version}" if r.champion_version
                                           else "") + f"): plans `{r.plans['plans_name']}`\n\n"
     Path(summary.path).write_text(head + "; ".join(r.notes) + "\n\n" + plans_markdown(r.plans) + "\n\n"
@@ -349,13 +358,17 @@ def register(bundle: Input[Model], model_name: str, tracking: Input[Artifact], p
 
 @component
 def promote(model_name: str, version: str, tracking: Input[Artifact], dataset: Input[Dataset], holdout_uri: str,
-            tolerance: float, device: str, label_floor: float = 0.1, approval: str = "auto") -> str:
-    """Gated promotion of the new version to `champion`: CV foreground Dice within `tolerance` of
-    the champion's, every label's CV Dice at least `label_floor`, and a sanity prediction of the
-    held-out images (`holdout_uri`, default the
-    dataset's imagesTs). A refused gate is an outcome (returned as JSON, `promoted` false, with
-    the reason), not a failure; the champion is then unchanged. `approval` = required: a version
-    that passes only waits for `kubeseg models approve` (`awaiting_approval` in the JSON)."""
+            tolerance: float, device: str, label_floor: float = 0.1, holdout_set: str = "",
+            label_tolerance: float = 0.02, approval: str = "auto") -> str:
+    """Gated promotion of the new version to `champion`: every label's CV Dice at least
+    `label_floor`; with a registered holdout (`holdout_set`: "" = `<model_name>-holdout` when
+    registered, "none", or `NAME[@VERSION]`) the champion and the new version are scored on it in
+    this step and every label's Dice must reach `label_floor` and the champion's minus
+    `label_tolerance`; without one, CV foreground Dice within `tolerance` of the champion's. A
+    sanity prediction of the held-out images (`holdout_uri`, default the dataset's imagesTs) when
+    there are any. A refused gate is an outcome (returned as JSON, `promoted` false, with the
+    reasons and the holdout scores), not a failure; the champion is then unchanged. `approval` = required: a version that passes only
+    waits for `kubeseg models approve` (`awaiting_approval` in the JSON)."""
     import json
     from pathlib import Path
 
@@ -366,5 +379,6 @@ def promote(model_name: str, version: str, tracking: Input[Artifact], dataset: I
     holdout = holdout_uri or (str(Path(dataset.path) / "imagesTs") if (Path(dataset.path) / "imagesTs").is_dir()
                               else "")
     outcome = gated_promotion(model_name, version, mlflow_uri, holdout, tolerance, device=device,
-                              label_floor=label_floor, require_approval=approval == "required")
+                              label_floor=label_floor, holdout_set=holdout_set, label_tolerance=label_tolerance,
+                              require_approval=approval == "required")
     return json.dumps(outcome.to_json())

@@ -8,7 +8,7 @@ nnU-Net's tools both find their way)::
     BUNDLE/label_codes.json          coded concept per label (DICOM-SEG, FHIR; kubeseg.clinical.label_codes)
     BUNDLE/dataset.json  plans.json  [dataset_fingerprint.json]
     BUNDLE/<Trainer>__<Plans>__<configuration>/
-        dataset.json  plans.json  [dataset_fingerprint.json]
+        dataset.json  plans.json  [dataset_fingerprint.json]  [splits_final.json: the folds' cases]
         fold_<N>/checkpoint_final.pth    weights only: network_weights, init_args (configuration,
                                          fold), trainer_name, inference_allowed_mirroring_axes
 
@@ -39,6 +39,7 @@ from kubeseg.model_folder import configuration_of, model_folder_name, parse_mode
 from kubeseg.network import build_network
 from kubeseg.postprocessing import FILENAME as PP_FILENAME, PostprocessingRule, save_postprocessing
 from kubeseg.training.plans import ConfigurationView, LabelInfo, num_input_channels
+from kubeseg.training.splits import SPLITS_FILENAME
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ def _write_member(member: BundleMember, target: Path) -> list[str]:
     fingerprint = member.extra_files.get(FINGERPRINT, member.folder / FINGERPRINT)
     if fingerprint.is_file():
         shutil.copyfile(fingerprint, target / FINGERPRINT)
+    if (member.folder / SPLITS_FILENAME).is_file():  # the folds' cases: what incremental fine-tuning keeps
+        write_json(read_json(member.folder / SPLITS_FILENAME), target / SPLITS_FILENAME)
     for fold in folds:
         source = member.folder / f"fold_{fold}" / CHECKPOINT_NAME
         ckpt = load_checkpoint_safe(source)

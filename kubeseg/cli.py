@@ -115,7 +115,13 @@ def cmd_train(a) -> int:
     if a.previous_stage:  # every case of the fold needs its out-of-fold first-stage segmentation
         from kubeseg.cascade import check_cascade_inputs
         check_cascade_inputs(a.previous_stage, a.preprocessed_dir, a.configuration, fold, a.splits)
-    settings = TrainSettings(device=a.device, schedule=parse_schedule(a.schedule), seed=a.seed,
+    from dataclasses import replace
+
+    from kubeseg.training.schedule import OptimizerSettings
+
+    optimizer = replace(OptimizerSettings(), encoder_lr_scale=a.encoder_lr_scale, decoder_lr_scale=a.decoder_lr_scale,
+                        **({"initial_lr": a.initial_lr} if a.initial_lr is not None else {}))
+    settings = TrainSettings(device=a.device, schedule=parse_schedule(a.schedule), seed=a.seed, optimizer=optimizer,
                              num_workers=a.num_workers, splits_file=a.splits, previous_stage_dir=a.previous_stage,
                              run_validation=not a.no_validation, pretrained_weights=a.pretrained_weights,
                              log_to_console=False)
@@ -306,7 +312,26 @@ def _retrain_request(a):
         validation_tta=not a.no_validation_tta, allow_ensembles=not a.no_ensembles, experiment=a.experiment,
         tolerance=a.tolerance, holdout=a.holdout or "", approval=a.approval, kfp_experiment=a.kfp_experiment,
         namespace=a.namespace,
-        run_name=a.run_name, parallelism=a.parallelism, retries=a.retries)
+        run_name=a.run_name, parallelism=a.parallelism, retries=a.retries, holdout_set=a.holdout_set,
+        label_tolerance=a.label_tolerance, finetune_epochs=a.finetune_epochs, finetune_lr=a.finetune_lr,
+        encoder_lr_scale=a.encoder_lr_scale, decoder_lr_scale=a.decoder_lr_scale, max_new_cases=a.max_new_cases,
+        case_confidence=_confidences(a.case_confidence),
+        **({"label_floor": a.label_floor} if a.label_floor is not None else {}))
+
+
+def _confidences(path) -> dict:
+    """case -> confidence from a JSON file: an object, or a list of {"case_id"|"id", "confidence"}."""
+    if not path:
+        return {}
+    import json
+
+    data = json.loads(Path(path).read_text())
+    if isinstance(data, dict):
+        data = data.get("items", data)
+    if isinstance(data, dict):
+        return {str(k): float(v) for k, v in data.items()}
+    return {str(i.get("stored_as") or i.get("case_id") or i["id"]): float(i["confidence"]) for i in data
+            if i.get("confidence") is not None}
 
 
 def cmd_pipeline_retrain(a) -> int:
@@ -380,8 +405,12 @@ def cmd_models_list(a) -> int:
 def cmd_models_promote(a) -> int:
     from kubeseg.registry import GateSettings, promote
 
+    if not a.holdout and not a.holdout_set:
+        raise KubesegError("the gate needs --holdout (images for the sanity prediction) and/or --holdout-set "
+                           "(a registered labelled holdout)")
     gate = GateSettings(tolerance=a.tolerance, holdout=a.holdout, holdout_labels=a.holdout_labels,
-                        min_dice=a.min_dice, device=a.device,
+                        min_dice=a.min_dice, device=a.device, holdout_set=a.holdout_set or None,
+                        label_tolerance=a.label_tolerance,
                         **({"label_floor": a.label_floor} if a.label_floor is not None else {}))
     require = None if a.approval is None else a.approval == "required"
     p = promote(a.name, a.version, gate, a.tracking_uri, reason=a.reason or "", public_key=a.public_key,
@@ -399,6 +428,24 @@ def cmd_models_approve(a) -> int:
 
     p = approve(a.name, a.version, a.reason, a.tracking_uri)
     print(f"{a.name} version {p.version} is the champion (previous: {p.previous or 'none'}): " + "; ".join(p.reasons))
+    return 0
+
+
+def cmd_holdout_register(a) -> int:
+    from kubeseg.holdout import register_holdout
+
+    v, created = register_holdout(a.folder, a.model_name, a.tracking_uri, a.name)
+    print(f"holdout {v.name} version {v.version} ({'registered' if created else 'same contents as before'}; "
+          f"alias current): {v.cases} case(s), {v.sha256}")
+    return 0
+
+
+def cmd_holdout_show(a) -> int:
+    from kubeseg.holdout import get_holdout, parse_ref
+
+    name, ref = parse_ref(a.holdout or "", a.model_name)
+    v = get_holdout(name, ref, a.tracking_uri)
+    print(f"holdout {v.name} version {v.version}: {v.cases} case(s), labels {v.labels or 'n/a'}, {v.sha256}")
     return 0
 
 
@@ -557,6 +604,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained-weights", metavar="PATH",
                    help="fine-tune: start from this checkpoint_final.pth of a compatible network "
                         "(output heads skipped if the labels differ; ignored when resuming)")
+    p.add_argument("--initial-lr", type=float, default=None, help="initial learning rate (nnU-Net: 1e-2)")
+    p.add_argument("--encoder-lr-scale", type=float, default=1.0,
+                   help="layer-wise rates: the encoder's learning rate x this (incremental fine-tuning: 0.5)")
+    p.add_argument("--decoder-lr-scale", type=float, default=1.0, help="the decoder's (and heads') x this")
     _workers(p)
     p.set_defaults(fn=cmd_train)
 
@@ -751,9 +802,27 @@ def _pipeline_parsers(sub) -> None:
     p.add_argument("--new-cases-uri", "--new-cases", default=None,
                    help="new labelled cases: nnU-Net folder (imagesTr, labelsTr) or loose files")
     p.add_argument("--mode", choices=("finetune", "retrain"), default="finetune",
-                   help="finetune: from the champion's weights and plans; retrain: plan and train anew")
-    p.add_argument("--tolerance", type=float, default=0.02, help="promotion gate: CV Dice tolerance vs champion")
-    p.add_argument("--holdout", default=None, help="held-out images for the gate (default: the dataset's imagesTs)")
+                   help="finetune: incremental, from the champion's weights, plans and splits (new cases in "
+                        "training sets only); retrain: plan and train anew")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="promotion gate without a registered holdout: CV Dice tolerance vs champion")
+    p.add_argument("--holdout", default=None, help="held-out images for the gate's sanity prediction "
+                                                   "(default: the dataset's imagesTs)")
+    p.add_argument("--holdout-set", default="",
+                   help="registered holdout that decides (kubeseg holdout register): NAME[@VERSION], "
+                        "'none'; default <model-name>-holdout when one is registered")
+    p.add_argument("--label-tolerance", type=float, default=0.02,
+                   help="holdout gate: how far a label's Dice may fall below the champion's")
+    p.add_argument("--label-floor", type=float, default=None, help="every label's Dice must reach this (0.1)")
+    p.add_argument("--finetune-epochs", type=int, default=10, help="finetune: at most this many epochs")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="finetune: initial learning rate")
+    p.add_argument("--encoder-lr-scale", type=float, default=0.5, help="finetune: encoder learning rate x this")
+    p.add_argument("--decoder-lr-scale", type=float, default=1.0, help="finetune: decoder learning rate x this")
+    p.add_argument("--max-new-cases", type=int, default=0,
+                   help="finetune: use at most this many new cases (0: all; the least confident with "
+                        "--case-confidence, else the most recent)")
+    p.add_argument("--case-confidence", default=None,
+                   help="JSON file: case -> confidence (or the review queue's items) to choose --max-new-cases")
     p.add_argument("--approval", choices=("auto", "required"), default=os.environ.get("KUBESEG_PROMOTION_APPROVAL") or "auto",
                    help="required: a version that passes the gate waits for `kubeseg models approve` "
                         "(default: KUBESEG_PROMOTION_APPROVAL, else auto)")
@@ -794,7 +863,11 @@ def _pipeline_parsers(sub) -> None:
     p = mo.add_parser("promote", help="gated promotion of the challenger (or --version) to champion")
     p.add_argument("--name", required=True)
     p.add_argument("--version", default=None, help="version to promote (default: the challenger)")
-    p.add_argument("--holdout", required=True, help="held-out images (folder of raw cases) for the sanity prediction")
+    p.add_argument("--holdout", default=None, help="held-out images (folder of raw cases) for the sanity prediction")
+    p.add_argument("--holdout-set", default=None,
+                   help="registered holdout that decides per label: NAME[@VERSION] or 'auto' (<name>-holdout)")
+    p.add_argument("--label-tolerance", type=float, default=0.02,
+                   help="holdout gate: how far a label's Dice may fall below the champion's")
     p.add_argument("--holdout-labels", default=None, help="their reference labels (checks --min-dice)")
     p.add_argument("--min-dice", type=float, default=0.0)
     p.add_argument("--label-floor", type=float, default=None,
@@ -816,6 +889,21 @@ def _pipeline_parsers(sub) -> None:
     p.add_argument("--reason", required=True, help="why (recorded with who, in the registry and the audit log)")
     _tracking_flag(p)
     p.set_defaults(fn=cmd_models_approve)
+    ho = sub.add_parser("holdout", help="the fixed, versioned labelled holdout the promotion gate scores on") \
+        .add_subparsers(dest="action", required=True)
+    p = ho.add_parser("register", help="register a labelled set (images/+labels/, or imagesTs/+labelsTs/) as a "
+                                       "new holdout version (alias current)")
+    p.add_argument("folder")
+    p.add_argument("--model-name", required=True, help="the model it gates (holdout name: <model-name>-holdout)")
+    p.add_argument("--name", default=None, help="another holdout name")
+    _tracking_flag(p)
+    p.set_defaults(fn=cmd_holdout_register)
+    p = ho.add_parser("show", help="a holdout version: cases, labels, content hash")
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--holdout", default=None, help="NAME[@VERSION] (default <model-name>-holdout@current)")
+    _tracking_flag(p)
+    p.set_defaults(fn=cmd_holdout_show)
+
     p = mo.add_parser("rollback", help="return champion to the previous champion")
     p.add_argument("--name", required=True)
     p.add_argument("--reason", default=None, help="why (recorded with who, in the registry and the audit log)")

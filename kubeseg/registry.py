@@ -105,7 +105,12 @@ class GateSettings:
     images (a folder of raw cases or one image): every output must have the input's geometry,
     labels of the dataset only, and some foreground; with ``holdout_labels``, each case's
     foreground Dice must reach ``min_dice``, every label present in the references must be
-    predicted somewhere, and its mean held-out Dice must reach ``label_floor``."""
+    predicted somewhere, and its mean held-out Dice must reach ``label_floor``.
+
+    ``holdout_set``: a registered, versioned holdout (:mod:`kubeseg.holdout`; ``"auto"`` =
+    ``<name>-holdout@current``, ``"X@3"`` a given one). Then the champion and the challenger are
+    scored on it in the same run and it decides instead of the CV comparison: every label's Dice
+    must reach ``label_floor`` and the champion's minus ``label_tolerance``."""
 
     tolerance: float = 0.02
     holdout: Optional[str] = None
@@ -113,6 +118,8 @@ class GateSettings:
     min_dice: float = 0.0
     label_floor: float = 0.1
     device: str = "auto"
+    holdout_set: Optional[str] = None
+    label_tolerance: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -717,7 +724,9 @@ def _gate_and_promote(name: str, version: Optional[str], gate: GateSettings, uri
     if champ_v is not None and champ_v == cand.version:
         raise KubesegError(f"{name} version {cand.version} is already the champion")
     reasons = []
-    if champ_v is not None:
+    if champ_v is not None and gate.holdout_set:
+        reasons.append("CV Dice not compared with the champion's (other data): the holdout decides")
+    elif champ_v is not None:
         champ = get_version(name, str(champ_v), uri)
         if not cand.cv_foreground_dice >= champ.cv_foreground_dice - gate.tolerance:
             raise KubesegError(
@@ -743,12 +752,17 @@ def _gate_and_promote(name: str, version: Optional[str], gate: GateSettings, uri
         reasons.append(f"every label's CV Dice reaches {gate.label_floor}: "
                        + ", ".join(f"{names[k]} {cand.cv_dice[str(k)]:.3f}" for k in sorted(names)
                                    if str(k) in cand.cv_dice))
-        problems = sanity_check(bundle, gate)
+        if gate.holdout_set:  # both models scored on the fixed holdout, per label (kubeseg/holdout.py)
+            from kubeseg.holdout import holdout_gate
+            reasons += holdout_gate(name, cand.version, bundle, champ_v, gate.holdout_set, gate.label_floor,
+                                    gate.label_tolerance, uri, gate.device, public_key).reasons
+        problems = sanity_check(bundle, gate) if gate.holdout or not gate.holdout_set else []
     if problems:
         raise KubesegError(f"refusing to promote {name} version {cand.version}: the sanity prediction failed: "
                            + "; ".join(problems) + "; champion unchanged")
-    reasons.append(f"sanity prediction passed on {gate.holdout}"
-                   + (f" (references {gate.holdout_labels})" if gate.holdout_labels else ""))
+    if gate.holdout or not gate.holdout_set:
+        reasons.append(f"sanity prediction passed on {gate.holdout}"
+                       + (f" (references {gate.holdout_labels})" if gate.holdout_labels else ""))
 
     return _after_gate(c, uri, name, cand, champ_v, reasons, gate.tolerance, reason, require_approval)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 import html
+import json
 import math
 import shutil
 from pathlib import Path
@@ -465,15 +466,30 @@ def prepare_training_task(preprocessed_dir: str | Path, configuration: str, fold
     the cascade input and fine-tuning weights (:func:`task_inputs`), the durable checkpoints
     (:func:`training_checkpoints`, restored first into an empty fold folder) and the trainer's
     settings (``num_workers`` < 0: the default; ``torch_threads`` 0: the default)."""
+    from kubeseg.training.finetune import (FINETUNE_SPLITS, FinetuneSettings, finetune_optimizer, finetune_schedule,
+                                           read_finetune_spec)
+    from kubeseg.training.schedule import OptimizerSettings
     from kubeseg.training.trainer import TrainSettings
 
     pre = Path(preprocessed_dir)
     plans = read_json(pre / "plans.json")
     prev_dir, weights = task_inputs(pre, configuration, fold, previous_stage_root, pretrained_root)
     out_dir = Path(out_root) / model_folder_name(plans, configuration)
-    store = training_checkpoints(pre, configuration, fold, schedule, out_dir / f"fold_{fold}", checkpoint_uri,
+    # an incremental fine-tune (the retraining plan wrote its spec beside the champion's weights):
+    # its epochs, learning rates and the champion's splits with the new cases in training only
+    spec = read_finetune_spec(pretrained_root) if pretrained_root is not None else None
+    sched, optimizer, splits_file, key = parse_schedule(schedule), OptimizerSettings(), None, str(schedule)
+    if spec is not None:
+        if weights is None:
+            raise KubesegError(f"fine-tuning {configuration} fold {fold}: the champion in {pretrained_root} has no "
+                               "weights for this configuration")
+        ft = FinetuneSettings.from_json(spec["settings"])
+        sched, optimizer = finetune_schedule(sched, ft), finetune_optimizer(ft)
+        splits_file = Path(pretrained_root) / FINETUNE_SPLITS
+        key = f"{schedule}|finetune {json.dumps(ft.to_json(), sort_keys=True)} {json.dumps(spec['splits'])}"
+    store = training_checkpoints(pre, configuration, fold, key, out_dir / f"fold_{fold}", checkpoint_uri,
                                  checkpoint_interval_s, weights)
-    settings = TrainSettings(device=device, schedule=parse_schedule(schedule),
+    settings = TrainSettings(device=device, schedule=sched, optimizer=optimizer, splits_file=splits_file,
                              callbacks=([store] if store else []) + list(callbacks),
                              num_workers=None if num_workers < 0 else num_workers, deterministic_workers=True,
                              torch_threads=torch_threads or None, progress_bar=False, log_to_console=False,

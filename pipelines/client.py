@@ -74,6 +74,14 @@ class RetrainRequest:
     label_floor: float = 0.1  # every label's CV Dice must reach it (kubeseg.registry.GateSettings)
     holdout: str = ""  # held-out images for the gate; "" = the dataset's imagesTs
     approval: str = "auto"  # required: a version that passes the gate waits for `kubeseg models approve`
+    holdout_set: str = ""  # registered holdout (kubeseg.holdout); "" = <model_name>-holdout if registered; "none"
+    label_tolerance: float = 0.02  # per label on the holdout, vs the champion
+    finetune_epochs: int = 10  # incremental fine-tuning (kubeseg.training.finetune.FinetuneSettings)
+    finetune_lr: float = 1e-4
+    encoder_lr_scale: float = 0.5
+    decoder_lr_scale: float = 1.0
+    max_new_cases: int = 0  # 0 = all new cases; else the least confident by case_confidence
+    case_confidence: dict = field(default_factory=dict)
     kfp_experiment: str = "kubeseg-retraining"
     namespace: Optional[str] = None
     run_name: Optional[str] = None
@@ -112,7 +120,11 @@ def pipeline_arguments(request: RetrainRequest, tracking_uri: Optional[str] = No
             "num_workers": request.num_workers, "torch_threads": request.torch_threads,
             "validation_tta": request.validation_tta, "allow_ensembles": request.allow_ensembles,
             "experiment": request.experiment, "tolerance": request.tolerance, "label_floor": request.label_floor,
-            "holdout_uri": request.holdout, "approval": request.approval}
+            "holdout_uri": request.holdout, "approval": request.approval, "holdout_set": request.holdout_set,
+            "label_tolerance": request.label_tolerance, "finetune_epochs": request.finetune_epochs,
+            "finetune_lr": request.finetune_lr, "encoder_lr_scale": request.encoder_lr_scale,
+            "decoder_lr_scale": request.decoder_lr_scale, "max_new_cases": request.max_new_cases,
+            "case_confidence": {str(k): float(v) for k, v in request.case_confidence.items()}}
 
 
 def _check(request: RetrainRequest) -> None:

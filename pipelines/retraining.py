@@ -3,20 +3,27 @@ retrain) → select → bundle → register as ``challenger`` → gated promotio
 
 ``mode`` (a run parameter):
 
-* ``finetune`` (default): the champion bundle is downloaded from the registry (checksums
-  verified); its plans are kept; its member configurations (a cascade member with its first
-  stage) × folds are trained on the merged dataset, each fold initialised from the champion's
-  weights of the same configuration and fold.
+* ``finetune`` (default): *incremental* fine-tuning. The champion bundle is downloaded from the
+  registry (checksums verified); its plans and its ``splits_final.json`` are kept, the new cases
+  joining every fold's training set only (no fold validates on a case its champion fold trained
+  on); its member configurations (a cascade member with its first stage) × folds are trained on
+  the merged dataset, each fold from the champion's weights of the same configuration and fold,
+  for at most ``finetune_epochs`` (10) epochs of the run schedule's iterations at ``finetune_lr``
+  (1e-4, poly decay), encoder × ``encoder_lr_scale`` (0.5), decoder × ``decoder_lr_scale`` (1.0).
+  ``max_new_cases`` > 0 uses only that many new cases (the least confident by ``case_confidence``).
 * ``retrain``: the merged dataset is fingerprinted and planned anew and trained from scratch,
   as the training pipeline does.
 
 The training part is the training pipeline's (:class:`pipelines.training.TrainingWaves`: first
 wave, fan-in, cascade wave when planned); its tail adds a ``promote`` step after ``register``: the
-gate (CV Dice within ``tolerance`` of the champion's, sanity prediction of the held-out images:
-``holdout_uri``, default the dataset's ``imagesTs``) either moves ``champion`` or refuses; a
-refusal is the step's recorded outcome (JSON), not a pipeline failure. ``approval=required`` (the
-chart's production setting): a version that passes the gate is only marked awaiting approval
-(``kubeseg models approve``); ``auto`` moves the champion at once.
+gate either moves ``champion`` or refuses; a refusal is the step's recorded outcome (JSON), not a
+pipeline failure. With a registered holdout (``holdout_set``; default ``<model_name>-holdout`` when
+one is registered) the champion and the challenger are scored on it per label in that step and
+that decides (``label_floor``, ``label_tolerance``); without one, CV Dice within ``tolerance`` of the
+champion's. A sanity prediction of the held-out images (``holdout_uri``, default the dataset's
+``imagesTs``) runs when there are any. ``approval=required`` (the chart's production setting): a
+version that passes the gate is only marked awaiting approval (``kubeseg models approve``);
+``auto`` moves the champion at once.
 """
 
 from typing import Callable
@@ -63,7 +70,15 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
                    holdout_uri: str = "",
                    approval: str = "auto",
                    checkpoint_uri: str = "",
-                   checkpoint_interval_s: float = 300.0):
+                   checkpoint_interval_s: float = 300.0,
+                   finetune_epochs: int = 10,
+                   finetune_lr: float = 1e-4,
+                   encoder_lr_scale: float = 0.5,
+                   decoder_lr_scale: float = 1.0,
+                   max_new_cases: int = 0,
+                   case_confidence: dict = {},  # noqa: B006 - case -> confidence (the review queue's)
+                   holdout_set: str = "",
+                   label_tolerance: float = 0.02):
         closer = steps.close_run(mlflow_uri=mlflow_uri, experiment=experiment,
                                  pipeline_run=dsl.PIPELINE_JOB_NAME_PLACEHOLDER)
         closer.set_caching_options(False).set_display_name("close MLflow run")
@@ -88,7 +103,10 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
             fp.set_display_name("fingerprint")
             planned = steps.plan_retraining(raw=merged.outputs["merged"], fingerprint=fp.outputs["fingerprint"],
                                             mode=mode, model_name=model_name, mlflow_uri=mlflow_uri,
-                                            preset=planner_preset, configurations=configurations, folds=folds)
+                                            preset=planner_preset, configurations=configurations, folds=folds,
+                                            finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+                                            encoder_lr_scale=encoder_lr_scale, decoder_lr_scale=decoder_lr_scale,
+                                            max_new_cases=max_new_cases, case_confidence=case_confidence)
             planned.set_caching_options(False).set_display_name("plan (champion or new)")  # the champion moves
             with_mlflow_credentials(planned, o.secrets)
             k = RunKnobs(planned.outputs["candidates"], schedule, device, gpu_type, gpu_count, train_cpu,
@@ -99,8 +117,8 @@ def build_retraining_pipeline(parallelism: int = 0, retries: int = 2, resources:
                 reg = selection_tail(first, cascade, fp, run, k, o)
                 gate = steps.promote(model_name=model_name, version=reg.output, tracking=run.outputs["tracking"],
                                      dataset=merged.outputs["merged"], holdout_uri=holdout_uri, tolerance=tolerance,
-                                     label_floor=label_floor, approval=approval,
-                                     device=device)
+                                     label_floor=label_floor, approval=approval, holdout_set=holdout_set,
+                                     label_tolerance=label_tolerance, device=device)
                 gate.set_caching_options(False).set_display_name("gated promotion")
                 with_mlflow_credentials(gate, o.secrets)
                 if o.resources:

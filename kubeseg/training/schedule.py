@@ -34,7 +34,9 @@ class Schedule:
 
 @dataclass(frozen=True)
 class OptimizerSettings:
-    """nnU-Net v2's optimiser defaults."""
+    """nnU-Net v2's optimiser defaults. ``encoder_lr_scale`` / ``decoder_lr_scale``: layer-wise
+    learning rates, multipliers of the scheduled rate for the encoder and the decoder parameter
+    groups (:func:`kubeseg.training.finetune.parameter_groups`); 1.0 and 1.0 (nnU-Net) is one group."""
 
     initial_lr: float = 1e-2
     weight_decay: float = 3e-5
@@ -42,6 +44,8 @@ class OptimizerSettings:
     nesterov: bool = True
     poly_exponent: float = 0.9
     grad_clip_norm: float = 12.0
+    encoder_lr_scale: float = 1.0
+    decoder_lr_scale: float = 1.0
 
 
 NAMED_SCHEDULES: dict[str, Schedule] = {
@@ -74,10 +78,16 @@ def poly_lr(epoch: int, num_epochs: int, initial_lr: float, exponent: float = 0.
 
 
 def make_optimizer(params, settings: OptimizerSettings) -> torch.optim.SGD:
+    """SGD over ``params``: tensors, or parameter groups (dicts with ``params`` and an
+    ``lr_scale``, see :func:`kubeseg.training.finetune.parameter_groups`)."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**g, "lr": settings.initial_lr * float(g.get("lr_scale", 1.0))} for g in params]
     return torch.optim.SGD(params, lr=settings.initial_lr, weight_decay=settings.weight_decay,
                            momentum=settings.momentum, nesterov=settings.nesterov)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the scheduled rate ``lr``; a group with an ``lr_scale`` gets ``lr * lr_scale``."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * float(group.get("lr_scale", 1.0))

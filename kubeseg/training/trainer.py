@@ -47,6 +47,7 @@ from kubeseg.training.checkpoint import (atomic_torch_save, load_checkpoint, loa
                                          make_checkpoint)
 from kubeseg.training.data import PatchLoader, PreprocessedDataset, list_case_identifiers
 from kubeseg.training.evaluation import label_metrics, summarize, write_summary
+from kubeseg.training.finetune import parameter_groups
 from kubeseg.training.loss import build_loss
 from kubeseg.training.plans import (ConfigurationView, LabelInfo, deep_supervision_scales,
                                     num_input_channels)
@@ -254,12 +255,15 @@ class FoldTrainer:
         else:
             splits, used = load_or_create_splits(ids, self.pre / SPLITS_FILENAME, fallback_dir=self.out_dir)
         self.run_log(f"using splits from {used} ({len(splits)} folds)")
+        # the splits this model folder was trained with travel with it (bundle, fine-tuning)
+        if not (self.out_dir / SPLITS_FILENAME).is_file() or read_json(self.out_dir / SPLITS_FILENAME) != splits:
+            write_json(splits, self.out_dir / SPLITS_FILENAME)
         return select_fold(ids, self.fold, splits)
 
     def init_args(self) -> dict:
         return {"plans": self.plans, "configuration": self.configuration, "fold": self.fold,
                 "dataset_json": self.dataset_json, "device": str(self.device),
-                "schedule": asdict(self.schedule)}
+                "schedule": asdict(self.schedule), "optimizer": asdict(self.settings.optimizer)}
 
     def build(self) -> None:
         torch.manual_seed(self.settings.seed)
@@ -269,7 +273,10 @@ class FoldTrainer:
             deep_supervision=self.settings.enable_deep_supervision, initialize=True).to(self.device)
         if self.device.type == "cpu":
             _out_of_place_activations(self.network)
-        self.optimizer = make_optimizer(self.network.parameters(), self.settings.optimizer)
+        o = self.settings.optimizer
+        params = self.network.parameters() if o.encoder_lr_scale == o.decoder_lr_scale == 1.0 else \
+            parameter_groups(self.network, o.encoder_lr_scale, o.decoder_lr_scale)
+        self.optimizer = make_optimizer(params, o)
         self.grad_scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
         self.loss = build_loss(self.cfg.batch_dice, len(self.ds_scales) if self.ds_scales else None,
                                regions=self.labels.has_regions, ignore_label=self.labels.ignore_label)
@@ -475,7 +482,10 @@ class FoldTrainer:
         lr = poly_lr(epoch, sched.num_epochs, s.optimizer.initial_lr, s.optimizer.poly_exponent)
         set_lr(self.optimizer, lr)
         self.progress.log("lrs", lr, epoch)
-        rl(f"epoch {epoch}  lr {lr:.5f}")
+        groups = self.optimizer.param_groups
+        rl(f"epoch {epoch}  lr {lr:.5f}" if len(groups) == 1 and "name" not in groups[0] else
+           f"epoch {epoch}  lr {lr:.3g} (" + ", ".join(f"{g.get('name', i)} {g['lr']:.3g}" for i, g in
+                                                   enumerate(groups)) + ")")
 
         self.network.train()
         losses = []

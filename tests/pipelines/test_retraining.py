@@ -36,6 +36,12 @@ def test_retraining_spec(spec):
     assert params["configurations"]["defaultValue"] == [] and params["folds"]["defaultValue"] == []
     assert {"dataset_uri", "new_cases_uri", "model_name", "mlflow_uri", "schedule", "gpu_type", "gpu_count",
             "holdout_uri"} <= set(params)
+    # incremental fine-tuning's defaults (the design's) and the registered holdout's
+    assert {k: params[k]["defaultValue"] for k in ("finetune_epochs", "finetune_lr", "encoder_lr_scale",
+                                                   "decoder_lr_scale", "max_new_cases", "holdout_set",
+                                                   "label_tolerance")} == \
+        {"finetune_epochs": 10, "finetune_lr": 1e-4, "encoder_lr_scale": 0.5, "decoder_lr_scale": 1.0,
+         "max_new_cases": 0, "holdout_set": "", "label_tolerance": 0.02}
     tasks = _dag(spec, spec["root"]["dag"]["tasks"]["exit-handler-1"])
     # merged dataset → fingerprint → plan (champion or new) → preprocess per configuration, all on the merged copy
     merge = tasks["merge-cases"]["inputs"]["artifacts"]
@@ -44,6 +50,10 @@ def test_retraining_spec(spec):
     for t in ("fingerprint", "plan-retraining"):
         assert tasks[t]["inputs"]["artifacts"]["raw"]["taskOutputArtifact"]["producerTask"] == "merge-cases", t
     assert tasks["plan-retraining"]["cachingOptions"] == {}  # the champion moves between runs
+    plan_params = tasks["plan-retraining"]["inputs"]["parameters"]
+    for k in ("finetune_epochs", "finetune_lr", "encoder_lr_scale", "decoder_lr_scale", "max_new_cases",
+              "case_confidence"):
+        assert plan_params[k]["componentInputParameter"] == f"pipelinechannel--{k}", k
     assert tasks["merge-cases"]["cachingOptions"] == {}  # and the new cases' folder fills up
     assert tasks["training-groups"]["inputs"]["parameters"]["items"]["taskOutputParameter"] == {
         "producerTask": "plan-retraining", "outputParameterKey": "Output"}
@@ -67,6 +77,8 @@ def test_retraining_spec(spec):
         register = next(n for n in tail if n.startswith("register"))
         version = tail[promote]["inputs"]["parameters"]["version"]["taskOutputParameter"]
         assert version == {"producerTask": register, "outputParameterKey": "Output"}
+        gate_params = tail[promote]["inputs"]["parameters"]
+        assert {"holdout_set", "label_tolerance", "label_floor"} <= set(gate_params)
         assert tail[promote]["cachingOptions"] == {}
     cascade = next(t for t in tails if any(n.startswith("for-loop") for n in t))
     group = _dag(spec, next(iter(_dag(spec, next(t for n, t in cascade.items() if n.startswith("for-loop"))).values())))
@@ -143,11 +155,19 @@ def test_cli_retrain_local_arguments(monkeypatch, tmp_path, capsys):
                 "promotion": {"version": "3", "promoted": False, "reasons": ["refusing: below the champion's"]}}
 
     monkeypatch.setattr(pipelines.run, "run_local", fake_run_local)
+    conf = tmp_path / "queue.json"  # the review queue's items
+    conf.write_text(json.dumps({"items": [{"id": "a", "confidence": 0.3}, {"id": "b", "confidence": 0.9}]}))
     assert main(["pipeline", "retrain", "--local", "--dataset", str(tmp_path / "raw"), "--new-cases",
                  str(tmp_path / "new"), "--schedule", "2x3x1", "--folds", "0", "--mlflow-uri", "sqlite:///x.db",
-                 "--status-file", str(tmp_path / "s.json"), "--pipeline-root", str(tmp_path / "root")]) == 0
+                 "--status-file", str(tmp_path / "s.json"), "--pipeline-root", str(tmp_path / "root"),
+                 "--finetune-epochs", "3", "--finetune-lr", "2e-4", "--encoder-lr-scale", "0.25",
+                 "--max-new-cases", "50", "--case-confidence", str(conf), "--holdout-set", "h@2"]) == 0
     assert seen["pipeline"] == "retraining"
     args = seen["arguments"]
+    assert (args["finetune_epochs"], args["finetune_lr"], args["encoder_lr_scale"], args["decoder_lr_scale"]) == \
+        (3, 2e-4, 0.25, 1.0)
+    assert args["max_new_cases"] == 50 and args["case_confidence"] == {"a": 0.3, "b": 0.9}
+    assert args["holdout_set"] == "h@2" and args["label_tolerance"] == 0.02
     assert args["dataset_uri"] == str((tmp_path / "raw").resolve()) and args["folds"] == [0]
     assert args["mode"] == "finetune" and args["schedule"] == "2x3x1" and args["mlflow_uri"] == "sqlite:///x.db"
     assert "version 3 (challenger) not promoted: refusing: below the champion's" in capsys.readouterr().out

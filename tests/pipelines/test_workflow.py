@@ -179,10 +179,39 @@ def test_pretrained_checkpoint_and_task_inputs(tmp_path):
 def test_finetune_plan(tmp_path):
     from kubeseg.retraining import finetune_plan
 
+    from kubeseg.dataset_merge import RECORD
+    from kubeseg.training.finetune import FINETUNE_FILE, FINETUNE_SPLITS
+    from kubeseg.training.splits import generate_crossval_split
+
     bundle, raw = tmp_path / "bundle", tmp_path / "raw"
-    raw.mkdir()
+    old, new = [f"c{i:02d}" for i in range(7)], ["n0", "n1"]
+    for sub, name in (("imagesTr", "{}_0000.nii.gz"), ("labelsTr", "{}.nii.gz")):  # names are enough here
+        (raw / sub).mkdir(parents=True)
+        for c in old + new:
+            (raw / sub / name.format(c)).write_text("")
+    (raw / RECORD).write_text(json.dumps({"added": new}))
     ds = _bundle(bundle, ["2d", "3d_cascade_fullres"])
     (raw / "dataset.json").write_text(json.dumps({**ds, "numTraining": 9}))
+    with pytest.raises(KubesegError, match="cascade.*not supported.*out-of-fold"):
+        finetune_plan(bundle, raw)  # new cases have no out-of-fold first-stage prediction
+    p = finetune_plan(bundle, raw, ["2d"])  # a champion without splits: nnU-Net's default over the earlier cases
+    spec = json.loads((bundle / FINETUNE_FILE).read_text())
+    assert spec["champion_splits"] == generate_crossval_split(old) and "default 5-fold split" in spec["splits_source"]
+    assert spec["new_cases"] == new and spec["settings"]["epochs"] == 10
+    assert all(set(new) <= set(f["train"]) and not set(new) & set(f["val"]) for f in spec["splits"])
+    assert json.loads((bundle / FINETUNE_SPLITS).read_text()) == spec["splits"]
+    champ = [{"train": old[2:] , "val": old[:2]}] * 5  # the champion's own (odd) splits win
+    for m in ("2d", "3d_cascade_fullres"):
+        (bundle / f"nnUNetTrainer__P__{m}" / "splits_final.json").write_text(json.dumps(champ))
+    p = finetune_plan(bundle, raw, ["2d"])
+    spec = json.loads((bundle / FINETUNE_FILE).read_text())
+    assert spec["splits"] == [{"train": old[2:] + new, "val": old[:2]}] * 5
+    assert any("in every fold's training set only" in n for n in p.notes)
+    (raw / RECORD).write_text(json.dumps({"added": []}))  # no new case: the cascade's inputs stay out-of-fold
+    for c in new:
+        for f in list(raw.rglob(f"{c}*")):
+            f.unlink()
+    (raw / "dataset.json").write_text(json.dumps({**ds, "numTraining": 7}))
     p = finetune_plan(bundle, raw)
     assert p.mode == "finetune" and p.plans["plans_name"] == "P" and p.candidates == ["2d", "3d_cascade_fullres"]
     assert p.preprocess_configurations == ["2d", "3d_lowres", "3d_cascade_fullres"]
@@ -191,6 +220,7 @@ def test_finetune_plan(tmp_path):
     assert p.cascade_wave == [{"configuration": "3d_cascade_fullres", "fold": f} for f in (0, 1)]
     p = finetune_plan(bundle, raw, ["2d"], [4])
     assert p.first_wave == [{"configuration": "2d", "fold": 4}] and p.cascade_wave == []
-    (raw / "dataset.json").write_text(json.dumps({**ds, "labels": {"background": 0, "organ": 1, "tumour": 2}}))
+    (raw / "dataset.json").write_text(json.dumps({**ds, "numTraining": 7,
+                                                  "labels": {"background": 0, "organ": 1, "tumour": 2}}))
     with pytest.raises(KubesegError, match="other channels or labels"):
         finetune_plan(bundle, raw)
