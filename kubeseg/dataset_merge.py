@@ -143,8 +143,24 @@ def _link_or_copy(src: str, dst: str) -> str:
 
 def merge_cases(raw_dir: str | Path, new_cases: str | Path, out_dir: str | Path, num_workers: Optional[int] = None,
                 overwrite: bool = False, progress: bool = False) -> MergeResult:
-    """Write ``out_dir`` = ``raw_dir`` + the labelled cases of ``new_cases`` (see the module doc)."""
-    raw_dir, new_dir, out_dir = Path(raw_dir), Path(new_cases), Path(out_dir)
+    """Write ``out_dir`` = ``raw_dir`` + the labelled cases of ``new_cases`` (see the module doc).
+
+    ``new_cases`` may also be a copy of the review feedback store (:mod:`kubeseg.feedback_store`:
+    its ``feedback/`` review log beside ``imagesTr``/``labelsTr``; the retraining pipeline imports
+    the store's location as its new cases): then only the cases of the batches its refresh rule
+    marks (``KUBESEG_FEEDBACK_*`` settings) are merged, exported first to a folder beside ``out_dir``."""
+    from kubeseg.feedback_store import is_store_copy, reviewed_cases
+
+    if is_store_copy(Path(new_cases)):
+        Path(out_dir).parent.mkdir(parents=True, exist_ok=True)
+        with reviewed_cases(Path(new_cases), Path(out_dir).parent) as exported:
+            log.info("%s is a review feedback store: merging the cases of its marked batches", new_cases)
+            return _merge(Path(raw_dir), exported, Path(out_dir), num_workers, overwrite, progress)
+    return _merge(Path(raw_dir), Path(new_cases), Path(out_dir), num_workers, overwrite, progress)
+
+
+def _merge(raw_dir: Path, new_dir: Path, out_dir: Path, num_workers: Optional[int], overwrite: bool,
+           progress: bool) -> MergeResult:
     if out_dir.resolve() == raw_dir.resolve():
         raise KubesegError(f"the merged dataset must be a new folder, not {raw_dir} itself")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:

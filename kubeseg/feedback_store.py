@@ -37,10 +37,11 @@ import shutil
 import tempfile
 import time
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -453,6 +454,24 @@ class FeedbackStore:
             shutil.rmtree(staging, ignore_errors=True)
         return {**result, "dataset": str(out_dir)}
 
+
+
+def is_store_copy(folder: Path) -> bool:
+    """A folder holding a feedback store (or a copy of one): ``dataset.json`` and the review log."""
+    return folder.is_dir() and (folder / "dataset.json").is_file() and (folder / RECORDS).is_dir()
+
+
+@contextmanager
+def reviewed_cases(store_folder: Path, work_dir: Path) -> Iterator[Path]:
+    """The cases of the marked batches of the store at ``store_folder``, exported to a temporary
+    raw-dataset folder under ``work_dir`` (removed afterwards); refuses, naming the batches, when
+    no batch is marked."""
+    tmp = Path(tempfile.mkdtemp(prefix=".reviewed-cases.", dir=work_dir))
+    try:
+        FeedbackStore(str(store_folder), RefreshRule.from_env()).export(tmp / "cases")
+        yield tmp / "cases"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 # -- checks of a corrected label map -------------------------------------------------------------------
 class CorrectionError(ValueError):

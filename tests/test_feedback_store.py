@@ -84,7 +84,7 @@ def test_rule_and_batches(tmp_path):
         _review(store2, tmp_path, "r01", "approve")
 
 
-def test_export_is_a_dataset_that_merge_accepts(tmp_path):
+def test_export_is_a_dataset_that_merge_accepts(tmp_path, monkeypatch):
     from kubeseg.dataset_merge import merge_cases
     from kubeseg.synth import SynthSettings, synthesize
 
@@ -109,6 +109,17 @@ def test_export_is_a_dataset_that_merge_accepts(tmp_path):
     assert [json.loads(x)["case_id"] for x in (export / "feedback.jsonl").read_text().splitlines()] == ["c2", "c3"]
     merged = merge_cases(raw, export, tmp_path / "merged", num_workers=1)
     assert merged.added == ("review_c2", "review_c3") and merged.num_training == 4
+    # the store itself as the new cases (what the retraining pipeline imports): only the marked
+    # batch is merged (the default rule, 30 %: batch 1 has none corrected, batch 2 half)
+    for name in ("KUBESEG_FEEDBACK_BATCH_SIZE", "KUBESEG_FEEDBACK_MIN_CORRECTED_FRACTION"):
+        monkeypatch.delenv(name, raising=False)
+    direct = merge_cases(raw, tmp_path / "store", tmp_path / "merged_from_store", num_workers=1)
+    assert direct.added == ("review_c2", "review_c3") and direct.num_training == 4
+    assert not list(tmp_path.glob(".reviewed-cases.*"))  # the export beside it is gone
+    monkeypatch.setenv("KUBESEG_FEEDBACK_MIN_CORRECTED_FRACTION", "0.9")
+    with pytest.raises(KubesegError, match="no batch is marked"):
+        merge_cases(raw, tmp_path / "store", tmp_path / "merged_none", num_workers=1)
+    assert not (tmp_path / "merged_none").exists()
     everything = store.export(tmp_path / "all", all_labelled=True)
     assert len(everything["cases"]) == 4
     # another label set is refused, naming the setting
