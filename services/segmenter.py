@@ -88,7 +88,7 @@ def segment_request(model: ServedModel, uploads: Sequence[tuple[str, Path]], opt
         drift = drift_report(image.data, image.geometry.spacing, None, result.segmentation > 0,
                              model.drift_reference)
     summary = {
-        "model": {"name": model.name, "version": model.version, "alias": model.alias},
+        "model": {"name": model.name, "version": model.version, "alias": model.alias, "semver": model.semver},
         "input": {"source": image.source, "shape": list(image.data.shape[1:]), "channels": int(image.data.shape[0]),
                   "spacing": list(image.geometry.spacing)},
         "volumes_ml": {k: round(v, 4) for k, v in volumes.items()},

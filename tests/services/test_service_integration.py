@@ -184,7 +184,7 @@ def test_bad_inputs_get_4xx_and_the_service_keeps_serving(stack):
     assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1, 2, 3}
     r = _post(f"{url}/segment_summary", [("study.zip", dicom_zip(image))])
     assert r.status_code == 200, r.text[:300]
-    assert r.json()["model"] == {"name": NAME, "version": "1", "alias": "champion"}
+    assert r.json()["model"] == {"name": NAME, "version": "1", "alias": "champion", "semver": "1.0.0"}
     window = r.json()["drift"]["window_scores"]
     # a blank scan is segmented, flagged degenerate, and kept out of the drift window (finite everywhere)
     blank = sitk.Image(image.GetSize(), sitk.sitkInt16)
