@@ -122,7 +122,9 @@ class MlflowServer:
                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
         self.log = open(self.root / "server.log", "a")
         import os
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
+        # as the chart runs it: without MLflow 3's job runner (about eight huey consumers per server)
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env}
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)  # its own group: uvicorn and the job runner stop with it
         deadline = time.time() + 120
         while time.time() < deadline:
