@@ -45,7 +45,7 @@ demo: $(VENV)/.demo
 	$(VENV)/bin/kubeseg demo --out-dir $(DEMO_DIR)
 
 test: $(VENV)/.test $(ORACLE_VENV)/.oracle viewer
-	KUBESEG_ORACLE_PYTHON=$(abspath $(ORACLE_PY)) PYTHONUTF8=1 $(PY) -m pytest -q
+	KUBESEG_ORACLE_PYTHON=$(abspath $(ORACLE_PY)) PYTHONUTF8=1 $(PY) -m pytest -q --durations=30
 
 bench: $(VENV)/.test $(ORACLE_VENV)/.oracle
 	KUBESEG_ORACLE_PYTHON=$(abspath $(ORACLE_PY)) $(PY) benchmarks/preprocess.py
