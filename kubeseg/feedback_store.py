@@ -48,6 +48,7 @@ import SimpleITK as sitk
 
 from kubeseg.atomic import atomic_path, default_mode, replace_folder
 from kubeseg.errors import KubesegError
+from kubeseg.store_location import parse_store_location
 from kubeseg.training.checkpoint_store import s3_endpoint
 
 log = logging.getLogger(__name__)
@@ -267,19 +268,8 @@ class S3Backend(Backend):
 
 def open_backend(location: str) -> Backend:
     """``s3://bucket[/prefix]`` → S3; ``file:///path`` or a plain path → a folder."""
-    location = str(location).strip()
-    if not location:
-        raise KubesegError("no feedback store location (KUBESEG_FEEDBACK_STORE)")
-    if location.startswith("s3://"):
-        bucket, _, prefix = location[len("s3://"):].partition("/")
-        if not bucket:
-            raise KubesegError(f"feedback store {location!r}: no bucket name")
-        return S3Backend(bucket, prefix)
-    if location.startswith("file://"):
-        return FolderBackend(location[len("file://"):])
-    if "://" in location:
-        raise KubesegError(f"feedback store {location!r}: use s3://bucket/prefix, file:///path or a folder")
-    return FolderBackend(location)
+    where = parse_store_location(location, "feedback store (KUBESEG_FEEDBACK_STORE)")
+    return S3Backend(where.bucket, where.path) if where.bucket else FolderBackend(where.path)
 
 
 # -- the store ------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from typing import Any, Mapping, Optional
 
 from kubeseg.atomic import atomic_path
 from kubeseg.errors import KubesegError
+from kubeseg.store_location import parse_store_location
 
 log = logging.getLogger(__name__)
 
@@ -166,19 +167,8 @@ class S3Store(CheckpointStore):
 
 def open_store(uri: str, endpoint_url: Optional[str] = None) -> CheckpointStore:
     """``s3://bucket[/prefix]`` → :class:`S3Store`; ``file:///path`` or a plain path → :class:`FolderStore`."""
-    uri = str(uri).strip()
-    if not uri:
-        raise KubesegError("no checkpoint store URI")
-    if uri.startswith("s3://"):
-        bucket, _, prefix = uri[len("s3://"):].partition("/")
-        if not bucket:
-            raise KubesegError(f"checkpoint store {uri!r}: no bucket name")
-        return S3Store(bucket, prefix, endpoint_url)
-    if uri.startswith("file://"):
-        return FolderStore(uri[len("file://"):])
-    if "://" in uri:
-        raise KubesegError(f"checkpoint store {uri!r}: use s3://bucket/prefix, file:///path or a folder")
-    return FolderStore(uri)
+    where = parse_store_location(uri, "checkpoint store")
+    return S3Store(where.bucket, where.path, endpoint_url) if where.bucket else FolderStore(where.path)
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=-]+")
