@@ -6,10 +6,10 @@ first and imports nnunetv2 afterwards. Two steps, each one process:
 
     prepare RAW WORK --workers N
         fingerprint, plan (the small CPU settings of kubeseg's "small" preset) and
-        preprocess 3d_fullres under WORK/{raw,preprocessed}; writes WORK/prepare.json.
+        preprocess a configuration (3d_fullres by default) under WORK/{raw,preprocessed}; writes WORK/prepare.json.
     train WORK --epochs E --iterations I --val-iterations V --workers N --threads T
         [--expect-val CASE ...] [--turns]
-        trains 3d_fullres fold 0 with nnUNetTrainer (schedule shortened, CPU), runs its own
+        trains that configuration's fold 0 with nnUNetTrainer (schedule shortened, CPU), runs its own
         final validation (``perform_actual_validation``: Dice in the original image geometry,
         fold_0/validation/summary.json) and also keeps the label maps that the validation's
         sliding-window prediction produced in the *preprocessed* geometry, with the matching
@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-CONFIG = "3d_fullres"
 FOLD = 0
 # kubeseg's "small" planner preset, in nnunetv2's planner attributes
 TURN_WAIT = "@@kubeseg-benchmark: waiting for turn"
@@ -90,7 +89,7 @@ def prepare(a) -> int:
     with contextlib.redirect_stdout(io.StringIO()):
         planner.plan_experiment()  # writes preprocessed/<name>/nnUNetPlans.json
     with contextlib.redirect_stdout(io.StringIO()):  # preprocesses, then copies gt_segmentations/
-        preprocess_dataset(int(name[7:10]), planner.plans_identifier, [CONFIG],
+        preprocess_dataset(int(name[7:10]), planner.plans_identifier, [a.configuration],
                            [max(1, a.workers)], show_progress_bar=False)
     folder = work / "preprocessed" / name
     (work / "prepare.json").write_text(json.dumps({
@@ -114,7 +113,7 @@ def train(a) -> int:
 
     plans = json.loads(Path(info["plans_file"]).read_text())
     dataset_json = json.loads((work / "preprocessed" / name / "dataset.json").read_text())
-    data_folder = work / "preprocessed" / name / plans["configurations"][CONFIG]["data_identifier"]
+    data_folder = work / "preprocessed" / name / plans["configurations"][a.configuration]["data_identifier"]
 
     # the split nnU-Net's do_split() will create (seeded 5-fold KFold over the sorted ids)
     ids = sorted(str(p.name)[:-len(".b2nd")] for p in data_folder.glob("*.b2nd") if not p.name.endswith("_seg.b2nd"))
@@ -181,7 +180,7 @@ def train(a) -> int:
     torch.set_num_threads(a.threads)
     plans["continue_training"] = False  # nnUNetTrainer.__init__ pops this (run_training.py sets it)
     t0 = time.time()
-    trainer = BenchmarkTrainer(plans, CONFIG, FOLD, dataset_json, device=torch.device(a.device))
+    trainer = BenchmarkTrainer(plans, a.configuration, FOLD, dataset_json, device=torch.device(a.device))
     trainer.run_training()
     wait_for_turn()
     t_trained = time.time()
@@ -233,6 +232,7 @@ def main(argv=None) -> int:
     pp.add_argument("raw")
     pp.add_argument("work")
     pp.add_argument("--workers", type=int, default=2)
+    pp.add_argument("--configuration", default="3d_fullres")
     pt = sub.add_parser("train")
     pt.add_argument("work")
     pt.add_argument("--epochs", type=int, required=True)
@@ -242,6 +242,7 @@ def main(argv=None) -> int:
     pt.add_argument("--threads", type=int, default=2)
     pt.add_argument("--device", default="cpu")
     pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--configuration", default="3d_fullres")
     pt.add_argument("--expect-val", nargs="*", default=[])
     pt.add_argument("--turns", action="store_true",
                     help=f"take turns with the caller: print {TURN_WAIT!r} and wait for a line on stdin "

@@ -42,7 +42,8 @@ def run_seed(a, seed: int, out: Path) -> dict:
         return json.loads(result.read_text())["dice"]
     cmd = [sys.executable, str(REPO / "benchmarks" / "train.py"), "--seed", str(seed), "--dataset-seed",
            str(a.dataset_seed), "--cases", str(a.cases), "--shape", *map(str, a.shape), "--epochs", str(a.epochs),
-           "--iterations", str(a.iterations), "--val-iterations", str(a.val_iterations), "--workers",
+           "--iterations", str(a.iterations), "--val-iterations", str(a.val_iterations), "--configuration",
+           a.configuration, "--lesions", a.lesions, "--workers",
            str(a.workers), "--threads", str(a.threads), "--device", a.device, "--keep", str(out)]
     print(f"seed {seed}: {' '.join(cmd[1:])}", flush=True)
     with open(out.parent / f"seed_{seed}.log", "w") as log:
@@ -88,6 +89,9 @@ def main() -> int:
     p.add_argument("--dataset-seed", type=int, default=0)
     p.add_argument("--cases", type=int, default=10)
     p.add_argument("--shape", type=int, nargs=3, default=(40, 96, 96), metavar=("Z", "Y", "X"))
+    p.add_argument("--configuration", default="3d_fullres", choices=("3d_fullres", "2d"))
+    p.add_argument("--lesions", default="default", choices=("default", "demo"),
+                   help="lesion difficulty of the synthetic CT (benchmarks/train.py --lesions)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--iterations", type=int, default=50)
     p.add_argument("--val-iterations", type=int, default=2)
@@ -102,7 +106,7 @@ def main() -> int:
     results = {seed: run_seed(a, seed, out / f"seed_{seed}") for seed in a.seeds}
     (out / "quality.json").write_text(json.dumps({"args": vars(a), "dice": results}, indent=1, default=str))
     print(f"\n{len(a.seeds)} seed(s), {a.epochs} epochs x {a.iterations} iterations, {a.cases} cases of "
-          f"{tuple(a.shape)}, 3d_fullres fold 0, Dice on the fold's held-out cases (mean ± sd over seeds):")
+          f"{tuple(a.shape)} ({a.lesions} lesions), {a.configuration} fold 0, Dice on the fold's held-out cases (mean ± sd over seeds):")
     print(table(results, a.markdown))
     return 0
 

@@ -3,11 +3,12 @@
 What it does
     1. synthesizes a CT-like dataset (kubeseg.synth; labels body=1, organ=2, lesion=3);
     2. kubeseg: fingerprint, plan with the "small" CPU preset (plans named nnUNetPlans),
-       preprocess 3d_fullres; nnunetv2 (in a subprocess, benchmarks/_nnunet_train_oracle.py):
-       its own fingerprint, planner with the same small settings, preprocessing. The two
-       3d_fullres configurations are compared (they must be equal) and so are the fold-0
-       validation cases of the two (nnU-Net's seeded 5-fold split);
-    3. trains 3d_fullres fold 0 with each tool with the same schedule (epochs x training
+       preprocess the configuration (``--configuration``, 3d_fullres by default; 2d too);
+       nnunetv2 (in a subprocess, benchmarks/_nnunet_train_oracle.py): its own fingerprint,
+       planner with the same small settings, preprocessing. The two configurations are
+       compared (they must be equal) and so are the fold-0 validation cases of the two
+       (nnU-Net's seeded 5-fold split);
+    3. trains that configuration's fold 0 with each tool with the same schedule (epochs x training
        iterations + validation iterations), device (CPU), number of augmentation worker
        processes and torch threads. The two take turns, one epoch each (kubeseg's epoch 0,
        nnunetv2's epoch 0, kubeseg's epoch 1, ...; the waiting side is idle, its workers
@@ -46,7 +47,8 @@ How to read the output
     workers (and with any other job) and iteration times swing several-fold; pass
     --workers 2 --threads 2 to time the tools' own CPU defaults anyway.
 
-    python benchmarks/train.py [--cases 10] [--shape 40 96 96] [--epochs 5] [--iterations 20]
+    python benchmarks/train.py [--cases 10] [--shape 40 96 96] [--configuration 3d_fullres|2d]
+        [--lesions default|demo] [--epochs 5] [--iterations 20]
         [--val-iterations 2] [--workers 1] [--threads 1] [--seed 0] [--keep DIR]
 
 Defaults take about 10-15 minutes on a 2-core CPU. --keep DIR keeps the data, both
@@ -88,9 +90,11 @@ from kubeseg.training.data import list_case_identifiers  # noqa: E402
 from kubeseg.training.schedule import Schedule  # noqa: E402
 from kubeseg.training.splits import generate_crossval_split  # noqa: E402
 from kubeseg.training.trainer import TrainSettings, train_fold  # noqa: E402
+from pipelines.demo import DEMO_SYNTH  # noqa: E402
 
-CONFIG = "3d_fullres"
+CONFIGURATIONS = ("3d_fullres", "2d")
 FOLD = 0
+LESIONS = {"default": {}, "demo": DEMO_SYNTH}  # SynthSettings overrides per --lesions
 ORACLE = REPO / "benchmarks" / "_nnunet_train_oracle.py"
 
 
@@ -110,25 +114,25 @@ def say(msg: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------- preparation
-def prepare_kubeseg(raw: Path, work: Path, workers: int) -> tuple[Path, Path]:
-    """Fingerprint, plan (small preset, plans named like nnU-Net's) and preprocess 3d_fullres."""
+def prepare_kubeseg(raw: Path, work: Path, workers: int, config: str) -> tuple[Path, Path]:
+    """Fingerprint, plan (small preset, plans named like nnU-Net's) and preprocess ``config``."""
     work.mkdir(parents=True, exist_ok=True)
     fp = extract_fingerprint(raw, max(1, workers), progress=False)
     fp_path = write_fingerprint(fp, work / "dataset_fingerprint.json")
     plans = plan_experiment(load_dataset_json(raw), fp, planner_settings("small", plans_name="nnUNetPlans"))
     pre = work / "preprocessed"
-    preprocess_dataset(raw, plans, CONFIG, pre, fp_path, max(1, workers), progress=False)
+    preprocess_dataset(raw, plans, config, pre, fp_path, max(1, workers), progress=False)
     return pre, pre / "plans.json"
 
 
-def compare_plans(ours: dict, theirs: dict) -> list[str]:
-    """Differences that matter for training: the 3d_fullres configuration and the intensity
+def compare_plans(ours: dict, theirs: dict, config: str) -> list[str]:
+    """Differences that matter for training: the trained configuration and the intensity
     statistics that CT normalisation uses."""
     problems = []
-    a, b = ours["configurations"][CONFIG], theirs["configurations"][CONFIG]
+    a, b = ours["configurations"][config], theirs["configurations"][config]
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
-            problems.append(f"3d_fullres {key}: kubeseg {a.get(key)} / nnunetv2 {b.get(key)}")
+            problems.append(f"{config} {key}: kubeseg {a.get(key)} / nnunetv2 {b.get(key)}")
     for key in ("transpose_forward", "original_median_spacing_after_transp"):
         if ours.get(key) != theirs.get(key):
             problems.append(f"{key}: kubeseg {ours.get(key)} / nnunetv2 {theirs.get(key)}")
@@ -359,7 +363,7 @@ def train_kubeseg(pre: Path, plans_path: Path, out: Path, a, turns: TakeTurns) -
         num_workers=a.workers, torch_threads=a.threads, callbacks=[clock, turns], save_probabilities=False,
         progress_bar=False, log_to_console=False)
     try:
-        fold_dir = train_fold(pre, plans_path, CONFIG, FOLD, out, settings)
+        fold_dir = train_fold(pre, plans_path, a.configuration, FOLD, out, settings)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
@@ -397,8 +401,8 @@ def score(cases: dict[str, tuple[np.ndarray, np.ndarray]], labels: list[int]) ->
     return {"per_class": per_class, "foreground_mean": nanmean(per_class.values())}
 
 
-def load_kubeseg_cases(fold_dir: Path, pre: Path, plans: dict, keys: list[str]) -> dict:
-    folder = pre / plans["configurations"][CONFIG]["data_identifier"]
+def load_kubeseg_cases(fold_dir: Path, pre: Path, plans: dict, keys: list[str], config: str) -> dict:
+    folder = pre / plans["configurations"][config]["data_identifier"]
     out = {}
     for k in keys:
         with np.load(fold_dir / "validation" / f"{k}.npz") as z:
@@ -446,6 +450,10 @@ def parse_args(argv=None):
     p.add_argument("--cases", type=int, default=10, help="training cases to synthesize (fold 0 validates on 1/5)")
     p.add_argument("--shape", type=int, nargs=3, default=(40, 96, 96), metavar=("Z", "Y", "X"),
                    help="median case shape (numpy order)")
+    p.add_argument("--configuration", default="3d_fullres", choices=CONFIGURATIONS, help="trained by both tools")
+    p.add_argument("--lesions", default="default", choices=sorted(LESIONS),
+                   help="lesion difficulty of the synthetic CT: default (weak contrast, small, 15 %% of cases "
+                        "without one) or demo (the demo's: stronger, larger, one or more per case)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--iterations", type=int, default=20, help="training iterations per epoch")
     p.add_argument("--val-iterations", type=int, default=2, help="validation (pseudo-Dice) iterations per epoch")
@@ -479,25 +487,27 @@ def main(argv=None) -> int:
 def run(a, work: Path) -> int:
     say(f"work folder {work}")
     say(f"synthesizing {a.cases} CT-like cases, median shape {tuple(a.shape)}, seed {a.seed}")
+    config = a.configuration
     raw = synthesize(work / "raw", SynthSettings(kind="ct", num_cases=a.cases, shape=tuple(a.shape),
-                                                 seed=a.seed if a.dataset_seed is None else a.dataset_seed))
+                                                 seed=a.seed if a.dataset_seed is None else a.dataset_seed,
+                                                 **LESIONS[a.lesions]))
 
-    say("kubeseg: fingerprint, plan (small preset), preprocess 3d_fullres")
+    say(f"kubeseg: fingerprint, plan (small preset), preprocess {config}")
     t = time.time()
-    pre, plans_path = prepare_kubeseg(raw, work / "kubeseg", a.workers)
+    pre, plans_path = prepare_kubeseg(raw, work / "kubeseg", a.workers, config)
     say(f"kubeseg: prepared in {time.time() - t:.0f} s")
-    say("nnunetv2: fingerprint, plan (same small settings), preprocess 3d_fullres")
+    say(f"nnunetv2: fingerprint, plan (same small settings), preprocess {config}")
     t = time.time()
     nn_work = work / "nnunet"
-    run_oracle(["prepare", str(raw), str(nn_work), "--workers", str(a.workers)])
+    run_oracle(["prepare", str(raw), str(nn_work), "--workers", str(a.workers), "--configuration", config])
     say(f"nnunetv2: prepared in {time.time() - t:.0f} s")
 
     plans = json.loads(plans_path.read_text())
     nn_info = json.loads((nn_work / "prepare.json").read_text())
     nn_plans = json.loads(Path(nn_info["plans_file"]).read_text())
-    cfg = plans["configurations"][CONFIG]
-    plan_problems = compare_plans(plans, nn_plans)
-    say(f"3d_fullres: patch {cfg['patch_size']}, batch {cfg['batch_size']}, spacing "
+    cfg = plans["configurations"][config]
+    plan_problems = compare_plans(plans, nn_plans, config)
+    say(f"{config}: patch {cfg['patch_size']}, batch {cfg['batch_size']}, spacing "
         f"{[round(s, 3) for s in cfg['spacing']]}, features "
         f"{cfg['architecture']['arch_kwargs']['features_per_stage']}")
     if plan_problems:
@@ -505,13 +515,13 @@ def run(a, work: Path) -> int:
         for line in plan_problems:
             print(f"    {line}")
     else:
-        say("plans: kubeseg's and nnunetv2's 3d_fullres configurations are identical")
+        say(f"plans: kubeseg's and nnunetv2's {config} configurations are identical")
 
     ids = list_case_identifiers(pre / cfg["data_identifier"])
     val_expected = sorted(generate_crossval_split(sorted(ids))[FOLD]["val"])
     say(f"fold {FOLD} validation cases (kubeseg's split): {val_expected}")
 
-    say(f"training {CONFIG} fold {FOLD} with both tools, taking turns epoch by epoch: {a.epochs} epochs x "
+    say(f"training {config} fold {FOLD} with both tools, taking turns epoch by epoch: {a.epochs} epochs x "
         f"{a.iterations} iterations (+{a.val_iterations} validation), {a.workers} worker(s), "
         f"{a.threads} thread(s) each")
     meter = LoadMeter()
@@ -519,7 +529,8 @@ def run(a, work: Path) -> int:
     meter.switch("nnunetv2", "setup")
     other = OracleTrainer([str(nn_work), "--epochs", str(a.epochs), "--iterations", str(a.iterations),
                            "--val-iterations", str(a.val_iterations), "--workers", str(a.workers),
-                           "--threads", str(a.threads), "--device", a.device, "--seed", str(a.seed), "--expect-val", *val_expected])
+                           "--threads", str(a.threads), "--device", a.device, "--seed", str(a.seed),
+                           "--configuration", config, "--expect-val", *val_expected])
     meter.oracle_pid = other.proc.pid
     try:
         other.expect("wait")  # nnunetv2 is set up (workers started) and waits for its first epoch
@@ -541,7 +552,7 @@ def run(a, work: Path) -> int:
         raise SystemExit(f"validation cases differ: kubeseg {ours['val_keys']} / nnunetv2 {ref['val_keys']}")
     keys = sorted(ours["val_keys"])
     labels = sorted(int(v) for k, v in load_dataset_json(raw).raw["labels"].items() if int(v) != 0)
-    ours_cases = load_kubeseg_cases(Path(ours["fold_dir"]), pre, plans, keys)
+    ours_cases = load_kubeseg_cases(Path(ours["fold_dir"]), pre, plans, keys, config)
     ref_cases = load_nnunet_cases(nn_work / "pred_preprocessed", keys)
     ref_notes = []
     for k in keys:
@@ -569,7 +580,7 @@ def run(a, work: Path) -> int:
     print()
     print("=" * 78)
     print(f"dataset: {a.cases} synthetic CT cases, median shape {tuple(a.shape)}, seed {a.seed}; "
-          f"{CONFIG} fold {FOLD}")
+          f"{config} fold {FOLD}, lesions {a.lesions}")
     print(f"plans: patch {cfg['patch_size']}, batch {cfg['batch_size']}"
           + ("" if not plan_problems else f"  (WARNING: {len(plan_problems)} plan difference(s), see above)"))
     print(f"schedule (both): {a.epochs} epochs x {a.iterations} training iterations + {a.val_iterations} "

@@ -39,8 +39,9 @@ class PredictSettings:
     """How to predict. ``device``: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``.
 
     ``batch_size`` counts network inputs per forward call, mirrored copies included; None: 8 on a
-    GPU, 1 on the CPU (a CPU gains nothing from batching, and a batch of eight mirrored copies holds
-    eight times the activations: more memory, more page faults).
+    GPU; on the CPU, as many as the runner computes at once (OpenVINO: one per stream, i.e. per
+    thread; otherwise 1: one runner over all threads gains nothing from batching, and a batch of
+    eight mirrored copies holds eight times the activations: more memory, more page faults).
     ``backend``: ``torch``, ``onnxruntime``, ``openvino`` or ``auto`` (the fastest installed on
     this device, :func:`kubeseg.inference.backends.resolve_backend`).
     ``results_on_device`` keeps the accumulators on the GPU (falls back to CPU memory on OOM).
@@ -110,7 +111,8 @@ class Predictor:
                                          num_input_channels(model.view, model.labels), self.patch_size,
                                          self.device, settings.num_threads).runners
             self.network = self._runners[0]
-        batch_size = settings.batch_size or (8 if self.device.type == "cuda" else 1)
+        batch_size = settings.batch_size or (8 if self.device.type == "cuda" else
+                                             int(getattr(self.network, "parallel_inputs", 1)))
         mirror = model.mirror_axes if settings.use_mirroring else None
         self.window = SlidingWindowSettings(step=settings.step, mirror_axes=mirror, batch_size=batch_size,
                                             results_on_device=settings.results_on_device,

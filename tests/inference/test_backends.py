@@ -118,3 +118,28 @@ def test_openvino_runs_in_float32_even_on_a_bfloat16_cpu(tmp_path):
     x = torch.randn(2, 1, 8, 16, 16)
     with torch.no_grad():
         assert (runner(x) - net(x)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("batch", (1, 3, 8))
+def test_openvino_streams_split_the_batch_and_keep_its_order(tmp_path, batch):
+    """With two threads the runner compiles two single-threaded streams and splits each call's batch
+    between them; the outputs come back in input order, equal to the network's."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnx")
+    import torch
+
+    from kubeseg.inference.backends import OpenVINONetwork, export_onnx
+
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.InstanceNorm3d(8, affine=True),
+                              torch.nn.LeakyReLU(0.01), torch.nn.Conv3d(8, 3, 1))
+    path = export_onnx(net, 1, (8, 16, 16), tmp_path / "net.onnx")
+    runner = OpenVINONetwork(path, 2)
+    assert int(runner.compiled.get_property("NUM_STREAMS")) == 2
+    x = torch.randn(batch, 1, 8, 16, 16)  # every sample different: a reordered output would not match
+    with torch.no_grad():
+        expected = net(x)
+    for _ in range(2):  # the runner is reused call after call
+        out = runner(x)
+        assert out.shape == expected.shape
+        assert (out - expected).abs().max() < 1e-4
