@@ -6,9 +6,11 @@ broken case of a dataset in one run.
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 from tqdm import tqdm
@@ -19,12 +21,43 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def default_workers() -> int:
-    """One worker per available core (at least one)."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def _cgroup_cpu_limit(root: Path) -> float | None:
+    """The container's CPU quota in cores (cgroup v2 ``cpu.max``, else v1 CFS), None if unlimited."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 or period <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus(cgroup_root: Path = CGROUP_ROOT) -> int:
+    """Cores this process may use: its CPU affinity, capped by a container's CPU limit (rounded up).
+
+    torch and ``os.cpu_count()`` see the node's cores; in a pod limited to 4 CPUs on a 64-core
+    node, 64 threads (or 64 OpenVINO streams, each with its own buffers) would only contend.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit(cgroup_root)
+    if limit is not None:
+        cpus = min(cpus, math.ceil(limit))
+    return max(1, cpus)
+
+
+def default_workers() -> int:
+    """One worker per usable core (at least one)."""
+    return usable_cpus()
 
 
 def _guarded(fn: Callable[[T], R], item: T, name: str) -> tuple[R | None, list[Problem]]:

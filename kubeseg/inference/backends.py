@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from kubeseg.errors import KubesegError
+from kubeseg.parallel import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class OpenVINONetwork:
 
 def open_network(backend: str, path: Path, device: torch.device, num_threads: int | None = None) -> Network:
     """The runner of one exported fold."""
-    threads = num_threads or torch.get_num_threads()
+    threads = num_threads or min(torch.get_num_threads(), usable_cpus())
     if backend == "onnxruntime":
         return OnnxRuntimeNetwork(path, threads, device)
     if backend == "openvino":
