@@ -640,7 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
                    default=_env("BACKEND", "torch"),
                    help="what runs the network: torch, or its ONNX export under ONNX Runtime or OpenVINO "
                         "(files from `kubeseg export-onnx`, else exported on the fly); auto: the fastest installed")
-    p.add_argument("--threads", type=int, default=_env("THREADS", None, int), help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=_env("THREADS", None, int),
+                   help="CPU threads (default: the cores this process may use, capped by a container's CPU "
+                        "limit; OpenVINO runs one stream per thread)")
     p.add_argument("--fold-average", choices=("probabilities", "logits"), default="probabilities",
                    help="how folds are combined ('logits' is nnU-Net v2's)")
     p.add_argument("--max-resampled-voxels", type=int, default=_env("MAX_RESAMPLED_VOXELS", 2 ** 29, int),

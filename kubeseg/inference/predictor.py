@@ -27,6 +27,7 @@ from kubeseg.inference.export import log_probabilities_to_original, probabilitie
 from kubeseg.inference.regions import accumulate_region_logits, region_log_odds
 from kubeseg.inference.model import TrainedModel
 from kubeseg.inference.sliding_window import SlidingWindowSettings, predict_logits, tile_slicers, padding_for
+from kubeseg.parallel import usable_cpus
 from kubeseg.preprocessing.preprocess import preprocess_arrays
 
 log = logging.getLogger(__name__)
@@ -96,8 +97,9 @@ class Predictor:
         self.config = model.config
         self.patch_size = tuple(int(p) for p in self.config["patch_size"])
         self.labels = model.labels
-        if settings.num_threads:
-            torch.set_num_threads(settings.num_threads)
+        threads = settings.num_threads or min(torch.get_num_threads(), usable_cpus())  # a pod's CPU limit too
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         self.network = model.build_network(self.device)
         self._loaded_fold = 0
         self._runners = None
