@@ -22,6 +22,7 @@ kubeseg's own record of the merge (sources, added cases, the original dataset na
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -159,6 +160,25 @@ def merge_cases(raw_dir: str | Path, new_cases: str | Path, out_dir: str | Path,
     return _merge(Path(raw_dir), Path(new_cases), Path(out_dir), num_workers, overwrite, progress)
 
 
+def reviewed_confidence(new_dir: Path, added: list[str]) -> dict[str, float]:
+    """case -> the served model's confidence, for the added cases that an exported review feedback
+    store's log (``feedback.jsonl``) scored; {} for any other folder. A fine-tune's
+    ``max_new_cases`` keeps the least confident of them."""
+    log_file = new_dir / "feedback.jsonl"
+    if not log_file.is_file():
+        return {}
+    wanted, out = set(added), {}
+    for line in log_file.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+            case, value = str(r.get("stored_as", "")), r.get("confidence")
+            if case in wanted and value is not None:
+                out[case] = float(value)
+        except (ValueError, TypeError, AttributeError):
+            continue  # a line that is not a record of a scored case says nothing about confidence
+    return out
+
+
 def _merge(raw_dir: Path, new_dir: Path, out_dir: Path, num_workers: Optional[int], overwrite: bool,
            progress: bool) -> MergeResult:
     if out_dir.resolve() == raw_dir.resolve():
@@ -199,8 +219,10 @@ def _merge(raw_dir: Path, new_dir: Path, out_dir: Path, num_workers: Optional[in
         write_json(ds, target / "dataset.json")
         previous = read_json(raw_dir / RECORD) if (raw_dir / RECORD).is_file() else {}
         added = [c.case_id for c in new]
+        confidence = reviewed_confidence(new_dir, added)
         write_json({"dataset_name": dataset_name(raw_dir), "base": str(raw_dir.resolve()),
                     "new_cases": str(new_dir.resolve()), "added": added, "num_training": ds["numTraining"],
+                    **({"confidence": confidence} if confidence else {}),
                     "history": previous.get("history", []) + [{"new_cases": str(new_dir.resolve()), "added": added}]},
                    target / RECORD)
         require_valid_layout(target)

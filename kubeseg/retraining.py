@@ -96,6 +96,16 @@ def new_case_ids(raw_dir: str | Path) -> list[str]:
     return [str(c) for c in read_json(record).get("added", [])] if record.is_file() else []
 
 
+def new_case_confidence(raw_dir: str | Path) -> dict[str, float]:
+    """case -> confidence of the last merge's added cases, where the merge recorded one (cases that
+    came from the review feedback store); {} otherwise."""
+    from kubeseg.dataset_merge import RECORD
+
+    record = Path(raw_dir) / RECORD
+    values = read_json(record).get("confidence", {}) if record.is_file() else {}
+    return {str(k): float(v) for k, v in values.items()}
+
+
 def training_case_ids(raw_dir: str | Path) -> list[str]:
     from kubeseg.dataset import load_dataset_json, list_training_cases
 
@@ -122,7 +132,7 @@ def incremental_split_plan(bundle: str | Path, raw_dir: str | Path, settings: Fi
         source = (f"nnU-Net's default 5-fold split of the {len(earlier)} earlier cases (the champion carries no "
                   f"{SPLITS_FILENAME})")
         log.warning("fine-tuning: %s", source)
-    used = choose_new_cases(added, settings.max_new_cases, confidence)
+    used = choose_new_cases(added, settings.max_new_cases, confidence or new_case_confidence(raw_dir))
     left_out = set(added) - set(used)
     splits = incremental_splits(old, [c for c in ids if c not in left_out], used)
     return splits, old, used, source

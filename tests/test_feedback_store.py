@@ -101,7 +101,8 @@ def test_export_is_a_dataset_that_merge_accepts(tmp_path, monkeypatch):
         label[1:3, 2:5, 2:6] = 1
         image = _image(np.full((8, 8, 10), 40, np.int16), tmp_path / f"i{i}.nii.gz")
         store.store_case(f"review_c{i}", [image], _image(label, tmp_path / f"l{i}.nii.gz"))
-        store.append({"case_id": f"c{i}", "decision": d, "by": "x", "model_version": "1", "stored_as": f"review_c{i}"})
+        store.append({"case_id": f"c{i}", "decision": d, "by": "x", "model_version": "1", "stored_as": f"review_c{i}",
+                      "confidence": [0.9, 0.8, 0.4, 0.7][i]})
     out = store.export(tmp_path / "export")
     assert out["cases"] == ["review_c2", "review_c3"] and [b["marked"] for b in out["batches"]] == [True]
     export = tmp_path / "export"
@@ -115,6 +116,23 @@ def test_export_is_a_dataset_that_merge_accepts(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     direct = merge_cases(raw, tmp_path / "store", tmp_path / "merged_from_store", num_workers=1)
     assert direct.added == ("review_c2", "review_c3") and direct.num_training == 4
+    # the served model's confidence travels from the review log into the merge record, where a
+    # fine-tune with max_new_cases finds it and keeps the least confident case (not the most recent, as without confidences)
+    from kubeseg.dataset_merge import RECORD
+    from kubeseg.retraining import new_case_confidence
+    assert json.loads((tmp_path / "merged_from_store" / RECORD).read_text())["confidence"] == \
+        {"review_c2": 0.4, "review_c3": 0.7}
+    assert new_case_confidence(tmp_path / "merged_from_store") == {"review_c2": 0.4, "review_c3": 0.7}
+    assert new_case_confidence(raw) == {}
+    from kubeseg.retraining import incremental_split_plan
+    from kubeseg.training.finetune import FinetuneSettings
+    bundle = tmp_path / "champion"
+    (bundle / "3d_fullres").mkdir(parents=True)
+    (bundle / "3d_fullres" / "splits_final.json").write_text(json.dumps(
+        [{"train": ["synth_000"], "val": ["synth_001"]}, {"train": ["synth_001"], "val": ["synth_000"]}]))
+    splits, _, used, _ = incremental_split_plan(bundle, tmp_path / "merged_from_store",
+                                                FinetuneSettings(max_new_cases=1))
+    assert used == ["review_c2"] and all("review_c3" not in f["train"] for f in splits)
     assert not list(tmp_path.glob(".reviewed-cases.*"))  # the export beside it is gone
     monkeypatch.setenv("KUBESEG_FEEDBACK_MIN_CORRECTED_FRACTION", "0.9")
     with pytest.raises(KubesegError, match="no batch is marked"):
