@@ -200,7 +200,7 @@ def _volume_ranges(pre: Path, cases: list[str], ending: str, labels: dict) -> di
     for case in cases:
         array, geometry = read_label(pre / "gt_segmentations" / f"{case}{ending}")
         refs.append((array[0], geometry.spacing))
-    return label_volume_ranges(refs, {n: v for n, v in labels.items() if isinstance(v, int)})
+    return label_volume_ranges(refs, {n: v for n, v in labels.items() if isinstance(v, (int, list, tuple))})
 
 
 def _nanmean(values: list[float]) -> float:

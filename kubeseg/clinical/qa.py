@@ -138,14 +138,18 @@ def hd95(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> float:
     return float(max(np.percentile(to_b[sa], 95), np.percentile(to_a[sb], 95)))
 
 
-def label_volume_ranges(cases: Sequence[tuple[np.ndarray, Sequence[float]]], labels: Mapping[str, int]) -> dict:
-    """Per foreground label over training label maps ``(array, spacing)``: min/median/max ml and how
-    many cases hold it (the reference for ``volume_out_of_range`` and ``label_missing``)."""
+def label_volume_ranges(cases: Sequence[tuple[np.ndarray, Sequence[float]]],
+                        labels: Mapping[str, int | Sequence[int]]) -> dict:
+    """Per foreground label or region over training label maps ``(array, spacing)``: min/median/max
+    ml and how many cases hold it (the reference for ``volume_out_of_range`` and ``label_missing``).
+    Volumes are measured as a prediction's are (:func:`kubeseg.inference.quality.label_volumes_ml`:
+    a region counts the voxels of any of its values; the ignore label has none)."""
+    from kubeseg.inference.quality import label_volumes_ml
+
+    per_case = [label_volumes_ml(np.asarray(a), sp, labels) for a, sp in cases]
     out = {}
-    for name, value in labels.items():
-        if int(value) == 0:
-            continue
-        vols = [float((np.asarray(a) == int(value)).sum()) * float(np.prod(sp)) / 1000.0 for a, sp in cases]
+    for name in (per_case[0] if per_case else {}):
+        vols = [v[name] for v in per_case]
         present = [v for v in vols if v > 0]
         out[name] = {"min": min(present) if present else 0.0, "median": float(np.median(present)) if present else 0.0,
                      "max": max(present) if present else 0.0, "cases": len(vols), "present_in": len(present)}

@@ -53,6 +53,21 @@ def test_dice_and_hd95_on_known_shapes():
     assert ranges["x"] == {"min": 1.0, "median": 1.0, "max": 1.0, "cases": 2, "present_in": 1}
 
 
+def test_region_volume_ranges_flag_a_region_model_prediction():
+    """nnU-Net's region labels (lists of values): the training range of a region counts every voxel
+    of its values, the way a prediction's region volume does, so a region model's QA checks volumes."""
+    a = np.zeros((10, 10, 10), int)
+    a[2:8, 2:8, 2:8] = 1  # 216 voxels of label 1
+    a[4:6, 4:6, 4:6] = 2  # 8 of them are label 2
+    regions = {"background": 0, "whole": [1, 2], "core": [2], "ignore": 3}
+    ranges = label_volume_ranges([(a, (1, 1, 1)), (a, (2, 1, 1))], regions)
+    assert set(ranges) == {"whole", "core"}  # no range for the background or the ignore label
+    assert (ranges["whole"]["min"], ranges["whole"]["max"]) == (pytest.approx(0.216), pytest.approx(0.432))
+    assert ranges["core"]["min"] == pytest.approx(0.008)
+    flags = qa_flags({"whole": 5.0, "core": 0.01}, 0.9, {}, None, None, ranges).to_json()["flags"]
+    assert [(f["flag"], f["label"]) for f in flags] == [("volume_out_of_range", "whole")]
+
+
 def test_fhir_bundle_parses_back():
     from fhir.resources.R4B.bundle import Bundle
 
