@@ -241,3 +241,100 @@ imagePullSecrets:
     defaultMode: 0444
 {{- end }}
 {{- end }}
+
+{{/* Review queue and feedback store --------------------------------------------------------- */}}
+
+{{/* Where the review volume is mounted (queue persistence), and the queue's folder. */}}
+{{- define "kubeseg.review.mountPath" -}}/var/lib/kubeseg/review{{- end }}
+
+{{- define "kubeseg.review.queueDir" -}}
+{{- if .Values.segmentation.review.queue.persistence.enabled }}
+{{- printf "%s/queue" (include "kubeseg.review.mountPath" .) }}
+{{- else -}}
+/tmp/kubeseg-review-queue
+{{- end }}
+{{- end }}
+
+{{- define "kubeseg.review.claimName" -}}{{ include "kubeseg.segmentation.name" . }}-review{{- end }}
+
+{{/* The most segmentation pods that may run at once: the HPA's maximum, or the replica count. */}}
+{{- define "kubeseg.segmentation.maxReplicas" -}}
+{{- $s := .Values.segmentation }}
+{{- ternary $s.autoscaling.maxReplicas $s.replicaCount $s.autoscaling.enabled | int }}
+{{- end }}
+
+{{/* Refusals: a queue volume several pods cannot mount; a feedback folder on the read-only root;
+     an s3:// feedback store without its Secret. */}}
+{{- define "kubeseg.review.check" -}}
+{{- $r := .Values.segmentation.review }}
+{{- $p := $r.queue.persistence }}
+{{- $n := include "kubeseg.segmentation.maxReplicas" . | int }}
+{{- if and $p.enabled (gt $n 1) (not (has "ReadWriteMany" $p.accessModes)) }}
+{{- fail (printf "segmentation.review.queue.persistence: up to %d segmentation pods (replicaCount, or autoscaling.maxReplicas) share one review queue, but accessModes %v has no ReadWriteMany: a ReadWriteOnce volume cannot be mounted by pods on different nodes. Use accessModes [ReadWriteMany] with a storage class that offers it, or a single replica (replicaCount 1, autoscaling off)" $n $p.accessModes) }}
+{{- end }}
+{{- with $r.feedbackStore }}
+{{- if hasPrefix "s3://" . }}
+{{- if not $r.feedbackStoreSecret }}
+{{- fail "segmentation.review.feedbackStore is an s3:// store: set segmentation.review.feedbackStoreSecret to a Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the chart never holds the key)" }}
+{{- end }}
+{{- else }}
+{{- $path := trimPrefix "file://" . }}
+{{- if contains "://" $path }}
+{{- fail (printf "segmentation.review.feedbackStore %q: use s3://bucket/prefix or a folder" .) }}
+{{- end }}
+{{- $volume := printf "%s/" (include "kubeseg.review.mountPath" $) }}
+{{- $queue := printf "%s/" (include "kubeseg.review.queueDir" $) }}
+{{- $onVolume := and $p.enabled (hasPrefix $volume $path) (not (hasPrefix $queue $path)) (ne (trimSuffix "/" $path) (trimSuffix "/" $queue)) }}
+{{- if not (or $onVolume (hasPrefix "/tmp/" $path)) }}
+{{- fail (printf "segmentation.review.feedbackStore %q: the root filesystem is read-only; a folder store must be under %s (outside queue/, with segmentation.review.queue.persistence.enabled) or under /tmp/ (lost with the pod), or use s3://bucket/prefix" . $volume) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The segmentation container's review environment. */}}
+{{- define "kubeseg.review.env" -}}
+{{- $r := .Values.segmentation.review }}
+- name: KUBESEG_REVIEW_QUEUE_DIR
+  value: {{ include "kubeseg.review.queueDir" . | quote }}
+{{- with include "kubeseg.optionalEnv" (dict "env" (dict
+      "KUBESEG_REVIEW_QUEUE_MAX" $r.queue.maxItems
+      "KUBESEG_REVIEW_QUEUE_MAX_BYTES" $r.queue.maxBytes
+      "KUBESEG_REVIEW_LOWEST_PERCENT" $r.rule.lowestPercent
+      "KUBESEG_REVIEW_WINDOW" $r.rule.window
+      "KUBESEG_REVIEW_MIN_WINDOW" $r.rule.minWindow
+      "KUBESEG_REVIEW_CONFIDENCE_BELOW" $r.rule.confidenceBelow
+      "KUBESEG_FEEDBACK_BATCH_SIZE" $r.feedbackBatchSize
+      "KUBESEG_FEEDBACK_MIN_CORRECTED_FRACTION" $r.feedbackMinCorrectedFraction)) }}{{ . | trim | nindent 0 }}{{ end }}
+{{- with $r.feedbackStore }}
+- name: KUBESEG_FEEDBACK_STORE
+  value: {{ . | quote }}
+{{- if hasPrefix "s3://" . }}
+# the feedback store's S3 key, from its Secret only (boto3 reads these)
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ $r.feedbackStoreSecret }}
+      key: AWS_ACCESS_KEY_ID
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $r.feedbackStoreSecret }}
+      key: AWS_SECRET_ACCESS_KEY
+- name: AWS_ENDPOINT_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $r.feedbackStoreSecret }}
+      key: AWS_ENDPOINT_URL
+      optional: true
+{{- with $r.feedbackStoreEndpointUrl }}
+- name: AWS_ENDPOINT_URL_S3
+  value: {{ . | quote }}
+{{- end }}
+{{- with $r.feedbackStoreRegion }}
+- name: AWS_DEFAULT_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
