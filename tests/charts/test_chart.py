@@ -21,6 +21,8 @@ from tests.charts.helpers import (  # noqa: E402
 
 FULL = "kubeseg"  # release "kubeseg": resource names are kubeseg-<component>
 SEG, TRIG, MLF, UPLOAD = f"{FULL}-segmentation", f"{FULL}-trigger", f"{FULL}-mlflow", f"{FULL}-pipeline-upload"
+REVIEW_PVC = f"{SEG}-review"
+REVIEW_MOUNT = "/var/lib/kubeseg/review"
 
 
 
@@ -33,8 +35,28 @@ def _settings_env(cls_name: str) -> set[str]:
     return set(re.findall(r'"((?:KUBESEG|MLFLOW)_[A-Z0-9_]+)"', source))
 
 
+def _from_env_names(path: str, cls_name: str) -> set[str]:
+    """The KUBESEG_* names a class's from_env reads, from its source (no import: services.clinical pulls torch)."""
+    import ast
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / path).read_text()
+    cls = next(n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.ClassDef) and n.name == cls_name)
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "from_env")
+    return set(re.findall(r'"(KUBESEG_[A-Z0-9_]+)"', ast.get_source_segment(text, fn)))
+
+
+# the review queue's and the feedback store's settings (services.clinical, services.review_queue,
+# services.review_api, kubeseg.feedback_store)
+REVIEW_ENV = (_from_env_names("services/clinical.py", "ClinicalSettings")
+              | _from_env_names("services/review_queue.py", "QueueRule")
+              | _from_env_names("services/review_api.py", "FeedbackSettings")
+              | _from_env_names("kubeseg/feedback_store.py", "RefreshRule"))
+# what boto3 (the feedback store's S3 backend) and kubeseg's s3_endpoint read
+S3_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION"}
 # the service's and the trigger's settings, and what the chart adds for a read-only root filesystem
-SERVICE_ENV = _settings_env("ServiceSettings") | _settings_env("AuthSettings") | _settings_env("SigningSettings")
+SERVICE_ENV = (_settings_env("ServiceSettings") | _settings_env("AuthSettings") | _settings_env("SigningSettings")
+               | REVIEW_ENV | S3_ENV)
 TRIGGER_ENV = _settings_env("TriggerSettings") | {"KUBESEG_TRIGGER_AUTH"}  # read by settings._trigger_auth
 # MLflow's client reads its account from MLFLOW_TRACKING_USERNAME/PASSWORD
 RUNTIME_ENV = {"HOME", "BENTOML_HOME", "MPLCONFIGDIR", "TORCH_HOME", "KUBESEG_IMAGE", "KF_PIPELINES_SA_TOKEN_PATH",
@@ -91,6 +113,10 @@ def test_values_schema_accepts_the_shipped_values_and_rejects_mistakes():
             ({"trigger": {"mode": "remote"}}, "mode"),
             ({"monitoring": {"serviceMonitor": {"interval": "30 seconds"}}}, "interval"),
             ({"mlflow": {"artifactStore": {"destination": "/data/artifacts"}}}, "destination"),
+            # the feedback store's key only from its Secret
+            ({"segmentation": {"review": {"feedbackStoreSecretAccessKey": "hunter2"}}}, "feedbackStoreSecretAccessKey"),
+            ({"segmentation": {"review": {"queue": {"persistence": {"accessModes": ["RWX"]}}}}}, "accessModes"),
+            ({"segmentation": {"review": {"rule": {"confidenceBelow": 2}}}}, "confidenceBelow"),
         ]:
             with pytest.raises(helm.HelmValuesError, match=where):
                 chart.validate_schema(bad)
@@ -108,6 +134,7 @@ def test_default_render_has_every_component(default_docs):
                      ("ConfigMap", f"{FULL}-dashboard-serving"), ("ConfigMap", f"{FULL}-dashboard-drift-quality")]:
         assert expected in kinds, expected
     assert not by_kind(default_docs, "Ingress")  # optional, off by default
+    assert not by_kind(default_docs, "PersistentVolumeClaim")  # the trigger's and the review queue's: off
     assert not by_kind(default_docs, "Secret")  # credentials are never rendered
     assert all(d["metadata"].get("namespace") == NAMESPACE for d in default_docs)
 
@@ -115,6 +142,7 @@ def test_default_render_has_every_component(default_docs):
 def test_gpu_production_render_has_ingresses_and_a_volume(gpu_docs):
     assert {i["metadata"]["name"] for i in by_kind(gpu_docs, "Ingress")} == {SEG, MLF}
     assert one(gpu_docs, "PersistentVolumeClaim", TRIG)
+    assert one(gpu_docs, "PersistentVolumeClaim", REVIEW_PVC)["spec"]["accessModes"] == ["ReadWriteMany"]
     assert not by_kind(gpu_docs, "Secret")
 
 
@@ -560,3 +588,145 @@ def test_every_setting_the_chart_can_pass_is_one_the_programs_read():
     trig = env_of(_container(docs, "Deployment", TRIG))
     assert set(trig) <= TRIGGER_ENV | RUNTIME_ENV, set(trig) - TRIGGER_ENV - RUNTIME_ENV
     assert trig["KUBESEG_RETRAIN_MODE"] == "retrain" and trig["KUBESEG_TRIGGER_COOLDOWN_SECONDS"] == "10"
+
+
+# -- the review queue and the feedback store ---------------------------------------------------------
+
+def _seg_pod(docs):
+    return one(docs, "Deployment", SEG)["spec"]["template"]["spec"]
+
+
+def _notes(values):
+    return next(t for p, t in render(values).items() if p.endswith("NOTES.txt"))
+
+
+def test_review_queue_on_a_shared_volume_is_mounted_writable_and_configured():
+    values = {"segmentation": {"review": {
+        "queue": {"maxItems": 500, "maxBytes": 4294967296, "persistence": {"enabled": True, "size": "7Gi",
+                                                                          "storageClassName": "nfs-locking"}},
+        "rule": {"lowestPercent": 5, "window": 100, "minWindow": 10, "confidenceBelow": 0.6},
+        "feedbackBatchSize": 10, "feedbackMinCorrectedFraction": 0.5}}}
+    docs = manifests(render(values))
+    pvc = one(docs, "PersistentVolumeClaim", REVIEW_PVC)
+    assert pvc["spec"] == {"accessModes": ["ReadWriteMany"], "storageClassName": "nfs-locking",
+                           "resources": {"requests": {"storage": "7Gi"}}}
+    assert pvc["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    pod = _seg_pod(docs)
+    c = _container(docs, "Deployment", SEG)
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == REVIEW_MOUNT]
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    assert volume == {"name": mount["name"], "persistentVolumeClaim": {"claimName": REVIEW_PVC}}
+    # writable under the read-only root: a read-write mount, group-owned through the pod's fsGroup
+    assert not mount.get("readOnly") and c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["fsGroup"] == c["securityContext"]["runAsGroup"]
+    env = env_of(c)
+    assert env["KUBESEG_REVIEW_QUEUE_DIR"] == f"{REVIEW_MOUNT}/queue"
+    assert set(env) <= SERVICE_ENV | RUNTIME_ENV, set(env) - SERVICE_ENV - RUNTIME_ENV
+    for doc in (pvc, one(docs, "Deployment", SEG)):
+        validate(doc, kube_versions())
+    # the programs read what the chart passes (the settings classes themselves, on the rendered strings)
+    from services.clinical import ClinicalSettings
+    from services.review_api import FeedbackSettings
+
+    clinical = ClinicalSettings.from_env(env)
+    assert str(clinical.review_queue_dir) == f"{REVIEW_MOUNT}/queue"
+    assert (clinical.review_queue_max, clinical.review_queue_max_bytes) == (500, 4294967296)
+    rule = clinical.review_rule
+    assert (rule.lowest_percent, rule.window, rule.min_window, rule.below) == (5.0, 100, 10, 0.6)
+    feedback = FeedbackSettings.from_env(env)
+    assert (feedback.rule.batch_size, feedback.rule.min_corrected_fraction) == (10, 0.5)
+    assert "shared by up to 4 pods" in _notes(values) and "flock(2)" in _notes(values)
+
+
+def test_review_queue_on_an_existing_claim_renders_no_claim():
+    docs = manifests(render({"segmentation": {"review": {"queue": {"persistence": {
+        "enabled": True, "existingClaim": "review-nfs"}}}}}))
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    volume = next(v for v in _seg_pod(docs)["volumes"] if "persistentVolumeClaim" in v)
+    assert volume["persistentVolumeClaim"] == {"claimName": "review-nfs"}
+    assert env_of(_container(docs, "Deployment", SEG))["KUBESEG_REVIEW_QUEUE_DIR"] == f"{REVIEW_MOUNT}/queue"
+
+
+def test_review_queue_without_persistence_is_on_tmp_and_notes_warn(default_docs):
+    c = _container(default_docs, "Deployment", SEG)
+    env = env_of(c)
+    assert env["KUBESEG_REVIEW_QUEUE_DIR"] == "/tmp/kubeseg-review-queue"  # explicit, on the /tmp emptyDir
+    tmp = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert "emptyDir" in next(v for v in _seg_pod(default_docs)["volumes"] if v["name"] == tmp["name"])
+    assert REVIEW_MOUNT not in {m["mountPath"] for m in c["volumeMounts"]}
+    assert not {"KUBESEG_REVIEW_QUEUE_MAX", "KUBESEG_REVIEW_WINDOW", "KUBESEG_FEEDBACK_STORE"} & set(env)  # unset
+    notes = _notes({})  # autoscaling on, up to 4 pods: each has its own queue
+    assert "the review queue is on each pod's /tmp" in notes and "up to 4 replicas has its own queue" in notes
+    assert "feedbackStore is not set" in notes
+    one_pod = _notes({"segmentation": {"autoscaling": {"enabled": False}, "replicaCount": 1}})
+    assert "the review queue is on each pod's /tmp" in one_pod and "has its own queue" not in one_pod
+    docs = manifests(render(load_values(CHART / "values-dev.yaml")))  # dev stays on /tmp
+    assert not by_kind(docs, "PersistentVolumeClaim")
+    assert env_of(_container(docs, "Deployment", SEG))["KUBESEG_REVIEW_QUEUE_DIR"] == "/tmp/kubeseg-review-queue"
+
+
+def test_a_read_write_once_queue_volume_is_refused_for_several_replicas():
+    rwo = {"enabled": True, "accessModes": ["ReadWriteOnce"]}
+    for scaling in ({}, {"autoscaling": {"enabled": False}, "replicaCount": 2}):  # HPA up to 4, or 2 replicas
+        with pytest.raises(helm.HelmRenderError, match="no ReadWriteMany: a ReadWriteOnce volume cannot be mounted"):
+            render({"segmentation": dict(scaling, review={"queue": {"persistence": rwo}})})
+    single = {"autoscaling": {"enabled": False}, "replicaCount": 1, "review": {"queue": {"persistence": rwo}}}
+    docs = manifests(render({"segmentation": single}))
+    assert one(docs, "PersistentVolumeClaim", REVIEW_PVC)["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+def test_feedback_store_on_s3_takes_its_key_from_a_secret_only():
+    store = {"feedbackStore": "s3://feedback/kubeseg", "feedbackStoreSecret": "feedback-s3",
+             "feedbackStoreEndpointUrl": "http://minio.kubeseg.svc:9000", "feedbackStoreRegion": "eu-west-1"}
+    docs = manifests(render({"segmentation": {"review": store}}))
+    c = _container(docs, "Deployment", SEG)
+    env = {e["name"]: e for e in c["env"]}
+    assert env["KUBESEG_FEEDBACK_STORE"]["value"] == "s3://feedback/kubeseg"
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        assert "value" not in env[name], name
+        assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "feedback-s3"
+        assert env[name]["valueFrom"]["secretKeyRef"]["key"] == name
+    assert env["AWS_ENDPOINT_URL"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio.kubeseg.svc:9000"
+    assert env["AWS_DEFAULT_REGION"]["value"] == "eu-west-1"
+    # the endpoint names are the ones kubeseg's S3 code reads
+    import inspect
+
+    from kubeseg.training import checkpoint_store
+
+    source = inspect.getsource(checkpoint_store.s3_endpoint)
+    assert '"AWS_ENDPOINT_URL_S3"' in source and '"AWS_ENDPOINT_URL"' in source
+    assert not by_kind(docs, "Secret")
+    validate(one(docs, "Deployment", SEG), kube_versions())
+    # the NetworkPolicy lets the service reach the store; without an S3 store it does not
+    egress = one(docs, "NetworkPolicy", SEG)["spec"]["egress"]
+    assert {"protocol": "TCP", "port": 9000} in [p for rule in egress for p in rule.get("ports", [])]
+    default_egress = one(manifests(render({})), "NetworkPolicy", SEG)["spec"]["egress"]
+    assert len(egress) == len(default_egress) + 1
+    assert "feedbackStore is not set" not in _notes({"segmentation": {"review": store}})
+    with pytest.raises(helm.HelmRenderError, match="feedbackStoreSecret"):
+        render({"segmentation": {"review": {"feedbackStore": "s3://feedback/kubeseg"}}})
+
+
+def test_feedback_store_folder_must_be_on_a_writable_volume():
+    ok = {"queue": {"persistence": {"enabled": True}}, "feedbackStore": f"{REVIEW_MOUNT}/feedback"}
+    env = env_of(_container(manifests(render({"segmentation": {"review": ok}})), "Deployment", SEG))
+    assert env["KUBESEG_FEEDBACK_STORE"] == f"{REVIEW_MOUNT}/feedback"
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env)
+    for bad in ("/data/feedback", f"{REVIEW_MOUNT}/queue/feedback", "gs://bucket/feedback"):
+        with pytest.raises(helm.HelmRenderError, match="feedbackStore"):
+            render({"segmentation": {"review": dict(ok, feedbackStore=bad)}})
+    with pytest.raises(helm.HelmRenderError, match="read-only"):  # the volume only exists with persistence
+        render({"segmentation": {"review": {"feedbackStore": f"{REVIEW_MOUNT}/feedback"}}})
+
+
+def test_production_values_share_the_review_queue_and_store_reviews_in_s3(gpu_docs):
+    c = _container(gpu_docs, "Deployment", SEG)
+    env = env_of(c)
+    assert env["KUBESEG_REVIEW_QUEUE_DIR"] == f"{REVIEW_MOUNT}/queue"
+    assert env["KUBESEG_FEEDBACK_STORE"].startswith("s3://")
+    assert env["AWS_SECRET_ACCESS_KEY"]["secretKeyRef"]["name"] == "kubeseg-feedback-s3"
+    # the queue's byte bound fits in its volume
+    pvc = one(gpu_docs, "PersistentVolumeClaim", REVIEW_PVC)
+    size = pvc["spec"]["resources"]["requests"]["storage"]
+    assert size.endswith("Gi") and int(env["KUBESEG_REVIEW_QUEUE_MAX_BYTES"]) < int(size[:-2]) * 2 ** 30
