@@ -100,20 +100,26 @@ def test_unknown_backend_is_refused():
         check_backend("tensorrt")
 
 
-def test_openvino_runs_in_float32_even_on_a_bfloat16_cpu(tmp_path):
-    """OpenVINO's CPU plugin picks bfloat16 by default on CPUs with bf16 units (this machine's AVX512-BF16
-    included), which moves logits by ~0.2 on a small U-Net; the runner asks for float32 and gets it."""
+def _openvino_runner(tmp_path, threads: int, seed: int):
+    """A small conv / instance-norm network, its ONNX export and an OpenVINO runner of it."""
     pytest.importorskip("openvino")
     pytest.importorskip("onnx")
     import torch
 
     from kubeseg.inference.backends import OpenVINONetwork, export_onnx
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.InstanceNorm3d(8, affine=True),
                               torch.nn.LeakyReLU(0.01), torch.nn.Conv3d(8, 3, 1))
-    path = export_onnx(net, 1, (8, 16, 16), tmp_path / "net.onnx")
-    runner = OpenVINONetwork(path, 1)
+    return net, OpenVINONetwork(export_onnx(net, 1, (8, 16, 16), tmp_path / "net.onnx"), threads)
+
+
+def test_openvino_runs_in_float32_even_on_a_bfloat16_cpu(tmp_path):
+    """OpenVINO's CPU plugin picks bfloat16 by default on CPUs with bf16 units (this machine's AVX512-BF16
+    included), which moves logits by ~0.2 on a small U-Net; the runner asks for float32 and gets it."""
+    import torch
+
+    net, runner = _openvino_runner(tmp_path, 1, seed=0)
     assert str(runner.compiled.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
     x = torch.randn(2, 1, 8, 16, 16)
     with torch.no_grad():
@@ -122,20 +128,12 @@ def test_openvino_runs_in_float32_even_on_a_bfloat16_cpu(tmp_path):
 
 @pytest.mark.parametrize("batch", (1, 3, 8))
 def test_openvino_streams_split_the_batch_and_keep_its_order(tmp_path, batch):
-    """With two threads the runner compiles two single-threaded streams and splits each call's batch
+    """With two threads the runner compiles two single-threaded streams and queues each call's inputs
     between them; the outputs come back in input order, equal to the network's."""
-    pytest.importorskip("openvino")
-    pytest.importorskip("onnx")
     import torch
 
-    from kubeseg.inference.backends import OpenVINONetwork, export_onnx
-
-    torch.manual_seed(1)
-    net = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.InstanceNorm3d(8, affine=True),
-                              torch.nn.LeakyReLU(0.01), torch.nn.Conv3d(8, 3, 1))
-    path = export_onnx(net, 1, (8, 16, 16), tmp_path / "net.onnx")
-    runner = OpenVINONetwork(path, 2)
-    assert int(runner.compiled.get_property("NUM_STREAMS")) == 2
+    net, runner = _openvino_runner(tmp_path, 2, seed=1)
+    assert int(runner.compiled.get_property("NUM_STREAMS")) == 2 and runner.parallel_inputs == 2
     x = torch.randn(batch, 1, 8, 16, 16)  # every sample different: a reordered output would not match
     with torch.no_grad():
         expected = net(x)
