@@ -43,6 +43,7 @@ from kubeseg.parallel import map_cases
 log = logging.getLogger(__name__)
 
 RECORD = "kubeseg_merge.json"
+MAX_REVIEW_LOG_BYTES = 64 * 2 ** 20  # an exported review log: ~300 bytes a record
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -166,6 +167,10 @@ def reviewed_confidence(new_dir: Path, added: list[str]) -> dict[str, float]:
     ``max_new_cases`` keeps the least confident of them."""
     log_file = new_dir / "feedback.jsonl"
     if not log_file.is_file():
+        return {}
+    if log_file.stat().st_size > MAX_REVIEW_LOG_BYTES:  # judged before it is read
+        log.warning("%s is %d bytes (more than %d): its confidences are not used", log_file,
+                    log_file.stat().st_size, MAX_REVIEW_LOG_BYTES)
         return {}
     wanted, out = set(added), {}
     for line in log_file.read_text(encoding="utf-8").splitlines():
