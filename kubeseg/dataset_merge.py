@@ -22,7 +22,6 @@ kubeseg's own record of the merge (sources, added cases, the original dataset na
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -43,7 +42,6 @@ from kubeseg.parallel import map_cases
 log = logging.getLogger(__name__)
 
 RECORD = "kubeseg_merge.json"
-MAX_REVIEW_LOG_BYTES = 64 * 2 ** 20  # an exported review log: ~300 bytes a record
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
@@ -161,31 +159,10 @@ def merge_cases(raw_dir: str | Path, new_cases: str | Path, out_dir: str | Path,
     return _merge(Path(raw_dir), Path(new_cases), Path(out_dir), num_workers, overwrite, progress)
 
 
-def reviewed_confidence(new_dir: Path, added: list[str]) -> dict[str, float]:
-    """case -> the served model's confidence, for the added cases that an exported review feedback
-    store's log (``feedback.jsonl``) scored; {} for any other folder. A fine-tune's
-    ``max_new_cases`` keeps the least confident of them."""
-    log_file = new_dir / "feedback.jsonl"
-    if not log_file.is_file():
-        return {}
-    if log_file.stat().st_size > MAX_REVIEW_LOG_BYTES:  # judged before it is read
-        log.warning("%s is %d bytes (more than %d): its confidences are not used", log_file,
-                    log_file.stat().st_size, MAX_REVIEW_LOG_BYTES)
-        return {}
-    wanted, out = set(added), {}
-    for line in log_file.read_text(encoding="utf-8").splitlines():
-        try:
-            r = json.loads(line)
-            case, value = str(r.get("stored_as", "")), r.get("confidence")
-            if case in wanted and value is not None:
-                out[case] = float(value)
-        except (ValueError, TypeError, AttributeError):
-            continue  # a line that is not a record of a scored case says nothing about confidence
-    return out
-
-
 def _merge(raw_dir: Path, new_dir: Path, out_dir: Path, num_workers: Optional[int], overwrite: bool,
            progress: bool) -> MergeResult:
+    from kubeseg.feedback_store import exported_confidence
+
     if out_dir.resolve() == raw_dir.resolve():
         raise KubesegError(f"the merged dataset must be a new folder, not {raw_dir} itself")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
@@ -224,7 +201,7 @@ def _merge(raw_dir: Path, new_dir: Path, out_dir: Path, num_workers: Optional[in
         write_json(ds, target / "dataset.json")
         previous = read_json(raw_dir / RECORD) if (raw_dir / RECORD).is_file() else {}
         added = [c.case_id for c in new]
-        confidence = reviewed_confidence(new_dir, added)
+        confidence = exported_confidence(new_dir, added)  # cases from the review feedback store
         write_json({"dataset_name": dataset_name(raw_dir), "base": str(raw_dir.resolve()),
                     "new_cases": str(new_dir.resolve()), "added": added, "num_training": ds["numTraining"],
                     **({"confidence": confidence} if confidence else {}),

@@ -1,10 +1,12 @@
-"""The one rule turning a device setting into a ``torch.device`` (training and prediction)."""
+"""The one rule turning a device setting into a ``torch.device`` (training and prediction), and the
+one rule for how many CPU threads prediction uses."""
 
 from __future__ import annotations
 
 import torch
 
 from kubeseg.errors import KubesegError
+from kubeseg.parallel import usable_cpus
 
 
 def resolve_device(device: str) -> torch.device:
@@ -21,3 +23,9 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", 0)
     return dev
+
+
+def cpu_threads(requested: int | None = None) -> int:
+    """``requested``, else torch's thread count capped by the cores this process may use (a pod's
+    CPU limit included: torch sees the node's cores); OpenVINO runs one stream per thread."""
+    return int(requested) if requested else min(torch.get_num_threads(), usable_cpus())

@@ -58,6 +58,8 @@ STATUS = {"approve": "approved", "reject": "rejected", "correct": "corrected"}  
 ENDING = ".nii.gz"
 RECORDS = "feedback"
 EXPORT_RECORD = "kubeseg_review_export.json"
+EXPORT_LOG = "feedback.jsonl"  # an export's review records, one JSON object a line
+MAX_EXPORT_LOG_BYTES = 64 * 2 ** 20  # ~300 bytes a record: far more reviews than a refresh holds
 
 
 class FeedbackConflict(KubesegError):
@@ -431,7 +433,7 @@ class FeedbackStore:
             shutil.rmtree(staging / ".tmp", ignore_errors=True)
             (staging / "dataset.json").write_text(json.dumps(
                 {**ds, "file_ending": file_ending, "numTraining": len(records)}, indent=2))
-            (staging / "feedback.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+            (staging / EXPORT_LOG).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
             result = {"source": self.describe(), "rule": {"batch_size": self.rule.batch_size,
                                                           "min_corrected_fraction": self.rule.min_corrected_fraction},
                       "batches": [b.to_json(self.rule) for b in batches], "cases": [r["stored_as"] for r in records],
@@ -444,6 +446,28 @@ class FeedbackStore:
             shutil.rmtree(staging, ignore_errors=True)
         return {**result, "dataset": str(out_dir)}
 
+def exported_confidence(folder: Path, cases: Sequence[str]) -> dict[str, float]:
+    """case -> the served model's confidence, for those of ``cases`` that the review log of an
+    export (``EXPORT_LOG`` in ``folder``) scored; {} for a folder without one. A fine-tune's
+    ``max_new_cases`` keeps the least confident of them. The log is judged by its size first."""
+    log_file = Path(folder) / EXPORT_LOG
+    if not log_file.is_file():
+        return {}
+    size = log_file.stat().st_size
+    if size > MAX_EXPORT_LOG_BYTES:
+        log.warning("%s is %d bytes (more than %d): its confidences are not used", log_file, size,
+                    MAX_EXPORT_LOG_BYTES)
+        return {}
+    wanted, out = set(cases), {}
+    for line in log_file.read_text(encoding="utf-8").splitlines():
+        try:
+            r = json.loads(line)
+            case, value = str(r.get("stored_as", "")), r.get("confidence")
+            if case in wanted and value is not None:
+                out[case] = float(value)
+        except (ValueError, TypeError, AttributeError):
+            continue  # a line that is not a record of a scored case says nothing about confidence
+    return out
 
 
 def is_store_copy(folder: Path) -> bool:
@@ -462,6 +486,7 @@ def reviewed_cases(store_folder: Path, work_dir: Path) -> Iterator[Path]:
         yield tmp / "cases"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
 
 # -- checks of a corrected label map -------------------------------------------------------------------
 class CorrectionError(ValueError):

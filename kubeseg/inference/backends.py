@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from kubeseg.errors import KubesegError
-from kubeseg.parallel import usable_cpus
+from kubeseg.device import cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class OpenVINONetwork:
 
 def open_network(backend: str, path: Path, device: torch.device, num_threads: int | None = None) -> Network:
     """The runner of one exported fold."""
-    threads = num_threads or min(torch.get_num_threads(), usable_cpus())
+    threads = cpu_threads(num_threads)
     if backend == "onnxruntime":
         return OnnxRuntimeNetwork(path, threads, device)
     if backend == "openvino":

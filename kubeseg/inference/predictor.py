@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kubeseg.device import cpu_threads
 from kubeseg.imageio import Geometry
 from kubeseg.inference.export import log_probabilities_to_original, probabilities_to_segmentation
 from kubeseg.inference.regions import accumulate_region_logits, region_log_odds
 from kubeseg.inference.model import TrainedModel
 from kubeseg.inference.sliding_window import SlidingWindowSettings, predict_logits, tile_slicers, padding_for
-from kubeseg.parallel import usable_cpus
 from kubeseg.preprocessing.preprocess import preprocess_arrays
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class Predictor:
         self.config = model.config
         self.patch_size = tuple(int(p) for p in self.config["patch_size"])
         self.labels = model.labels
-        threads = settings.num_threads or min(torch.get_num_threads(), usable_cpus())  # a pod's CPU limit too
+        threads = cpu_threads(settings.num_threads)
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         self.network = model.build_network(self.device)
@@ -111,7 +111,7 @@ class Predictor:
             self._runners = FoldNetworks(self.backend, model.folder, model.folds, model.fold_weights,
                                          model.build_network(torch.device("cpu")),
                                          num_input_channels(model.view, model.labels), self.patch_size,
-                                         self.device, settings.num_threads).runners
+                                         self.device, threads).runners
             self.network = self._runners[0]
         batch_size = settings.batch_size or (8 if self.device.type == "cuda" else
                                              int(getattr(self.network, "parallel_inputs", 1)))
